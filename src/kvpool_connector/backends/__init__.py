@@ -1,0 +1,31 @@
+"""Pool backends, one module per pool, selected by ``backend`` in the connector's config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
+
+if TYPE_CHECKING:
+    from kvpool_connector.config import ResolvedConfig
+
+__all__ = ["Outcome", "PoolBackend", "PoolUnavailable", "create_backend"]
+
+
+def create_backend(
+    config: ResolvedConfig, *, holds_data: bool, device_id: int = 0, pages_on_device: bool = False
+) -> PoolBackend:
+    """A not-yet-connected backend for ``config``.
+
+    ``holds_data`` is False for the scheduler's lookup client, which contributes no pool memory;
+    ``pages_on_device`` says the KV pages are device (NPU/GPU) memory rather than host DRAM.
+    """
+    if config.pool.backend == "mooncake":
+        from kvpool_connector.backends.mooncake import MooncakeBackend
+
+        assert config.mooncake is not None
+        return MooncakeBackend(config.mooncake, holds_data=holds_data)
+    from kvpool_connector.backends.memcache import MemcacheBackend
+
+    assert config.memcache is not None
+    return MemcacheBackend(config.memcache, holds_data=holds_data, device_id=device_id, pages_on_device=pages_on_device)

@@ -1,0 +1,64 @@
+"""The seam between the connector and a pool: keys, page addresses and sizes in; per-key outcomes out.
+
+A backend owns one pool client and is the only code that reads that pool's return codes. Everything above it sees
+:class:`Outcome` values; a raw negative code is never mistaken for data.
+
+Calls, in the order they happen: ``connect`` (may block for long: the pool handle calls it off the hot path),
+``register_memory`` for each KV region, then any mix of ``exists`` / ``put`` / ``get``, and finally ``close``.
+An object is one KV block of every layer this worker holds, gathered from (``put``) or scattered to (``get``)
+several page buffers: ``addrs[i]`` and ``sizes[i]`` list the pages of ``keys[i]``.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+
+class PoolUnavailable(RuntimeError):
+    """The pool cannot be reached or set up; the message says why (address, code)."""
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    EXISTS = "exists"  # put of a key already present: the pool keeps the first copy, which is the same block
+    MISSING = "missing"  # get of a key the pool does not hold (evicted, removed, never stored)
+    POOL_FULL = "pool_full"
+    WRONG_SIZE = "wrong_size"  # the object is not exactly the bytes we expect: never load it
+    UNAVAILABLE = "unavailable"  # pool or master not reachable
+    FAILED = "failed"  # any other error code
+
+    @property
+    def ok(self) -> bool:
+        return self in (Outcome.OK, Outcome.EXISTS)
+
+
+class PoolBackend(ABC):
+    """One pool's client, behind three batched calls."""
+
+    name: str = "pool"
+
+    @abstractmethod
+    def connect(self) -> None:
+        """Set the client up; raise PoolUnavailable with the reason when the pool cannot be used."""
+
+    @abstractmethod
+    def register_memory(self, ptr: int, size: int) -> None:
+        """Make [ptr, ptr+size) usable for zero-copy transfers; raise PoolUnavailable if the pool refuses."""
+
+    @abstractmethod
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Presence of each key; an error for a key counts as absent."""
+
+    @abstractmethod
+    def put(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
+        """Store each key's pages as one object."""
+
+    @abstractmethod
+    def get(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
+        """Read each key's object into its pages; OK only if exactly sum(sizes) bytes arrived."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the client; later calls are not allowed."""

@@ -1,0 +1,98 @@
+"""Mooncake Store backend (``mooncake-transfer-engine``; ``-non-cuda`` on CPU machines).
+
+One object per KV block, gathered from / scattered to that block's page of every layer through Mooncake's
+``*_multi_buffers`` batch calls, zero-copy from KV memory registered with the client. Objects go to this worker's
+own segment when it contributes one (``preferred_segment``), else wherever the master places them.
+
+Return codes (mooncake-store types.h) are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
+from kvpool_connector.config import MooncakeSettings
+
+NO_AVAILABLE_HANDLE = -200  # no space left in any segment
+INVALID_PARAMS = -600  # e.g. our buffer is smaller than the object
+REPLICA_IS_NOT_READY = -703  # another writer is still putting this key
+OBJECT_NOT_FOUND = -704
+OBJECT_ALREADY_EXISTS = -705
+TRANSFER_FAIL = -800  # e.g. our buffer is larger than the object
+RPC_FAIL = -900  # master unreachable
+
+_PUT_CODES = {
+    NO_AVAILABLE_HANDLE: Outcome.POOL_FULL,
+    OBJECT_ALREADY_EXISTS: Outcome.EXISTS,
+    REPLICA_IS_NOT_READY: Outcome.EXISTS,
+    RPC_FAIL: Outcome.UNAVAILABLE,
+}
+_GET_CODES = {
+    OBJECT_NOT_FOUND: Outcome.MISSING,
+    REPLICA_IS_NOT_READY: Outcome.MISSING,
+    INVALID_PARAMS: Outcome.WRONG_SIZE,
+    RPC_FAIL: Outcome.UNAVAILABLE,
+}
+
+
+def _import_store():
+    try:
+        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+    except ImportError as exc:
+        raise ImportError(
+            f"backend 'mooncake' needs Mooncake Store's Python client ({exc}). Install it with "
+            "`pip install mooncake-transfer-engine` (GPU hosts) or `pip install mooncake-transfer-engine-non-cuda` "
+            "(CPU-only hosts); on Debian it also needs `apt-get install libibverbs1 libnl-3-200 libnl-route-3-200`."
+        ) from exc
+    return MooncakeDistributedStore, ReplicateConfig
+
+
+class MooncakeBackend(PoolBackend):
+    name = "mooncake"
+
+    def __init__(self, settings: MooncakeSettings, *, holds_data: bool) -> None:
+        self._settings = settings
+        self._holds_data = holds_data
+        store_cls, self._replicate_config_cls = _import_store()
+        self._store = store_cls()
+        self._replicate_config = self._replicate_config_cls()
+
+    def connect(self) -> None:
+        s = self._settings
+        segment = s.segment_bytes if self._holds_data else 0
+        buffer = s.buffer_bytes if self._holds_data else 0
+        rc = self._store.setup(
+            s.local_hostname, s.metadata_server, segment, buffer, s.protocol, s.device_name, s.master_server_address
+        )
+        if rc != 0:
+            raise PoolUnavailable(f"Mooncake setup against master {s.master_server_address} returned {rc}")
+        if segment > 0:
+            self._replicate_config.preferred_segment = self._store.get_hostname()
+
+    def register_memory(self, ptr: int, size: int) -> None:
+        rc = self._store.register_buffer(ptr, size)
+        if rc != 0:
+            raise PoolUnavailable(f"Mooncake register_buffer({size} bytes) returned {rc}")
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        return [code == 1 for code in self._store.batch_is_exist(list(keys))]
+
+    def put(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
+        codes = self._store.batch_put_from_multi_buffers(list(keys), addrs, sizes, self._replicate_config)
+        return [Outcome.OK if code == 0 else _PUT_CODES.get(code, Outcome.FAILED) for code in codes]
+
+    def get(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
+        got = self._store.batch_get_into_multi_buffers(list(keys), addrs, sizes)
+        outcomes = []
+        for n_read, page_sizes in zip(got, sizes, strict=True):
+            if n_read == sum(page_sizes):
+                outcomes.append(Outcome.OK)
+            elif n_read >= 0:
+                outcomes.append(Outcome.WRONG_SIZE)
+            else:
+                outcomes.append(_GET_CODES.get(n_read, Outcome.FAILED))
+        return outcomes
+
+    def close(self) -> None:
+        self._store.close()

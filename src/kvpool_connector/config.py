@@ -1,0 +1,241 @@
+"""The connector's configuration, parsed once at startup into frozen, typed objects.
+
+Sources, in the order they are read:
+1. ``kv_connector_extra_config`` of the connector's ``--kv-transfer-config`` entry (the seed's JSON works as written);
+2. for Mooncake, an inline ``"mooncake": {...}`` object, else the JSON file named by ``MOONCAKE_CONFIG_PATH``;
+3. for memcache, the ``key = value`` file named by ``MMC_LOCAL_CONFIG_PATH`` (pymmc reads it itself; we check it).
+
+Every problem raises :class:`ConfigError` with the offending key and what is allowed, so vLLM fails at startup with
+one readable line instead of a traceback from deep inside a pool client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+MOONCAKE_CONFIG_ENV = "MOONCAKE_CONFIG_PATH"
+MMC_LOCAL_CONFIG_ENV = "MMC_LOCAL_CONFIG_PATH"
+
+# Mooncake's own documented defaults (mooncake/mooncake_config.py).
+DEFAULT_GLOBAL_SEGMENT_SIZE = 3_355_443_200
+DEFAULT_LOCAL_BUFFER_SIZE = 16 << 20
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key and what is allowed."""
+
+
+def parse_size(value: int | str, key: str) -> int:
+    """Bytes from an int or a string such as ``"512MB"``, ``"4 GiB"`` or ``"1073741824"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size in bytes (int or string like '4GB'), got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ConfigError(f"{key}: cannot read {value!r} as a size; use bytes or a string like '512MB' or '4GB'")
+        number, unit = match.groups()
+        size = int(float(number) * _SIZE_UNITS[(unit or "").lower()[:1]])
+    if size < 0:
+        raise ConfigError(f"{key}: a size cannot be negative, got {value!r}")
+    return size
+
+
+class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Mooncake Store client settings, the keys of the ``mooncake.json`` the field already uses."""
+
+    master_server_address: str
+    """host:port of ``mooncake_master``."""
+    local_hostname: str = "127.0.0.1"
+    """Address this client's transfer engine listens on; peers reach its segment there."""
+    metadata_server: str = "P2PHANDSHAKE"
+    protocol: str = "tcp"
+    """Transfer protocol: ``tcp`` anywhere, ``rdma``, ``ascend`` on Ascend clusters."""
+    device_name: str = ""
+    global_segment_size: int | str = DEFAULT_GLOBAL_SEGMENT_SIZE
+    """DRAM this worker contributes to the pool; 0 = use only segments of other nodes (e.g. ``mooncake_client``)."""
+    local_buffer_size: int | str = DEFAULT_LOCAL_BUFFER_SIZE
+    """Client-side transfer buffer; the connector moves data zero-copy from registered KV memory, so it stays small."""
+
+    def __post_init__(self) -> None:
+        for key in ("master_server_address", "local_hostname", "metadata_server", "protocol"):
+            if not getattr(self, key).strip():
+                raise ValueError(f"`{key}` must not be empty")
+        host, sep, port = self.master_server_address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"`master_server_address` must be host:port, got {self.master_server_address!r}")
+        for key in ("global_segment_size", "local_buffer_size"):
+            try:
+                parse_size(getattr(self, key), key)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+
+    @property
+    def segment_bytes(self) -> int:
+        return parse_size(self.global_segment_size, "global_segment_size")
+
+    @property
+    def buffer_bytes(self) -> int:
+        return parse_size(self.local_buffer_size, "local_buffer_size")
+
+
+class MemcacheSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """memcache (pymmc) client settings: pymmc reads the local service file itself; we keep what we checked."""
+
+    local_config_path: str
+    meta_service_url: str
+    device_id: int = 0
+    """Device this worker's memcache client binds (the worker's local rank unless given)."""
+
+
+class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything ``kv_connector_extra_config`` may hold for MemcacheConnectorStoreV1."""
+
+    backend: Literal["memcache", "mooncake"] = "memcache"
+    """Which pool: ``memcache`` (Huawei memcache, Ascend; the seed's default) or ``mooncake`` (Mooncake Store)."""
+    use_layerwise: bool = False
+    """Per-layer load/save overlapping the forward pass; only ``false`` (whole blocks before/after it) so far."""
+    memcache_rpc_port: int | str = 0
+    """vllm-ascend's per-instance lookup-channel id (the seed gives "0" on P, "1" on D). This connector's scheduler
+    asks the pool directly, so no port is opened; the value labels the instance in logs and metrics."""
+    lookup_timeout_ms: int = 500
+    """Upper bound of one scheduler-side existence query; past it the lookup counts as a miss."""
+    reconnect_interval_s: float = 5.0
+    """How often an unreachable pool is retried in the background."""
+    mooncake: MooncakeSettings | None = None
+    """Inline Mooncake settings; when absent they come from the file named by ``MOONCAKE_CONFIG_PATH``."""
+    mooncake_config_path: str | None = None
+    """A Mooncake JSON file to read instead of ``MOONCAKE_CONFIG_PATH``."""
+    memcache_config_path: str | None = None
+    """A memcache local-service file to read instead of ``MMC_LOCAL_CONFIG_PATH``."""
+    memcache_device_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.use_layerwise:
+            raise ValueError(
+                "`use_layerwise`: only false is supported by this version (whole-block loads before the forward "
+                "pass and saves after it); set it to false"
+            )
+        rpc = self.memcache_rpc_port
+        if isinstance(rpc, bool) or (isinstance(rpc, str) and not rpc.strip().isdigit()) or int(rpc) < 0:
+            raise ValueError(f"`memcache_rpc_port` must be a non-negative integer or digit string, got {rpc!r}")
+        if self.lookup_timeout_ms <= 0:
+            raise ValueError(f"`lookup_timeout_ms` must be > 0, got {self.lookup_timeout_ms}")
+        if self.reconnect_interval_s <= 0:
+            raise ValueError(f"`reconnect_interval_s` must be > 0, got {self.reconnect_interval_s}")
+
+    @property
+    def instance_id(self) -> int:
+        return int(self.memcache_rpc_port)
+
+
+class ResolvedConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The parsed config plus the backend settings it points to, ready to open a pool."""
+
+    pool: PoolConfig
+    mooncake: MooncakeSettings | None = None
+    memcache: MemcacheSettings | None = None
+
+
+def _allowed_keys(struct: type[msgspec.Struct]) -> str:
+    return ", ".join(struct.__struct_fields__)
+
+
+def _convert(raw: Any, struct: type[msgspec.Struct], source: str) -> Any:
+    try:
+        return msgspec.convert(raw, struct, strict=True)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        nested = "`$.mooncake`" in msg and struct is PoolConfig
+        if "unknown field" in msg:
+            msg += f" (allowed keys: {_allowed_keys(MooncakeSettings if nested else struct)})"
+        elif "Invalid enum value" in msg and msg.endswith("`$.backend`"):
+            msg += " (allowed: memcache, mooncake)"
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def _read_json_file(path: str, source: str) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}={path!r}: cannot read the file ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}={path!r}: not valid JSON ({exc})") from None
+
+
+def _mooncake_settings(pool: PoolConfig, env: dict[str, str]) -> MooncakeSettings:
+    if pool.mooncake is not None:
+        return pool.mooncake
+    path = pool.mooncake_config_path or env.get(MOONCAKE_CONFIG_ENV)
+    source = "mooncake_config_path" if pool.mooncake_config_path else MOONCAKE_CONFIG_ENV
+    if not path:
+        raise ConfigError(
+            'backend "mooncake" needs the pool address: give "mooncake": {"master_server_address": "host:port", ...} '
+            f"in kv_connector_extra_config, or a JSON file in {MOONCAKE_CONFIG_ENV}"
+        )
+    raw = _read_json_file(path, source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}={path!r}: expected a JSON object, got {type(raw).__name__}")
+    # The file is shared with other Mooncake users (MooncakeConnectorV1, vllm-ascend): keep only our keys.
+    ours = {k: v for k, v in raw.items() if k in MooncakeSettings.__struct_fields__}
+    return _convert(ours, MooncakeSettings, f"{source}={path}")
+
+
+def read_mmc_local_config(path: str, source: str) -> dict[str, str]:
+    """Parse memcache's ``key = value`` local-service file (comments with #)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{source}={path!r}: cannot read the file ({exc.strerror})") from None
+    entries: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}={path!r} line {number}: expected 'key = value', got {line!r}")
+        entries[key.strip()] = value.strip()
+    return entries
+
+
+def _memcache_settings(pool: PoolConfig, env: dict[str, str]) -> MemcacheSettings:
+    path = pool.memcache_config_path or env.get(MMC_LOCAL_CONFIG_ENV)
+    source = "memcache_config_path" if pool.memcache_config_path else MMC_LOCAL_CONFIG_ENV
+    if not path:
+        raise ConfigError(
+            f'backend "memcache" needs the memcache local service config: set {MMC_LOCAL_CONFIG_ENV} to its file '
+            '(mmc-local.conf), or choose "backend": "mooncake"'
+        )
+    entries = read_mmc_local_config(path, source)
+    url = entries.get("ock.mmc.meta_service_url", "")
+    if not re.match(r"^tcp://[^:/]+:\d+$", url):
+        raise ConfigError(
+            f"{source}={path!r}: ock.mmc.meta_service_url must be tcp://host:port, got {url or 'nothing'!r}"
+        )
+    return MemcacheSettings(local_config_path=str(path), meta_service_url=url, device_id=pool.memcache_device_id or 0)
+
+
+def parse_config(extra_config: dict[str, Any] | None, env: dict[str, str] | None = None) -> ResolvedConfig:
+    """Parse ``kv_connector_extra_config`` and the pool files it points to; raise ConfigError on any mistake."""
+    env = dict(os.environ) if env is None else env
+    if extra_config is None:
+        extra_config = {}
+    if not isinstance(extra_config, dict):
+        raise ConfigError(f"kv_connector_extra_config: expected a JSON object, got {type(extra_config).__name__}")
+    pool = _convert(extra_config, PoolConfig, "kv_connector_extra_config")
+    if pool.backend == "mooncake":
+        return ResolvedConfig(pool=pool, mooncake=_mooncake_settings(pool, env))
+    return ResolvedConfig(pool=pool, memcache=_memcache_settings(pool, env))

@@ -1,0 +1,90 @@
+"""MemcacheConnectorStoreV1: the vLLM KV connector that keeps full prompt blocks in a shared KV pool.
+
+A thin facade over vLLM's ``KVConnectorBase_V1``: the scheduler process gets a :class:`PoolScheduler`, each worker
+process a :class:`PoolWorker`, and every method delegates to the one its role has.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvpool_connector.compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from kvpool_connector.config import parse_config
+from kvpool_connector.metadata import PoolConnectorMetadata
+from kvpool_connector.scheduler import PoolScheduler
+from kvpool_connector.worker import PoolWorker
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+
+class MemcacheConnectorStoreV1(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        config = parse_config(self._kv_transfer_config.kv_connector_extra_config)
+        self.connector_scheduler: PoolScheduler | None = None
+        self.connector_worker: PoolWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.connector_scheduler = PoolScheduler(vllm_config, kv_cache_config, config)
+        else:
+            self.connector_worker = PoolWorker(vllm_config, kv_cache_config, config)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss, never a lost hand-off
+
+    # -- worker side ------------------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.connector_worker is not None
+        self.connector_worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self.connector_worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PoolConnectorMetadata)
+        self.connector_worker.load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # whole blocks are loaded before the forward pass (use_layerwise=false)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # whole blocks are saved after the forward pass, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self.connector_worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PoolConnectorMetadata)
+        self.connector_worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self.connector_worker is not None
+        return self.connector_worker.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self.connector_worker is not None:
+            self.connector_worker.shutdown()
+        if self.connector_scheduler is not None:
+            self.connector_scheduler.shutdown()
+
+    # -- scheduler side ---------------------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self.connector_scheduler is not None
+        self.connector_scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.request_finished(request, block_ids)

@@ -1,0 +1,109 @@
+"""Pool keys: ``kvp1/<layout fingerprint>/<vLLM block hash>``.
+
+vLLM's block hash already chains the whole token prefix plus LoRA, multimodal inputs and ``cache_salt``. What it
+does not cover is everything that changes the *bytes* of a stored block: the model, dtypes, KV layout and page
+geometry, block size, layer count and which shard of the heads/layers a worker holds. Those go into the
+fingerprint, so two models, dtypes or parallel layouts sharing one pool never read each other's blocks.
+
+Both sides compute fingerprints from the same inputs: the scheduler for every (tp, pp) shard when it looks a prompt
+up, each worker for its own shard when it saves or loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from kvpool_connector import compat
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+KEY_FORMAT = "kvp1"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Every input that changes the bytes of a stored block, for one model deployment (not one rank)."""
+
+    model: str
+    model_dtype: str
+    kv_dtype: str
+    device_type: str
+    kv_layout: str
+    attention: str  # KV spec class: full attention, MLA, sliding window ... store different bytes
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    page_size_bytes: int
+    num_layers: int
+    tp_size: int
+    pp_size: int
+    shared_across_tp: bool  # MLA: every TP rank holds the same latent KV, so ranks share one key
+
+    @classmethod
+    def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> KVLayout:
+        from vllm.platforms import current_platform
+
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(
+                f"MemcacheConnectorStoreV1 supports models with one KV cache group (uniform attention); "
+                f"this model has {len(groups)} ({', '.join(type(g.kv_cache_spec).__name__ for g in groups)})"
+            )
+        spec = groups[0].kv_cache_spec
+        model_config = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        use_mla = bool(getattr(model_config, "use_mla", False))
+        return cls(
+            model=str(model_config.model),
+            model_dtype=str(model_config.dtype),
+            kv_dtype=str(spec.dtype),
+            device_type=str(current_platform.device_type),
+            kv_layout=compat.kv_cache_layout(kv_cache_config),
+            attention=type(spec).__name__,
+            block_size=int(spec.block_size),
+            num_kv_heads=int(getattr(spec, "num_kv_heads", 0)),
+            head_size=int(getattr(spec, "head_size", 0)),
+            page_size_bytes=int(spec.page_size_bytes),
+            num_layers=int(model_config.get_total_num_hidden_layers())
+            if hasattr(model_config, "get_total_num_hidden_layers")
+            else int(model_config.hf_config.num_hidden_layers),
+            tp_size=int(parallel.tensor_parallel_size),
+            pp_size=int(parallel.pipeline_parallel_size),
+            shared_across_tp=use_mla,
+        )
+
+
+def fingerprint(layout: KVLayout, tp_rank: int, pp_rank: int) -> str:
+    """16 hex digits naming one shard's byte layout; equal inputs give equal output in every process."""
+    shard = {"tp_rank": 0 if layout.shared_across_tp else tp_rank, "pp_rank": pp_rank}
+    blob = json.dumps({"format": KEY_FORMAT, **asdict(layout), **shard}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def shard_fingerprints(layout: KVLayout) -> list[str]:
+    """Fingerprints of every shard whose blocks a lookup must find (one per distinct (tp, pp) rank)."""
+    tp_ranks = range(1) if layout.shared_across_tp else range(layout.tp_size)
+    return [fingerprint(layout, tp, pp) for pp in range(layout.pp_size) for tp in tp_ranks]
+
+
+def pool_key(shard_fingerprint: str, block_hash: bytes) -> str:
+    return f"{KEY_FORMAT}/{shard_fingerprint}/{block_hash.hex()}"
+
+
+def block_hashes(hashes: Sequence[bytes], block_size: int, hash_block_size: int, num_blocks: int) -> list[bytes]:
+    """The hash of each of the first ``num_blocks`` KV blocks, from ``request.block_hashes``.
+
+    vLLM may hash at a finer grain than its KV block; each hash chains the whole prefix, so the hash at a KV
+    block's last sub-block names that block.
+    """
+    if block_size % hash_block_size:
+        raise ValueError(f"block_size {block_size} is not a multiple of hash_block_size {hash_block_size}")
+    step = block_size // hash_block_size
+    num_blocks = min(num_blocks, len(hashes) // step)
+    return [bytes(hashes[(i + 1) * step - 1]) for i in range(num_blocks)]

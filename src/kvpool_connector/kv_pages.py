@@ -1,0 +1,97 @@
+"""Where each KV block's bytes live in this worker's KV cache, derived from the tensors vLLM registers.
+
+Layouts differ by platform and attention backend: the CPU backend gives one tensor per layer shaped
+``(num_blocks, kv_heads, block_size, 2*head_size)`` (a block is one contiguous page), flash-attn gives
+``(2, num_blocks, block_size, kv_heads, head_size)`` (a block is a K page and a V page), Ascend registers a
+``(k_cache, v_cache)`` pair per layer. Rather than knowing them all, find the block dimension in each tensor (the
+one of size ``num_blocks`` whose slice holds the spec's page bytes) and describe a block as the contiguous runs
+under it. A block's object in the pool is the concatenation of those runs over all layers, in layer order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One contiguous run of a block's bytes: block b's run starts at ``base + b * block_stride``."""
+
+    base: int
+    block_stride: int
+    nbytes: int
+
+
+def _layer_index(name: str) -> tuple[int, str]:
+    digits = [int(part) for part in name.split(".") if part.isdigit()]
+    return (digits[0] if digits else -1, name)
+
+
+def _runs_of(tensor: torch.Tensor, num_blocks: int, page_bytes: int, name: str) -> list[_Run]:
+    elem = tensor.element_size()
+    candidates = []
+    for dim, size in enumerate(tensor.shape):
+        if size != num_blocks:
+            continue
+        inner = tensor.shape[dim + 1 :]
+        inner_elems = int(np.prod(inner)) if inner else 1
+        outer = tensor.shape[:dim]
+        contiguous_inner = tensor[(0,) * dim].select(0, 0).is_contiguous() if dim < tensor.dim() else True
+        if contiguous_inner and int(np.prod(outer) if outer else 1) * inner_elems * elem == page_bytes:
+            candidates.append(dim)
+    if not candidates:
+        raise ValueError(
+            f"KV cache tensor {name} {tuple(tensor.shape)} (stride {tensor.stride()}, {tensor.dtype}): no dimension "
+            f"of size num_blocks={num_blocks} holds a {page_bytes}-byte page in contiguous runs"
+        )
+    dim = candidates[-1]  # the K/V split, when it is a dimension, comes before the block dimension
+    inner_bytes = (int(np.prod(tensor.shape[dim + 1 :])) if dim + 1 < tensor.dim() else 1) * elem
+    outer_ranges = [range(n) for n in tensor.shape[:dim]]
+    runs = []
+    for index in itertools.product(*outer_ranges):
+        offset = sum(i * s for i, s in zip(index, tensor.stride(), strict=False)) * elem
+        runs.append(_Run(tensor.data_ptr() + offset, tensor.stride(dim) * elem, inner_bytes))
+    return runs
+
+
+class KVPages:
+    """Page addresses and sizes of any set of blocks, for every layer this worker holds."""
+
+    def __init__(
+        self,
+        kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+        num_blocks: int,
+        page_size_bytes: int,
+    ) -> None:
+        runs: list[_Run] = []
+        regions: dict[int, int] = {}
+        self.layer_names = sorted(kv_caches, key=_layer_index)
+        self.on_device = False
+        for name in self.layer_names:
+            value = kv_caches[name]
+            tensors = [value] if isinstance(value, torch.Tensor) else list(value)
+            page_share = page_size_bytes // len(tensors)
+            for tensor in tensors:
+                runs.extend(_runs_of(tensor, num_blocks, page_share, name))
+                storage = tensor.untyped_storage()
+                regions[storage.data_ptr()] = max(regions.get(storage.data_ptr(), 0), storage.nbytes())
+                self.on_device |= tensor.device.type != "cpu"
+        self.regions: list[tuple[int, int]] = sorted(regions.items())
+        self._bases = np.array([r.base for r in runs], dtype=np.int64)
+        self._strides = np.array([r.block_stride for r in runs], dtype=np.int64)
+        self._sizes = [r.nbytes for r in runs]
+        self.block_bytes = sum(self._sizes)
+        self.num_blocks = num_blocks
+
+    def addresses(self, block_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Per block: the start of each of its runs (layer-major), and the runs' sizes."""
+        ids = np.asarray(block_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            raise IndexError(f"block id out of range 0..{self.num_blocks - 1}: {block_ids}")
+        addrs = (self._bases[None, :] + ids[:, None] * self._strides[None, :]).tolist()
+        return addrs, [self._sizes] * len(block_ids)

@@ -1,0 +1,30 @@
+"""Rate-limited warnings: a pool outage must be visible in the log without flooding it once per step."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+
+class RateLimitedWarning:
+    """Emit a warning for a given reason at most once per ``interval_s``; counts what it held back."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 30.0) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, reason: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self._interval_s:
+                self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+                return
+            self._last[reason] = now
+            held = self._suppressed.pop(reason, 0)
+        suffix = f" ({held} similar warnings suppressed)" if held else ""
+        self._logger.warning(msg + suffix, *args)

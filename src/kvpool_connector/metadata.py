@@ -1,0 +1,22 @@
+"""What the scheduler tells the workers each step: which blocks to load from the pool, which to save to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvpool_connector.compat import KVConnectorMetadata
+
+
+@dataclass(frozen=True)
+class BlockTransfer:
+    """Blocks of one request to move between the pool and the KV cache in this step."""
+
+    req_id: str
+    block_ids: list[int]  # where in this worker's KV cache (group 0)
+    block_hashes: list[bytes]  # vLLM's chained hash of each block: the pool key's variable part
+
+
+@dataclass
+class PoolConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlockTransfer] = field(default_factory=list)  # before the forward pass
+    saves: list[BlockTransfer] = field(default_factory=list)  # after it, once these blocks are written

@@ -1,0 +1,143 @@
+"""A pool client that is always safe to call: the pool is a cache, its outage costs hits and nothing else.
+
+``PoolHandle`` wraps one :class:`PoolBackend` and owns its lifecycle:
+1. ``start()`` connects in a background thread (a Mooncake setup against a dead master blocks ~90 s), retrying every
+   ``reconnect_interval_s`` until it succeeds or the handle is closed; vLLM starts and serves meanwhile.
+2. ``register_memory()`` records KV regions and (re)registers them whenever a connection is made.
+3. ``exists`` / ``put`` / ``get`` answer "absent"/"unavailable" while disconnected, and turn any exception from the
+   pool client into the same, with a rate-limited warning that says why.
+4. ``exists_within(keys, timeout_s)`` bounds the scheduler's lookup: past the timeout, or while an earlier lookup is
+   still stuck in the pool client, the answer is a miss.
+5. ``close()`` stops the connector thread and closes the client.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable, Sequence
+
+from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
+from kvpool_connector.compat import init_logger
+from kvpool_connector.logs import RateLimitedWarning
+
+logger = init_logger(__name__)
+
+
+class PoolHandle:
+    def __init__(self, backend_factory: Callable[[], PoolBackend], reconnect_interval_s: float, label: str) -> None:
+        self._factory = backend_factory
+        self._interval = reconnect_interval_s
+        self.label = label
+        self._backend: PoolBackend | None = None
+        self._regions: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lookup_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kvpool-lookup-{label}")
+        self._lookup_inflight: concurrent.futures.Future | None = None
+        self.warn = RateLimitedWarning(logger)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._connect_loop, name=f"kvpool-connect-{self.label}", daemon=True)
+        self._thread.start()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _connect_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                backend = self._factory()
+                backend.connect()
+                with self._lock:
+                    for ptr, size in self._regions:
+                        backend.register_memory(ptr, size)
+                    self._backend = backend
+                    self._connected.set()
+                logger.info("KV pool %s (%s) connected", backend.name, self.label)
+                return
+            except (PoolUnavailable, OSError, RuntimeError) as exc:
+                self.warn(
+                    "connect",
+                    "KV pool (%s) unavailable, serving without pool hits; retrying every %.0f s: %s",
+                    self.label,
+                    self._interval,
+                    exc,
+                )
+            self._stop.wait(self._interval)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._interval + 1)
+        self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            backend, self._backend = self._backend, None
+            self._connected.clear()
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception:
+                logger.debug("closing the KV pool client failed", exc_info=True)
+
+    def register_memory(self, ptr: int, size: int) -> None:
+        with self._lock:
+            self._regions.append((ptr, size))
+            if self._backend is not None:
+                self._backend.register_memory(ptr, size)
+
+    # -- data calls -----------------------------------------------------------------------------------------
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        backend = self._backend
+        if backend is None:
+            return [False] * len(keys)
+        try:
+            found = backend.exists(keys)
+        except Exception as exc:
+            self.warn("exists", "KV pool lookup failed, counting it as a miss: %r", exc)
+            return [False] * len(keys)
+        if len(found) != len(keys):
+            self.warn("exists", "KV pool answered %d of %d existence queries; counting a miss", len(found), len(keys))
+            return [False] * len(keys)
+        return found
+
+    def exists_within(self, keys: Sequence[str], timeout_s: float) -> list[bool]:
+        """``exists`` bounded by ``timeout_s``; a stuck pool client costs misses, never a stalled scheduler."""
+        if self._backend is None:
+            return [False] * len(keys)
+        if self._lookup_inflight is not None and not self._lookup_inflight.done():
+            self.warn("lookup-stuck", "an earlier KV pool lookup has not returned; counting lookups as misses")
+            return [False] * len(keys)
+        future = self._lookup_pool.submit(self.exists, keys)
+        self._lookup_inflight = future
+        try:
+            return future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            self.warn("lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", timeout_s * 1e3)
+            return [False] * len(keys)
+
+    def _transfer(self, op: str, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
+        backend = self._backend
+        if backend is None:
+            return [Outcome.UNAVAILABLE] * len(keys)
+        try:
+            outcomes = getattr(backend, op)(keys, addrs, sizes)
+        except Exception as exc:
+            self.warn(op, "KV pool %s of %d blocks failed: %r", op, len(keys), exc)
+            return [Outcome.FAILED] * len(keys)
+        if len(outcomes) != len(keys):
+            return [Outcome.FAILED] * len(keys)
+        return outcomes
+
+    def put(self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
+        return self._transfer("put", keys, addrs, sizes)
+
+    def get(self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
+        return self._transfer("get", keys, addrs, sizes)

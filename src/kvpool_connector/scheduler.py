@@ -1,0 +1,186 @@
+"""Scheduler side: how much of a prompt the pool holds, and the per-step load/save plans for the workers.
+
+Calls, in the order vLLM makes them for a request:
+1. ``get_num_new_matched_tokens``: one batched, time-bounded existence query for the prompt's full blocks past the
+   local prefix hit, across every (tp, pp) shard; returns the extra tokens the pool can supply. Repeatable: it only
+   remembers its latest answer for step 2.
+2. ``update_state_after_alloc``: now that vLLM allocated blocks, turns that answer into a load of those blocks.
+3. ``build_connector_meta`` (once per step): hands out the loads, and plans saves of prompt blocks that become full
+   in this step (computed tokens after the step), skipping blocks that came from the pool.
+4. ``request_finished``: forgets the request. Saves run synchronously inside the step that planned them, so the
+   blocks have been read by then and vLLM may free them at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvpool_connector import compat, keys
+from kvpool_connector.backends import create_backend
+from kvpool_connector.compat import init_logger
+from kvpool_connector.config import ConfigError, ResolvedConfig
+from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
+from kvpool_connector.pool import PoolHandle
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+
+def present_prefix_blocks(found: list[bool], num_shards: int) -> int:
+    """Leading blocks present for every shard, from exists() answers laid out block-major, shard-minor."""
+    for block in range(len(found) // num_shards):
+        if not all(found[block * num_shards : (block + 1) * num_shards]):
+            return block
+    return len(found) // num_shards
+
+
+def matched_tokens(start_block: int, found_blocks: int, block_size: int, num_tokens: int, num_computed: int) -> int:
+    """Tokens the pool adds beyond the local hit; a full-prompt hit still leaves the last token to compute."""
+    hit = min((start_block + found_blocks) * block_size, num_tokens - 1)
+    return max(hit - num_computed, 0)
+
+
+@dataclass
+class _LoadAnswer:
+    start_block: int
+    num_blocks: int
+    block_hashes: list[bytes]
+
+
+@dataclass
+class _RequestState:
+    request: Request
+    block_ids: list[int]
+    next_save_block: int = 0  # prompt blocks below this are planned, saved, or known to be in the pool
+    loaded: range = range(0)  # block indices that came from the pool: no need to save them back
+
+
+class PoolScheduler:
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> None:
+        transfer = vllm_config.kv_transfer_config
+        assert transfer is not None
+        if (reason := compat.unstable_block_hash_reason(vllm_config)) is not None:
+            raise ConfigError(f"pool keys would differ between processes: {reason}")
+        self.layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
+        self.block_size = self.layout.block_size
+        self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)
+        self.shards = keys.shard_fingerprints(self.layout)
+        self.loads_enabled = transfer.is_kv_consumer
+        self.saves_enabled = transfer.is_kv_producer
+        self.lookup_timeout_s = config.pool.lookup_timeout_ms / 1e3
+        self.pool: PoolHandle | None = None
+        if self.loads_enabled:
+            self.pool = PoolHandle(
+                lambda: create_backend(config, holds_data=False),
+                config.pool.reconnect_interval_s,
+                label=f"lookup/instance {config.pool.instance_id}",
+            )
+            self.pool.start()
+        self._answers: dict[str, _LoadAnswer] = {}
+        self._requests: dict[str, _RequestState] = {}
+        self._step_loads: list[BlockTransfer] = []
+        logger.info(
+            "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d",
+            config.pool.backend,
+            self.loads_enabled,
+            self.saves_enabled,
+            self.block_size,
+            len(self.shards),
+        )
+
+    def _prompt_block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        return keys.block_hashes(request.block_hashes, self.block_size, self.hash_block_size, num_blocks)
+
+    # -- 1. lookup --------------------------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        self._answers.pop(request.request_id, None)
+        if self.pool is None:
+            return 0, False
+        hashes = self._prompt_block_hashes(request, compat.prompt_length(request) // self.block_size)
+        start = num_computed_tokens // self.block_size
+        if start >= len(hashes):
+            return 0, False
+        wanted = [keys.pool_key(shard, h) for h in hashes[start:] for shard in self.shards]
+        found = present_prefix_blocks(self.pool.exists_within(wanted, self.lookup_timeout_s), len(self.shards))
+        extra = matched_tokens(start, found, self.block_size, request.num_tokens, num_computed_tokens)
+        logger.debug(
+            "pool lookup %s: %d blocks past %d local tokens, %d extra tokens",
+            request.request_id,
+            found,
+            num_computed_tokens,
+            extra,
+        )
+        if extra > 0:
+            self._answers[request.request_id] = _LoadAnswer(start, found, hashes[start : start + found])
+        return extra, False
+
+    # -- 2. after allocation ----------------------------------------------------------------------------------
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        answer = self._answers.pop(request.request_id, None)
+        block_ids = list(blocks.get_block_ids()[0])
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = self._requests[request.request_id] = _RequestState(request, block_ids)
+        else:
+            state.block_ids = block_ids
+        if num_external_tokens <= 0 or answer is None:
+            return
+        count = min(-(-num_external_tokens // self.block_size), answer.num_blocks)
+        first = answer.start_block
+        self._step_loads.append(
+            BlockTransfer(request.request_id, block_ids[first : first + count], answer.block_hashes[:count])
+        )
+        state.loaded = range(first, first + count)
+
+    # -- 3. per-step plan -------------------------------------------------------------------------------------
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PoolConnectorMetadata:
+        meta = PoolConnectorMetadata(loads=self._step_loads)
+        self._step_loads = []
+        if not self.saves_enabled:
+            return meta
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            if (state := self._requests.get(new.req_id)) is not None:
+                state.block_ids = list(new.block_ids[0])
+                self._plan_saves(state, new.num_computed_tokens + scheduled[new.req_id], meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if (state := self._requests.get(req_id)) is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                state.block_ids.extend(new_ids[0])
+            self._plan_saves(state, cached.num_computed_tokens[i] + scheduled[req_id], meta)
+        return meta
+
+    def _plan_saves(self, state: _RequestState, computed_after_step: int, meta: PoolConnectorMetadata) -> None:
+        request = state.request
+        full_blocks = min(computed_after_step, compat.prompt_length(request)) // self.block_size
+        if full_blocks <= state.next_save_block:
+            return
+        hashes = self._prompt_block_hashes(request, full_blocks)
+        todo = [i for i in range(state.next_save_block, len(hashes)) if i not in state.loaded]
+        state.next_save_block = len(hashes)
+        if todo:
+            meta.saves.append(
+                BlockTransfer(request.request_id, [state.block_ids[i] for i in todo], [hashes[i] for i in todo])
+            )
+
+    # -- 4. finish --------------------------------------------------------------------------------------------
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, None]:
+        self._requests.pop(request.request_id, None)
+        self._answers.pop(request.request_id, None)
+        return False, None
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.close()

@@ -1,0 +1,137 @@
+"""Run one vLLM CPU engine in a fresh process over a list of prompts, and report what the tests and demo compare.
+
+Each call of :func:`run_engine` is its own process (and vLLM spawns its engine core and worker under it), so "a fresh
+engine" really has nothing in memory from an earlier run: whatever it does not recompute came from the pool.
+
+CLI (used by :func:`run_engine`): ``python -m kvpool_connector.testing.engine SPEC.json OUT.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class EngineSpec:
+    model: str
+    prompts: list[list[int]]  # token ids: exact lengths, independent of the tokenizer
+    max_tokens: int = 12
+    kv_transfer_config: dict[str, Any] | None = None
+    sequential: bool = False  # one generate() per prompt, so a later prompt can hit what an earlier one saved
+    enable_prefix_caching: bool = True
+    max_model_len: int = 4096
+    max_num_batched_tokens: int | None = None
+    extra_llm_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PromptResult:
+    prompt_tokens: int
+    num_cached_tokens: int
+    token_ids: list[int]
+    ttft_s: float
+
+
+@dataclass
+class EngineRun:
+    results: list[PromptResult]
+    log: str
+    wall_s: float
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        return [r.token_ids for r in self.results]
+
+
+def engine_env(cache_root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "VLLM_CACHE_ROOT": str(cache_root),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def run_engine(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = None, timeout_s: float = 600) -> EngineRun:
+    """Run ``spec`` in a new process; raise with the engine log's tail if it fails."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = f"{time.time_ns()}"
+    spec_file, out_file, log_file = (workdir / f"engine-{stamp}.{ext}" for ext in ("spec.json", "out.json", "log"))
+    spec_file.write_text(json.dumps(asdict(spec)))
+    start = time.monotonic()
+    with log_file.open("w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kvpool_connector.testing.engine", str(spec_file), str(out_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or engine_env(workdir / "vllm-cache"),
+            timeout=timeout_s,
+            check=False,
+        )
+    text = log_file.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine run failed (exit {proc.returncode}); log {log_file}:\n{text[-6000:]}")
+    results = [PromptResult(**r) for r in json.loads(out_file.read_text())]
+    return EngineRun(results=results, log=text, wall_s=time.monotonic() - start)
+
+
+def _main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    spec = EngineSpec(**json.loads(Path(spec_path).read_text()))
+    kwargs: dict[str, Any] = dict(
+        model=spec.model,
+        enforce_eager=True,
+        dtype="float32",
+        seed=0,
+        max_model_len=spec.max_model_len,
+        enable_prefix_caching=spec.enable_prefix_caching,
+        disable_log_stats=False,
+        **spec.extra_llm_args,
+    )
+    if spec.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
+    if spec.kv_transfer_config is not None:
+        kwargs["kv_transfer_config"] = KVTransferConfig(**spec.kv_transfer_config)
+    llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec.prompts]
+    if spec.sequential:
+        outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    results = []
+    for out in outputs:
+        m = out.metrics
+        ttft = (m.first_token_ts - m.scheduled_ts) if m is not None and m.first_token_ts else float("nan")
+        results.append(
+            asdict(
+                PromptResult(
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    num_cached_tokens=int(out.num_cached_tokens or 0),
+                    token_ids=list(out.outputs[0].token_ids),
+                    ttft_s=ttft,
+                )
+            )
+        )
+    Path(out_path).write_text(json.dumps(results))
+    llm.llm_engine.engine_core.shutdown()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,148 @@
+"""A real Mooncake Store on loopback: ``mooncake_master`` plus a ``mooncake_client`` pool node holding DRAM.
+
+The pool node keeps objects alive across engine restarts (a segment vanishes with the process that mounted it), so
+an engine can save, exit, and a fresh engine can load. Both binaries ship inside the ``mooncake`` Python package.
+Processes are started in their own process group and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mooncake_bin(name: str) -> Path:
+    import mooncake
+
+    path = Path(mooncake.__file__).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in the mooncake package at {path.parent}")
+    return path
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s} s; see {log}")
+
+
+@dataclass
+class MooncakePool:
+    """Handles to a running master and pool node; ``client_config`` is what the connector needs."""
+
+    workdir: Path
+    segment_size: str = "1 GB"
+    master_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    node_port: int = field(default_factory=free_port)
+    master: subprocess.Popen | None = None
+    node: subprocess.Popen | None = None
+
+    @property
+    def master_address(self) -> str:
+        return f"127.0.0.1:{self.master_port}"
+
+    def client_config(self, global_segment_size: int | str = 0) -> dict:
+        """Inline ``"mooncake"`` settings: by default engines contribute no memory, objects live on the pool node."""
+        return {
+            "master_server_address": self.master_address,
+            "local_hostname": "127.0.0.1",
+            "metadata_server": "P2PHANDSHAKE",
+            "protocol": "tcp",
+            "global_segment_size": global_segment_size,
+            "local_buffer_size": 0,
+        }
+
+    def write_config_file(self, path: Path) -> Path:
+        """The same settings as a ``MOONCAKE_CONFIG_PATH`` JSON file, the way the seed deploys them."""
+        path.write_text(json.dumps(self.client_config(), indent=2))
+        return path
+
+    def start_master(self) -> None:
+        log = self.workdir / "mooncake_master.log"
+        self.master = subprocess.Popen(
+            [
+                str(mooncake_bin("mooncake_master")),
+                "--rpc_address=127.0.0.1",
+                f"--rpc_port={self.master_port}",
+                "--metrics_host=127.0.0.1",
+                f"--metrics_port={self.metrics_port}",
+                "--enable_http_metadata_server=false",
+                "--default_kv_lease_ttl=5000",
+                "--logtostderr=true",
+            ],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_port(self.master_port, self.master, 30, "mooncake_master", log)
+
+    def start_node(self) -> None:
+        log = self.workdir / "mooncake_client.log"
+        self.node = subprocess.Popen(
+            [
+                str(mooncake_bin("mooncake_client")),
+                "--host=127.0.0.1",
+                f"--port={self.node_port}",
+                f"--master_server_address={self.master_address}",
+                "--metadata_server=P2PHANDSHAKE",
+                f"--global_segment_size={self.segment_size}",
+                "--local_buffer_size=16 MB",
+                "--protocol=tcp",
+            ],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_port(self.node_port, self.node, 30, "mooncake_client", log)
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop_master(self, sig: int = signal.SIGTERM) -> None:
+        self._stop(self.master, sig)
+
+    def stop(self) -> None:
+        self._stop(self.node)
+        self._stop(self.master)
+
+
+@contextmanager
+def mooncake_pool(workdir: str | Path, segment_size: str = "1 GB") -> Iterator[MooncakePool]:
+    """Start master and pool node on free loopback ports; stop both on exit."""
+    pool = MooncakePool(Path(workdir), segment_size=segment_size)
+    pool.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        pool.start_master()
+        pool.start_node()
+        yield pool
+    finally:
+        pool.stop()

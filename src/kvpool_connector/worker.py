@@ -1,0 +1,131 @@
+"""Worker side: move planned blocks between this worker's KV cache and the pool.
+
+Calls, in the order vLLM makes them:
+1. ``register_kv_caches``: derive page geometry from the KV tensors, register their memory with the pool client
+   (zero-copy transfers), and connect in the background.
+2. each step, ``load`` (from ``start_load_kv``, before the forward pass): read every planned block of every layer
+   straight into the pages vLLM allocated; blocks that did not arrive whole are remembered as load errors.
+3. ``save`` (from ``wait_for_save``, after the forward pass wrote the step's KV): put the planned full blocks whose
+   keys the pool does not hold yet. Synchronous, so a block is read before vLLM can free or reuse it.
+4. ``take_load_errors`` (``get_block_ids_with_load_errors``): hands failed blocks to vLLM, which recomputes them.
+5. ``shutdown``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvpool_connector import compat, keys
+from kvpool_connector.backends import Outcome, create_backend
+from kvpool_connector.compat import init_logger
+from kvpool_connector.config import ResolvedConfig
+from kvpool_connector.kv_pages import KVPages
+from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
+from kvpool_connector.pool import PoolHandle
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = init_logger(__name__)
+
+
+class PoolWorker:
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> None:
+        self.layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
+        tp_rank, pp_rank = compat.worker_parallel_ranks()
+        self.shard = keys.fingerprint(self.layout, tp_rank, pp_rank)
+        # Ranks that hold identical KV (MLA) share keys: one of them writes.
+        self.saves_enabled = not self.layout.shared_across_tp or tp_rank == 0
+        self.num_blocks = kv_cache_config.num_blocks
+        self._config = config
+        self._device_id = compat.worker_local_rank()
+        self.pages: KVPages | None = None
+        self.pool: PoolHandle | None = None
+        self._load_errors: set[int] = set()
+        self.stats: Counter[str] = Counter()
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
+        self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)
+        on_device = self.pages.on_device
+        self.pool = PoolHandle(
+            lambda: create_backend(self._config, holds_data=True, device_id=self._device_id, pages_on_device=on_device),
+            self._config.pool.reconnect_interval_s,
+            label=f"worker shard {self.shard}",
+        )
+        for ptr, size in self.pages.regions:
+            self.pool.register_memory(ptr, size)
+        self.pool.start()
+        logger.info(
+            "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
+            len(self.pages.layer_names),
+            self.num_blocks,
+            self.pages.block_bytes,
+            self.shard,
+        )
+
+    def _keys(self, transfer: BlockTransfer) -> list[str]:
+        return [keys.pool_key(self.shard, h) for h in transfer.block_hashes]
+
+    def load(self, meta: PoolConnectorMetadata) -> None:
+        if not meta.loads:
+            return
+        assert self.pages is not None and self.pool is not None, "register_kv_caches must run first"
+        for transfer in meta.loads:
+            addrs, sizes = self.pages.addresses(transfer.block_ids)
+            outcomes = self.pool.get(self._keys(transfer), addrs, sizes)
+            failed = [b for b, o in zip(transfer.block_ids, outcomes, strict=True) if o is not Outcome.OK]
+            self.stats["loaded_blocks"] += len(outcomes) - len(failed)
+            if failed:
+                self._load_errors.update(failed)
+                self.stats.update(f"load_{o.value}" for o in outcomes if o is not Outcome.OK)
+                self.pool.warn(
+                    "load",
+                    "KV pool load of request %s: %d of %d blocks failed (%s); vLLM recomputes them",
+                    transfer.req_id,
+                    len(failed),
+                    len(outcomes),
+                    ", ".join(sorted({o.value for o in outcomes if o is not Outcome.OK})),
+                )
+
+    def save(self, meta: PoolConnectorMetadata) -> None:
+        if not meta.saves or not self.saves_enabled:
+            return
+        assert self.pages is not None and self.pool is not None, "register_kv_caches must run first"
+        if not self.pool.connected:
+            self.stats["save_skipped_unavailable"] += sum(len(t.block_ids) for t in meta.saves)
+            return
+        block_ids: list[int] = []
+        pool_keys: list[str] = []
+        for transfer in meta.saves:
+            block_ids.extend(transfer.block_ids)
+            pool_keys.extend(self._keys(transfer))
+        present = self.pool.exists(pool_keys)
+        todo = [(k, b) for k, b, p in zip(pool_keys, block_ids, present, strict=True) if not p]
+        self.stats["save_already_present"] += len(pool_keys) - len(todo)
+        if not todo:
+            return
+        addrs, sizes = self.pages.addresses([b for _, b in todo])
+        outcomes = self.pool.put([k for k, _ in todo], addrs, sizes)
+        self.stats.update(f"save_{o.value}" for o in outcomes)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            self.pool.warn(
+                "save",
+                "KV pool save: %d of %d blocks not stored (%s)",
+                len(failed),
+                len(outcomes),
+                ", ".join(sorted({o.value for o in failed})),
+            )
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
