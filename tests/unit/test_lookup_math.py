@@ -1,0 +1,41 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvpool_connector.scheduler import matched_tokens, present_prefix_blocks
+
+
+def test_present_prefix_needs_every_shard():
+    # 3 blocks x 2 shards, block-major: block 1 is missing on shard 1.
+    assert present_prefix_blocks([True, True, True, False, True, True], 2) == 1
+    assert present_prefix_blocks([True] * 6, 2) == 3
+    assert present_prefix_blocks([False, True], 2) == 0
+    assert present_prefix_blocks([], 1) == 0
+
+
+@given(st.lists(st.booleans(), max_size=64))
+def test_present_prefix_single_shard_is_leading_run(found):
+    expected = next((i for i, f in enumerate(found) if not f), len(found))
+    assert present_prefix_blocks(found, 1) == expected
+
+
+def test_matched_tokens_cases():
+    bs = 128
+    # 350-token prompt, no local hit, 2 blocks in pool: 256 tokens from the pool.
+    assert matched_tokens(0, 2, bs, 350, 0) == 256
+    # local hit of 1 block, pool has the next block: 128 more.
+    assert matched_tokens(1, 1, bs, 350, 128) == 128
+    # full-prompt hit (256 tokens, 2 blocks): the last token is still computed.
+    assert matched_tokens(0, 2, bs, 256, 0) == 255
+    # everything local already: nothing to add.
+    assert matched_tokens(2, 0, bs, 300, 256) == 0
+    # prompt fully cached locally except the last token, pool has the last block: bs - 1 tokens.
+    assert matched_tokens(1, 1, bs, 256, 128) == 127
+
+
+@given(st.integers(0, 40), st.integers(0, 40), st.integers(1, 6000), st.sampled_from([16, 64, 128]))
+def test_matched_tokens_bounds(start, found, num_tokens, bs):
+    computed = min(start * bs, max(num_tokens - 1, 0))
+    extra = matched_tokens(start, found, bs, num_tokens, computed)
+    assert 0 <= extra
+    assert computed + extra <= num_tokens - 1 or extra == 0
+    assert extra <= found * bs
