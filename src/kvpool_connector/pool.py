@@ -76,7 +76,7 @@ class PoolHandle:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self._interval + 1)
+            self._thread.join(timeout=1.0)  # a connect stuck in the pool client must not hold up shutdown
         self._lookup_pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             backend, self._backend = self._backend, None
@@ -111,6 +111,7 @@ class PoolHandle:
     def exists_within(self, keys: Sequence[str], timeout_s: float) -> list[bool]:
         """``exists`` bounded by ``timeout_s``; a stuck pool client costs misses, never a stalled scheduler."""
         if self._backend is None:
+            self.warn("not-connected", "KV pool (%s) not connected yet: counting lookups as misses", self.label)
             return [False] * len(keys)
         if self._lookup_inflight is not None and not self._lookup_inflight.done():
             self.warn("lookup-stuck", "an earlier KV pool lookup has not returned; counting lookups as misses")

@@ -127,5 +127,6 @@ class PoolWorker:
         return errors
 
     def shutdown(self) -> None:
+        logger.info("MemcacheConnectorStoreV1 worker stats: %s", dict(sorted(self.stats.items())) or "no transfers")
         if self.pool is not None:
             self.pool.close()

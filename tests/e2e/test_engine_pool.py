@@ -1,0 +1,138 @@
+"""The connector on a real vLLM CPU engine with a real Mooncake Store: save in one engine process, load in a fresh one.
+
+The oracle is greedy decoding of a random-weight model: outputs with pool hits must equal a no-connector run token
+for token, and a tampered pool object must change them (so a connector that loads nothing could not pass).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from kvpool_connector.testing.engine import EngineSpec, run_engine
+from kvpool_connector.testing.mooncake_pool import free_port
+from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = standard_prompts()
+EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255, 0]
+
+
+def pool_config(mooncake: dict, role: str = "kv_both") -> dict:
+    return {
+        "kv_connector": "MemcacheConnectorStoreV1",
+        "kv_role": role,
+        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": mooncake, "reconnect_interval_s": 1.0},
+    }
+
+
+def worker_shard(log: str) -> str:
+    match = re.search(r"MemcacheConnectorStoreV1 worker: .* shard ([0-9a-f]{16})", log)
+    assert match, "worker did not log its shard fingerprint"
+    return match.group(1)
+
+
+def loaded_blocks(log: str) -> int:
+    match = re.search(r"MemcacheConnectorStoreV1 worker stats: \{[^}]*'loaded_blocks': (\d+)", log)
+    return int(match.group(1)) if match else 0
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model, tmp_path_factory):
+    return run_engine(EngineSpec(model=tiny_model, prompts=PROMPTS), tmp_path_factory.mktemp("baseline"))
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_model, pool, tmp_path_factory):
+    """First engine: empty pool; saves every full prompt block (one prompt at a time, like separate requests)."""
+    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(pool.client_config()),
+                      sequential=True)
+    return run_engine(spec, tmp_path_factory.mktemp("save"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model, pool, saved, tmp_path_factory):
+    """A fresh engine process on the now warm pool."""
+    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(pool.client_config()))
+    return run_engine(spec, tmp_path_factory.mktemp("load"))
+
+
+def test_empty_pool_run_matches_baseline(saved, baseline):
+    assert saved.outputs == baseline.outputs
+    assert "Traceback" not in saved.log
+
+
+def test_fresh_engine_loads_from_pool(loaded, baseline):
+    assert [r.num_cached_tokens for r in loaded.results] == EXPECTED_HITS
+    assert [r.num_cached_tokens for r in baseline.results][0] == 0  # the baseline computed the first prompt
+    assert loaded.outputs == baseline.outputs
+    # 2 + 3 + 2 blocks come from the pool; prompt 2 shares its first two blocks with prompt 1, which vLLM's own
+    # prefix cache may serve instead when both are in one batch.
+    assert 5 <= loaded_blocks(loaded.log) <= 7
+
+
+def _block_keys(shard: str, prompt: list[int]) -> list[str]:
+    """Pool keys of a prompt's full blocks, derived independently with vLLM's own block hash."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils
+
+    kv_cache_utils.init_none_hash(sha256)
+    parent, out = kv_cache_utils.NONE_HASH, []
+    for start in range(0, len(prompt) // 128 * 128, 128):
+        parent = kv_cache_utils.hash_block_tokens(sha256, parent, prompt[start : start + 128], None)
+        out.append(f"kvp1/{shard}/{bytes(parent).hex()}")
+    return out
+
+
+def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, mooncake_client, tmp_path):
+    """Overwrite one stored block with other bytes of the same size: the next load must produce other tokens."""
+    from mooncake.store import ReplicateConfig
+
+    keys = _block_keys(worker_shard(loaded.log), PROMPTS[2])
+    assert mooncake_client.batch_is_exist(keys) == [1, 1], "the pool should hold the exact-multiple prompt's blocks"
+    size = mooncake_client.get_size(keys[0])
+    assert size > 0
+    noise = np.random.default_rng(1).standard_normal(size // 4).astype(np.float32)
+    mooncake_client.register_buffer(noise.ctypes.data, noise.nbytes)
+    assert mooncake_client.remove(keys[0], True) == 0  # force: lookups hold short leases on the object
+    assert mooncake_client.put_from(keys[0], noise.ctypes.data, noise.nbytes, ReplicateConfig()) == 0
+
+    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(pool.client_config()))
+    tampered = run_engine(spec, tmp_path)
+    assert tampered.results[2].num_cached_tokens == 255
+    assert tampered.outputs[2] != baseline.outputs[2]
+    assert tampered.outputs[:2] == baseline.outputs[:2]
+    assert tampered.outputs[3] == baseline.outputs[3]
+
+
+def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):
+    dead = {"master_server_address": f"127.0.0.1:{free_port()}", "local_hostname": "127.0.0.1",
+            "global_segment_size": 0, "local_buffer_size": 0}
+    run = run_engine(EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(dead)), tmp_path)
+    assert run.outputs == baseline.outputs
+    assert [r.num_cached_tokens for r in run.results] == [r.num_cached_tokens for r in baseline.results]
+    assert "not connected yet: counting lookups as misses" in run.log
+    assert "Traceback" not in run.log
+
+
+def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, loaded, baseline, tmp_path):
+    """ExampleConnector (first, empty storage) beside ours: MultiConnector must take the hits from our pool."""
+    config = {
+        "kv_connector": "MultiConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "connectors": [
+                {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                 "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "example-storage")}},
+                pool_config(pool.client_config()),
+            ]
+        },
+    }
+    prompts = [PROMPTS[0], PROMPTS[3]]
+    run = run_engine(EngineSpec(model=tiny_model, prompts=prompts, kv_transfer_config=config), tmp_path)
+    assert [r.num_cached_tokens for r in run.results] == [EXPECTED_HITS[0], 0]
+    assert run.outputs == [baseline.outputs[0], baseline.outputs[3]]
+    assert loaded_blocks(run.log) == 2
