@@ -1,8 +1,8 @@
 """A pool client that is always safe to call: the pool is a cache, its outage costs hits and nothing else.
 
 ``PoolHandle`` wraps one :class:`PoolBackend` and owns its lifecycle:
-1. ``start()`` connects in a background thread (a Mooncake setup against a dead master blocks ~90 s), retrying every
-   ``reconnect_interval_s`` until it succeeds or the handle is closed; vLLM starts and serves meanwhile.
+1. ``start()`` connects in a background thread (a Mooncake setup against a dead master blocks ~90 s), retrying from
+   ``reconnect_interval_s`` with backoff until it succeeds or the handle is closed; vLLM starts and serves meanwhile.
 2. ``register_memory()`` records KV regions and (re)registers them whenever a connection is made.
 3. ``exists`` / ``put`` / ``get`` answer "absent"/"unavailable" while disconnected, and turn any exception from the
    pool client into the same, with a rate-limited warning that says why.
@@ -52,6 +52,7 @@ class PoolHandle:
         return self._connected.is_set()
 
     def _connect_loop(self) -> None:
+        delay = self._interval
         while not self._stop.is_set():
             try:
                 backend = self._factory()
@@ -66,12 +67,13 @@ class PoolHandle:
             except (PoolUnavailable, OSError, RuntimeError) as exc:
                 self.warn(
                     "connect",
-                    "KV pool (%s) unavailable, serving without pool hits; retrying every %.0f s: %s",
+                    "KV pool (%s) unavailable, serving without pool hits; retrying in %.0f s: %s",
                     self.label,
-                    self._interval,
+                    delay,
                     exc,
                 )
-            self._stop.wait(self._interval)
+            self._stop.wait(delay)
+            delay = min(delay * 2, self._interval * 12)  # back off: a failed setup can be costly for the pool client
 
     def close(self) -> None:
         self._stop.set()

@@ -17,10 +17,12 @@ code per key when the client is not initialised, which we treat as a failure of 
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
-from kvpool_connector.config import MemcacheSettings
+from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, MemcacheSettings
 
 NOT_INITIALISED = -3019
 
@@ -39,6 +41,20 @@ def _import_store():
     return DistributedObjectStore
 
 
+def _point_pymmc_at(path: str) -> None:
+    """pymmc reads MMC_LOCAL_CONFIG_PATH once, when ``memcache_hybrid`` is imported (checked: setting it later is
+    not seen); set it before that import, and refuse clearly when it was imported with another value."""
+    current = os.environ.get(MMC_LOCAL_CONFIG_ENV)
+    if current == path:
+        return
+    if "memcache_hybrid" in sys.modules:
+        raise PoolUnavailable(
+            f"memcache_hybrid was imported with {MMC_LOCAL_CONFIG_ENV}={current!r} and reads it only then; "
+            f"set {MMC_LOCAL_CONFIG_ENV}={path} in the environment of the vLLM process"
+        )
+    os.environ[MMC_LOCAL_CONFIG_ENV] = path
+
+
 def _codes(result: Sequence[int], n: int) -> list[int]:
     return list(result) if len(result) == n else [NOT_INITIALISED] * n
 
@@ -52,15 +68,12 @@ class MemcacheBackend(PoolBackend):
         self._settings = settings
         self._holds_data = holds_data
         self._device_id = device_id
+        _point_pymmc_at(settings.local_config_path)
         self._store = _import_store()()
         self._bm_ready = False
         self._pages_on_device = pages_on_device  # NPU pages: copy L2G/G2L; host DRAM pages: H2G/G2H
 
     def connect(self) -> None:
-        import os
-
-        # pymmc reads its settings from this variable itself; point it at the file we validated.
-        os.environ["MMC_LOCAL_CONFIG_PATH"] = self._settings.local_config_path
         rc = self._store.init(self._device_id, self._holds_data)
         if rc != 0:
             hint = (

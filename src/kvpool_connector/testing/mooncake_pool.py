@@ -34,7 +34,7 @@ def mooncake_bin(name: str) -> Path:
     return path
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
+def wait_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -95,7 +95,7 @@ class MooncakePool:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_port(self.master_port, self.master, 30, "mooncake_master", log)
+        wait_port(self.master_port, self.master, 30, "mooncake_master", log)
 
     def start_node(self) -> None:
         log = self.workdir / "mooncake_client.log"
@@ -114,7 +114,7 @@ class MooncakePool:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_port(self.node_port, self.node, 30, "mooncake_client", log)
+        wait_port(self.node_port, self.node, 30, "mooncake_client", log)
 
     @staticmethod
     def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:

@@ -29,3 +29,20 @@ def expected_pool_hits(prompts: list[list[int]], block_size: int = 128) -> list[
         full = len(p) // block_size * block_size
         hits.append(min(full, len(p) - 1) if full else 0)
     return hits
+
+
+# The user's validation requests (seed guide, section 5), sent as /v1/completions with temperature 0.
+SEED_SHORT_PROMPT = "Hello. I have a question. The president of the United States is"
+SEED_LONG_PROMPT = (
+    "Given the accelerating impacts of climate change—including rising sea levels, increasing frequency of extreme "
+    "weather events, loss of biodiversity, and adverse effects on agriculture and human health—there is an urgent "
+    "need for a robust, globally coordinated response. However, international efforts are complicated by a range of "
+    "factors: economic disparities between high-income and low-income countries, differing levels of "
+    "industrialization, varying access to clean energy technologies, and divergent political systems that influence "
+    "climate policy implementation. In this context, how can global agreements like the Paris Accord be redesigned "
+    "or strengthened to not only encourage but effectively enforce emission reduction targets? Furthermore, what "
+    "mechanisms can be introduced to promote fair and transparent technology transfer, provide adequate financial "
+    "support for climate adaptation in vulnerable regions, and hold nations accountable without exacerbating "
+    "existing geopolitical tensions or disproportionately burdening those with historically lower emissions?"
+)
+SEED_REQUESTS = [(SEED_SHORT_PROMPT, 200), (SEED_LONG_PROMPT, 256)]  # (prompt, max_tokens) as the seed sends them

@@ -1,0 +1,85 @@
+"""A real memcache meta service on loopback, and the local-service config file clients read.
+
+The meta service runs without Ascend hardware; clients can talk to it in client-only mode. What needs the Ascend
+driver (a local service holding pool memory, the data path) cannot run on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpool_connector.testing.mooncake_pool import wait_port, free_port
+
+
+@dataclass
+class MemcacheMeta:
+    meta_port: int
+    config_store_port: int
+    local_config: Path
+    proc: subprocess.Popen
+
+
+def write_local_config(path: Path, meta_port: int, config_store_port: int, dram: str = "64MB") -> Path:
+    path.write_text(
+        "\n".join(
+            [
+                f"ock.mmc.meta_service_url = tcp://127.0.0.1:{meta_port}",
+                f"ock.mmc.local_service.config_store_url = tcp://127.0.0.1:{config_store_port}",
+                "ock.mmc.log_level = info",
+                "ock.mmc.local_service.world_size = 4",
+                "ock.mmc.local_service.protocol = host_rdma",
+                f"ock.mmc.local_service.dram.size = {dram}",
+                "ock.mmc.client.retry_milliseconds = 0",
+                "ock.mmc.client.timeout.seconds = 5",
+                "",
+            ]
+        )
+    )
+    return path
+
+
+@contextmanager
+def memcache_meta_service(workdir: str | Path) -> Iterator[MemcacheMeta]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    meta_port, store_port, metrics_port = free_port(), free_port(), free_port()
+    meta_conf = workdir / "mmc-meta.conf"
+    meta_conf.write_text(
+        "\n".join(
+            [
+                f"ock.mmc.meta_service_url = tcp://127.0.0.1:{meta_port}",
+                f"ock.mmc.meta_service.config_store_url = tcp://127.0.0.1:{store_port}",
+                f"ock.mmc.meta_service.metrics_url = http://127.0.0.1:{metrics_port}",
+                "ock.mmc.log_level = info",
+                f"ock.mmc.log_path = {workdir}",
+                "",
+            ]
+        )
+    )
+    log = workdir / "mmc_meta_service.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from memcache_hybrid import MetaService; MetaService.main()"],
+        env={**os.environ, "MMC_META_CONFIG_PATH": str(meta_conf)},
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_port(meta_port, proc, 30, "memcache meta service", log)
+        local = write_local_config(workdir / "mmc-local.conf", meta_port, store_port)
+        yield MemcacheMeta(meta_port, store_port, local, proc)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

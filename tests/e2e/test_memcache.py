@@ -1,0 +1,54 @@
+"""memcache backend as far as it runs without Ascend: a real meta service, client-only calls, and an engine started
+with the seed's exact connector config, whose worker cannot hold pool memory here and must degrade to misses."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpool_connector.backends import PoolUnavailable
+from kvpool_connector.backends.memcache import MemcacheBackend
+from kvpool_connector.config import parse_config
+from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
+from kvpool_connector.testing.memcache_meta import memcache_meta_service
+from kvpool_connector.testing.workloads import standard_prompts
+
+SEED_EXTRA = {"use_layerwise": False, "memcache_rpc_port": "0"}
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    with memcache_meta_service(tmp_path_factory.mktemp("mmc")) as running:
+        yield running
+
+
+def _settings(meta):
+    return parse_config(SEED_EXTRA, env={"MMC_LOCAL_CONFIG_PATH": str(meta.local_config)}).memcache
+
+
+def test_lookup_client_talks_to_meta_service(meta):
+    backend = MemcacheBackend(_settings(meta), holds_data=False)
+    backend.connect()
+    assert backend.exists(["kvp1/x/00", "kvp1/x/01"]) == [False, False]
+    # A client-only pymmc client must never reach the data path (pymmc would dereference a null client).
+    with pytest.raises(PoolUnavailable, match="holds no pool memory"):
+        backend.register_memory(1, 1)
+    assert backend.get(["k"], [[1]], [[1]])[0].value == "unavailable"
+    backend.close()
+
+
+def test_data_client_without_ascend_is_a_clear_error(meta):
+    backend = MemcacheBackend(_settings(meta), holds_data=True)
+    with pytest.raises(PoolUnavailable, match="Ascend driver and CANN"):
+        backend.connect()
+
+
+@pytest.mark.e2e
+def test_engine_with_seed_config_serves_without_pool(tiny_model, meta, tmp_path):
+    prompts = standard_prompts()[:2]
+    baseline = run_engine(EngineSpec(model=tiny_model, prompts=prompts), tmp_path / "base")
+    config = {"kv_connector": "MemcacheConnectorStoreV1", "kv_role": "kv_both", "kv_connector_extra_config": SEED_EXTRA}
+    env = engine_env(tmp_path / "cache", {"MMC_LOCAL_CONFIG_PATH": str(meta.local_config)})
+    run = run_engine(EngineSpec(model=tiny_model, prompts=prompts, kv_transfer_config=config), tmp_path, env=env)
+    assert run.outputs == baseline.outputs
+    assert "KV pool (worker" in run.log and "unavailable" in run.log
+    assert "Traceback" not in run.log

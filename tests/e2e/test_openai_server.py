@@ -1,0 +1,47 @@
+"""The OpenAI server with the connector answers the seed's requests; a repeat is served from the pool.
+
+vLLM's own prefix cache is off here, so any cached prompt tokens on the repeat can only have come from the pool.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from kvpool_connector.testing.engine import engine_env
+from kvpool_connector.testing.server import vllm_server
+from kvpool_connector.testing.workloads import SEED_REQUESTS
+
+pytestmark = pytest.mark.e2e
+
+
+def complete(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def cached_tokens(answer: dict) -> int:
+    return ((answer["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
+    config = {
+        "kv_connector": "MemcacheConnectorStoreV1",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": pool.client_config()},
+    }
+    args = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
+    with vllm_server(tiny_model, tmp_path, config, args, env=engine_env(tmp_path / "cache")) as server:
+        first = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
+        repeat = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
+        serving_log = server.log_text()
+    long_prompt_tokens = first[1]["usage"]["prompt_tokens"]
+    assert long_prompt_tokens > 128, "the long seed prompt should span at least one full block"
+    for a, b in zip(first, repeat, strict=True):
+        assert a["choices"][0]["text"] == b["choices"][0]["text"]
+        assert a["usage"]["completion_tokens"] > 0
+    assert cached_tokens(first[1]) == 0
+    assert cached_tokens(repeat[1]) == long_prompt_tokens // 128 * 128
+    assert "Traceback" not in serving_log
