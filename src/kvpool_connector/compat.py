@@ -64,6 +64,16 @@ def _fixed_seed_without_env() -> bool:
     return hasattr(kv_cache_utils, "DEFAULT_NONE_HASH_SEED")
 
 
+def recompute_failed_loads(kv_transfer_config: Any, logger: logging.Logger) -> None:
+    """Make vLLM recompute blocks whose pool load failed instead of failing the request (vLLM 0.32 defaults to
+    ``kv_load_failure_policy="fail"``). The scheduler reads the policy of the top-level config right after building
+    the connector, so this takes effect when we are that connector; under MultiConnector set it in the top-level JSON.
+    """
+    if getattr(kv_transfer_config, "kv_load_failure_policy", "recompute") == "fail":
+        kv_transfer_config.kv_load_failure_policy = "recompute"
+        logger.info("kv_load_failure_policy set to 'recompute': a failed pool load costs a recompute, not the request")
+
+
 def hash_block_size(kv_cache_config: KVCacheConfig, block_size: int) -> int:
     """Tokens per entry of ``request.block_hashes`` (0.32 may hash at a finer grain than the KV block)."""
     return getattr(kv_cache_config, "hash_block_size", None) or block_size

@@ -68,6 +68,7 @@ class PoolScheduler:
         assert transfer is not None
         if (reason := compat.unstable_block_hash_reason(vllm_config)) is not None:
             raise ConfigError(f"pool keys would differ between processes: {reason}")
+        compat.recompute_failed_loads(transfer, logger)
         self.layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
         self.block_size = self.layout.block_size
         self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)

@@ -48,8 +48,9 @@ def baseline(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def saved(tiny_model, pool, tmp_path_factory):
     """First engine: empty pool; saves every full prompt block (one prompt at a time, like separate requests)."""
-    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(pool.client_config()),
-                      sequential=True)
+    spec = EngineSpec(
+        model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(pool.client_config()), sequential=True
+    )
     return run_engine(spec, tmp_path_factory.mktemp("save"))
 
 
@@ -67,7 +68,7 @@ def test_empty_pool_run_matches_baseline(saved, baseline):
 
 def test_fresh_engine_loads_from_pool(loaded, baseline):
     assert [r.num_cached_tokens for r in loaded.results] == EXPECTED_HITS
-    assert [r.num_cached_tokens for r in baseline.results][0] == 0  # the baseline computed the first prompt
+    assert next(r.num_cached_tokens for r in baseline.results) == 0  # the baseline computed the first prompt
     assert loaded.outputs == baseline.outputs
     # 2 + 3 + 2 blocks come from the pool; prompt 2 shares its first two blocks with prompt 1, which vLLM's own
     # prefix cache may serve instead when both are in one batch.
@@ -109,8 +110,12 @@ def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, moon
 
 
 def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):
-    dead = {"master_server_address": f"127.0.0.1:{free_port()}", "local_hostname": "127.0.0.1",
-            "global_segment_size": 0, "local_buffer_size": 0}
+    dead = {
+        "master_server_address": f"127.0.0.1:{free_port()}",
+        "local_hostname": "127.0.0.1",
+        "global_segment_size": 0,
+        "local_buffer_size": 0,
+    }
     run = run_engine(EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(dead)), tmp_path)
     assert run.outputs == baseline.outputs
     assert [r.num_cached_tokens for r in run.results] == [r.num_cached_tokens for r in baseline.results]
@@ -125,8 +130,11 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
         "kv_role": "kv_both",
         "kv_connector_extra_config": {
             "connectors": [
-                {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-                 "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "example-storage")}},
+                {
+                    "kv_connector": "ExampleConnector",
+                    "kv_role": "kv_both",
+                    "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "example-storage")},
+                },
                 pool_config(pool.client_config()),
             ]
         },

@@ -10,7 +10,9 @@ MOONCAKE = {"master_server_address": "127.0.0.1:50088"}
 
 def test_seed_config_with_memcache_file(tmp_path):
     conf = tmp_path / "config_npu0.conf"
-    conf.write_text("# comment\nock.mmc.meta_service_url = tcp://127.0.0.1:5000\nock.mmc.local_service.dram.size = 1GB\n")
+    conf.write_text(
+        "# comment\nock.mmc.meta_service_url = tcp://127.0.0.1:5000\nock.mmc.local_service.dram.size = 1GB\n"
+    )
     cfg = parse_config(SEED_PRODUCER, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
     assert cfg.pool.backend == "memcache"
     assert cfg.pool.instance_id == 0
@@ -19,8 +21,14 @@ def test_seed_config_with_memcache_file(tmp_path):
 
 def test_mooncake_from_seed_json_file_ignores_other_users_keys(tmp_path):
     path = tmp_path / "mooncake.json"
-    seed = {"local_hostname": "127.0.0.1", "metadata_server": "P2PHANDSHAKE", "protocol": "ascend",
-            "device_name": "", "master_server_address": "127.0.0.1:50088", "use_ascend_direct": True}
+    seed = {
+        "local_hostname": "127.0.0.1",
+        "metadata_server": "P2PHANDSHAKE",
+        "protocol": "ascend",
+        "device_name": "",
+        "master_server_address": "127.0.0.1:50088",
+        "use_ascend_direct": True,
+    }
     path.write_text(json.dumps(seed))
     cfg = parse_config({**SEED_PRODUCER, "backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
     assert cfg.mooncake is not None
@@ -29,8 +37,10 @@ def test_mooncake_from_seed_json_file_ignores_other_users_keys(tmp_path):
 
 
 def test_inline_mooncake_wins_over_env_file(tmp_path):
-    cfg = parse_config({"backend": "mooncake", "mooncake": {**MOONCAKE, "global_segment_size": "512MB"}},
-                       env={"MOONCAKE_CONFIG_PATH": str(tmp_path / "absent.json")})
+    cfg = parse_config(
+        {"backend": "mooncake", "mooncake": {**MOONCAKE, "global_segment_size": "512MB"}},
+        env={"MOONCAKE_CONFIG_PATH": str(tmp_path / "absent.json")},
+    )
     assert cfg.mooncake.segment_bytes == 512 << 20
 
 
@@ -94,8 +104,10 @@ def test_extra_config_must_be_an_object():
         parse_config(["backend"], env={})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("text", "expected"), [("512MB", 512 << 20), ("4 GB", 4 << 30), ("1.5g", 3 << 29),
-                                                 ("1024", 1024), (2048, 2048), ("16 KiB", 16 << 10)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("512MB", 512 << 20), ("4 GB", 4 << 30), ("1.5g", 3 << 29), ("1024", 1024), (2048, 2048), ("16 KiB", 16 << 10)],
+)
 def test_parse_size(text, expected):
     assert parse_size(text, "k") == expected
 

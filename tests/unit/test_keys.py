@@ -5,9 +5,20 @@ import pytest
 from kvpool_connector.keys import KVLayout, block_hashes, fingerprint, pool_key, shard_fingerprints
 
 LAYOUT = KVLayout(
-    model="/models/llama", model_dtype="torch.float32", kv_dtype="torch.float32", device_type="cpu",
-    kv_layout="NHD", attention="FullAttentionSpec", block_size=128, num_kv_heads=2, head_size=64,
-    page_size_bytes=131072, num_layers=4, tp_size=2, pp_size=1, shared_across_tp=False,
+    model="/models/llama",
+    model_dtype="torch.float32",
+    kv_dtype="torch.float32",
+    device_type="cpu",
+    kv_layout="NHD",
+    attention="FullAttentionSpec",
+    block_size=128,
+    num_kv_heads=2,
+    head_size=64,
+    page_size_bytes=131072,
+    num_layers=4,
+    tp_size=2,
+    pp_size=1,
+    shared_across_tp=False,
 )
 
 

@@ -45,8 +45,10 @@ def test_flash_layout_k_and_v_pages():
 
 def test_ascend_style_k_v_tuple_per_layer():
     num_blocks, bs, heads, head = 6, 16, 2, 8
-    caches = {f"layers.{i}.attn": (torch.randn(num_blocks, bs, heads, head), torch.randn(num_blocks, bs, heads, head))
-              for i in range(2)}
+    caches = {
+        f"layers.{i}.attn": (torch.randn(num_blocks, bs, heads, head), torch.randn(num_blocks, bs, heads, head))
+        for i in range(2)
+    }
     page = 2 * bs * heads * head * 4
     pages = KVPages(caches, num_blocks, page)
     flat = [t for n in pages.layer_names for t in caches[n]]

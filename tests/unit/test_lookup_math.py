@@ -36,6 +36,6 @@ def test_matched_tokens_cases():
 def test_matched_tokens_bounds(start, found, num_tokens, bs):
     computed = min(start * bs, max(num_tokens - 1, 0))
     extra = matched_tokens(start, found, bs, num_tokens, computed)
-    assert 0 <= extra
+    assert extra >= 0
     assert computed + extra <= num_tokens - 1 or extra == 0
     assert extra <= found * bs

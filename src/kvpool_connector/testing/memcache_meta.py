@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool_connector.testing.mooncake_pool import wait_port, free_port
+from kvpool_connector.testing.mooncake_pool import free_port, wait_port
 
 
 @dataclass
