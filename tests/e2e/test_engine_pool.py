@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvpool_connector.testing.engine import EngineSpec, run_engine
-from kvpool_connector.testing.mooncake_pool import free_port
+from kvpool_connector.testing.processes import free_port
 from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e

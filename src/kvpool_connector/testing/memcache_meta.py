@@ -7,7 +7,6 @@ driver (a local service holding pool memory, the data path) cannot run on this m
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool_connector.testing.mooncake_pool import free_port, wait_port
+from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
 
 
 @dataclass
@@ -64,22 +63,14 @@ def memcache_meta_service(workdir: str | Path) -> Iterator[MemcacheMeta]:
         )
     )
     log = workdir / "mmc_meta_service.log"
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-c", "from memcache_hybrid import MetaService; MetaService.main()"],
+        log,
         env={**os.environ, "MMC_META_CONFIG_PATH": str(meta_conf)},
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     try:
         wait_port(meta_port, proc, 30, "memcache meta service", log)
         local = write_local_config(workdir / "mmc-local.conf", meta_port, store_port)
         yield MemcacheMeta(meta_port, store_port, local, proc)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process(proc)

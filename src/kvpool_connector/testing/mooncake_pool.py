@@ -8,21 +8,16 @@ Processes are started in their own process group and stopped by PID.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["MooncakePool", "free_port", "mooncake_bin", "mooncake_pool"]
 
 
 def mooncake_bin(name: str) -> Path:
@@ -32,18 +27,6 @@ def mooncake_bin(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{name} not found in the mooncake package at {path.parent}")
     return path
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s} s; see {log}")
 
 
 @dataclass
@@ -80,7 +63,7 @@ class MooncakePool:
 
     def start_master(self) -> None:
         log = self.workdir / "mooncake_master.log"
-        self.master = subprocess.Popen(
+        self.master = spawn(
             [
                 str(mooncake_bin("mooncake_master")),
                 "--rpc_address=127.0.0.1",
@@ -91,15 +74,13 @@ class MooncakePool:
                 "--default_kv_lease_ttl=5000",
                 "--logtostderr=true",
             ],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log,
         )
         wait_port(self.master_port, self.master, 30, "mooncake_master", log)
 
     def start_node(self) -> None:
         log = self.workdir / "mooncake_client.log"
-        self.node = subprocess.Popen(
+        self.node = spawn(
             [
                 str(mooncake_bin("mooncake_client")),
                 "--host=127.0.0.1",
@@ -110,29 +91,16 @@ class MooncakePool:
                 "--local_buffer_size=16 MB",
                 "--protocol=tcp",
             ],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log,
         )
         wait_port(self.node_port, self.node, 30, "mooncake_client", log)
 
-    @staticmethod
-    def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
     def stop_master(self, sig: int = signal.SIGTERM) -> None:
-        self._stop(self.master, sig)
+        stop_process(self.master, sig)
 
     def stop(self) -> None:
-        self._stop(self.node)
-        self._stop(self.master)
+        stop_process(self.node)
+        stop_process(self.master)
 
 
 @contextmanager

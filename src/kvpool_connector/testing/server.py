@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from kvpool_connector.testing.mooncake_pool import free_port
+from kvpool_connector.testing.processes import free_port, spawn, stop_process
 
 
 @dataclass
@@ -52,9 +51,7 @@ def vllm_server(
     args += extra_args or []
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"vllm-server-{port}.log"
-    proc = subprocess.Popen(
-        args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or os.environ.copy(), start_new_session=True
-    )
+    proc = spawn(args, log, env=env or os.environ.copy())
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + startup_timeout_s
@@ -71,10 +68,4 @@ def vllm_server(
             time.sleep(1)
         yield server
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)  # the API server stops its engine processes itself
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process(proc, timeout_s=60)  # SIGTERM to the API server: it stops its engine processes itself
