@@ -1,33 +1,100 @@
-// Python face of the native block copy: raw addresses and sizes in, no libtorch.
+// Python face of the native block copy: raw addresses and sizes in, no libtorch. Every copy releases the GIL.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
+#include "acl_copy.h"
+#include "copy_error.h"
 #include "cpu_copy.h"
+#include "cuda_copy.h"
 
 namespace nb = nanobind;
+using kvpool::CopyBatch;
 
-static void copy_batch(std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs,
-                       std::vector<std::size_t> sizes, int threads) {
+namespace {
+
+CopyBatch make_batch(std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs,
+                     std::vector<std::size_t> sizes) {
   if (dsts.size() != srcs.size() || dsts.size() != sizes.size()) {
-    throw std::invalid_argument("copy_batch: dsts, srcs and sizes must have the same length (got " +
+    throw std::invalid_argument("copy batch: dsts, srcs and sizes must have the same length (got " +
                                 std::to_string(dsts.size()) + ", " + std::to_string(srcs.size()) + ", " +
                                 std::to_string(sizes.size()) + ")");
   }
   for (std::size_t i = 0; i < dsts.size(); ++i) {
     if (sizes[i] != 0 && (dsts[i] == 0 || srcs[i] == 0)) {
-      throw std::invalid_argument("copy_batch: null address at piece " + std::to_string(i));
+      throw std::invalid_argument("copy batch: null address at copy " + std::to_string(i));
     }
   }
-  kvpool::CopyBatch batch{std::move(dsts), std::move(srcs), std::move(sizes)};
-  nb::gil_scoped_release release;
-  kvpool::cpu_copy_batch(batch, threads);
+  return CopyBatch{std::move(dsts), std::move(srcs), std::move(sizes)};
 }
 
+kvpool::acl::Direction acl_direction(const std::string& direction) {
+  if (direction == "h2d") return kvpool::acl::Direction::HostToDevice;
+  if (direction == "d2h") return kvpool::acl::Direction::DeviceToHost;
+  throw std::invalid_argument("direction must be 'h2d' or 'd2h', got '" + direction + "'");
+}
+
+}  // namespace
+
 NB_MODULE(_native, m) {
-  m.doc() = "Batched block copies between KV memory and host DRAM (CPU backend).";
-  m.def("copy_batch", &copy_batch, nb::arg("dsts"), nb::arg("srcs"), nb::arg("sizes"), nb::arg("threads") = 1,
-        "Copy sizes[i] bytes from srcs[i] to dsts[i] for every i, on up to `threads` threads, GIL released.");
+  m.doc() = "Batched block copies between KV memory and host DRAM: CPU threads, Ascend ACL, CUDA.";
+  nb::exception<kvpool::CopyError>(m, "CopyError", PyExc_RuntimeError);
+  nb::exception<kvpool::BackendUnavailable>(m, "BackendUnavailable", PyExc_RuntimeError);
+
+  m.def(
+      "cpu_copy_batch",
+      [](std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs, std::vector<std::size_t> sizes,
+         int threads) {
+        CopyBatch batch = make_batch(std::move(dsts), std::move(srcs), std::move(sizes));
+        nb::gil_scoped_release release;
+        kvpool::cpu_copy_batch(batch, threads);
+      },
+      nb::arg("dsts"), nb::arg("srcs"), nb::arg("sizes"), nb::arg("threads") = 1,
+      "Copy sizes[i] bytes from srcs[i] to dsts[i] for every i on up to `threads` threads.");
+
+  m.def(
+      "acl_available",
+      [](const std::string& library) {
+        bool batch = false;
+        const bool ok = kvpool::acl::available(library, &batch);
+        return std::make_tuple(ok, batch);
+      },
+      nb::arg("library"), "(loadable, has aclrtMemcpyBatchAsync) for an ACL runtime library.");
+  m.def(
+      "acl_copy_batch",
+      [](std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs, std::vector<std::size_t> sizes,
+         const std::string& direction, std::uint32_t device_id, std::uintptr_t stream, bool synchronize,
+         const std::string& library) {
+        const auto dir = acl_direction(direction);
+        CopyBatch batch = make_batch(std::move(dsts), std::move(srcs), std::move(sizes));
+        nb::gil_scoped_release release;
+        kvpool::acl::copy_batch(library, batch, dir, device_id, stream, synchronize);
+      },
+      nb::arg("dsts"), nb::arg("srcs"), nb::arg("sizes"), nb::arg("direction"), nb::arg("device_id") = 0,
+      nb::arg("stream") = 0, nb::arg("synchronize") = true, nb::arg("library") = "libascendcl.so",
+      "Host<->device copies on an ACL stream; raises CopyError naming the failing copy.");
+
+  m.def(
+      "cuda_available",
+      [](const std::string& library) {
+        bool batch = false;
+        const bool ok = kvpool::cuda::available(library, &batch);
+        return std::make_tuple(ok, batch);
+      },
+      nb::arg("library"), "(loadable, has cuMemcpyBatchAsync) for a CUDA driver library.");
+  m.def(
+      "cuda_copy_batch",
+      [](std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs, std::vector<std::size_t> sizes,
+         std::uintptr_t stream, bool synchronize, const std::string& library) {
+        CopyBatch batch = make_batch(std::move(dsts), std::move(srcs), std::move(sizes));
+        nb::gil_scoped_release release;
+        kvpool::cuda::copy_batch(library, batch, stream, synchronize);
+      },
+      nb::arg("dsts"), nb::arg("srcs"), nb::arg("sizes"), nb::arg("stream") = 0, nb::arg("synchronize") = true,
+      nb::arg("library") = "libcuda.so.1", "Copies on a CUDA stream; raises CopyError naming the failing copy.");
 }

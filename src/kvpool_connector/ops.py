@@ -1,15 +1,92 @@
 """Python face of the native batched block copy (``kvpool_connector._native``, built from ``csrc/``).
 
-The CPU backend is always built; device backends (ACL, CUDA) slot in beside it.
+Calls, in the order a caller makes them:
+1. ``merge_runs``: coalesce copies whose source and destination both continue where the previous copy ended (a run
+   of consecutive KV blocks into consecutive staging slots becomes one copy per layer);
+2. ``copy_batch``: hand the batch to one backend: ``cpu`` (memcpy on a few threads, always built), ``acl``
+   (Ascend, ``libascendcl.so`` opened at run time) or ``cuda`` (``libcuda.so.1`` opened at run time).
+Errors: ``ValueError`` for malformed input, ``BackendUnavailable`` when a device runtime cannot be loaded,
+``CopyError`` (a RuntimeError whose message names the failing copy) when the runtime reports a failure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
-from kvpool_connector._native import copy_batch as _copy_batch
+import numpy as np
+
+from kvpool_connector._native import (
+    BackendUnavailable,
+    CopyError,
+    acl_available,
+    acl_copy_batch,
+    cpu_copy_batch,
+    cuda_available,
+    cuda_copy_batch,
+)
+
+__all__ = ["BackendUnavailable", "CopyError", "backend_status", "copy_batch", "merge_runs"]
+
+Backend = Literal["cpu", "acl", "cuda"]
+ACL_LIBRARY = "libascendcl.so"
+CUDA_LIBRARY = "libcuda.so.1"
 
 
-def copy_batch(dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int], threads: int = 1) -> None:
-    """Copy ``sizes[i]`` bytes from address ``srcs[i]`` to ``dsts[i]`` for every i; raises ValueError on bad input."""
-    _copy_batch(list(dsts), list(srcs), list(sizes), threads)
+def merge_runs(
+    dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """Coalesce consecutive copies that continue each other on both sides; order is kept, zero sizes dropped."""
+    d = np.asarray(dsts, dtype=np.uint64)
+    s = np.asarray(srcs, dtype=np.uint64)
+    n = np.asarray(sizes, dtype=np.uint64)
+    if not (len(d) == len(s) == len(n)):
+        raise ValueError(f"dsts, srcs and sizes must have the same length (got {len(d)}, {len(s)}, {len(n)})")
+    keep = n > 0
+    d, s, n = d[keep], s[keep], n[keep]
+    if len(n) == 0:
+        return [], [], []
+    continues = (d[1:] == d[:-1] + n[:-1]) & (s[1:] == s[:-1] + n[:-1])
+    starts = np.flatnonzero(np.concatenate([[True], ~continues]))
+    merged = np.add.reduceat(n, starts)
+    return d[starts].tolist(), s[starts].tolist(), merged.tolist()
+
+
+def backend_status(backend: Backend, library: str | None = None) -> tuple[bool, bool]:
+    """(loadable, has a native batch call) for a device backend; ``cpu`` is always (True, True)."""
+    if backend == "cpu":
+        return True, True
+    if backend == "acl":
+        return acl_available(library or ACL_LIBRARY)
+    if backend == "cuda":
+        return cuda_available(library or CUDA_LIBRARY)
+    raise ValueError(f"unknown copy backend {backend!r}; use 'cpu', 'acl' or 'cuda'")
+
+
+def copy_batch(
+    dsts: Sequence[int],
+    srcs: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    backend: Backend = "cpu",
+    threads: int = 1,
+    direction: Literal["h2d", "d2h"] = "d2h",
+    device_id: int = 0,
+    stream: int = 0,
+    synchronize: bool = True,
+    library: str | None = None,
+) -> None:
+    """Copy ``sizes[i]`` bytes from address ``srcs[i]`` to ``dsts[i]`` for every i.
+
+    Runs are merged first; a CopyError's copy index counts the merged batch. ``synchronize=False`` leaves device
+    copies in flight on ``stream`` (the caller synchronizes); the CPU backend always returns when done.
+    """
+    d, s, n = merge_runs(dsts, srcs, sizes)
+    if backend == "cpu":
+        cpu_copy_batch(d, s, n, threads)
+    elif backend == "acl":
+        acl_copy_batch(d, s, n, direction, device_id, stream, synchronize, library or ACL_LIBRARY)
+    elif backend == "cuda":
+        cuda_copy_batch(d, s, n, stream, synchronize, library or CUDA_LIBRARY)
+    else:
+        raise ValueError(f"unknown copy backend {backend!r}; use 'cpu', 'acl' or 'cuda'")

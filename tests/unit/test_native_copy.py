@@ -1,16 +1,18 @@
+"""The native batched copy: the CPU backend against a numpy reference, run merging, and input checks."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpool_connector.ops import copy_batch
+from kvpool_connector.ops import backend_status, copy_batch, merge_runs
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.integers(0, 20_000), min_size=1, max_size=40), st.integers(1, 4), st.randoms())
-def test_batched_copy_matches_numpy(sizes, threads, rnd):
-    src = np.frombuffer(rnd.randbytes(sum(sizes) + 64), dtype=np.uint8)
-    dst = np.full(sum(sizes) + 64, 0xAB, dtype=np.uint8)  # poison: unwritten bytes stay 0xAB
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 70_000), min_size=1, max_size=40), st.integers(1, 4), st.randoms(), st.integers(0, 99))
+def test_cpu_copy_matches_numpy_reference(sizes, threads, rnd, seed):
+    src = np.random.default_rng(seed).integers(0, 256, sum(sizes) + 64, dtype=np.uint8)
+    dst = np.full(sum(sizes) + 64, 0xAB, dtype=np.uint8)  # poison: bytes no copy writes must stay 0xAB
     expected = dst.copy()
     order = list(range(len(sizes)))
     rnd.shuffle(order)
@@ -22,14 +24,51 @@ def test_batched_copy_matches_numpy(sizes, threads, rnd):
         lens.append(sizes[i])
         expected[d : d + sizes[i]] = src[src_off[i] : src_off[i] + sizes[i]]
         d += sizes[i]
-    copy_batch(dsts, srcs, lens, threads)
+    copy_batch(dsts, srcs, lens, threads=threads)
     assert np.array_equal(dst, expected)
 
 
-def test_rejects_mismatched_lengths_and_null_addresses():
+def test_merge_runs_coalesces_only_continuations():
+    d, s, n = merge_runs([100, 110, 200, 300, 305], [0, 10, 20, 40, 45], [10, 10, 5, 5, 5])
+    assert (d, s, n) == ([100, 200, 300], [0, 20, 40], [20, 5, 10])
+    assert merge_runs([1, 2], [3, 4], [0, 0]) == ([], [], [])
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 64)), min_size=1, max_size=30))
+def test_merge_runs_preserves_bytes(pieces):
+    dsts, srcs, sizes, d, s = [], [], [], 1000, 5000
+    for jump, size in pieces:
+        if jump:
+            d, s = d + 7, s + 3
+        dsts.append(d)
+        srcs.append(s)
+        sizes.append(size)
+        d, s = d + size, s + size
+    md, ms, mn = merge_runs(dsts, srcs, sizes)
+    assert sum(mn) == sum(sizes)
+    expanded = [(a + k, b + k) for a, b, n in zip(md, ms, mn, strict=True) for k in range(n)]
+    original = [(a + k, b + k) for a, b, n in zip(dsts, srcs, sizes, strict=True) for k in range(n)]
+    assert expanded == original
+
+
+def test_rejects_mismatched_lengths_null_addresses_and_unknown_backend():
     buf = np.zeros(16, dtype=np.uint8)
     with pytest.raises(ValueError, match="same length"):
         copy_batch([buf.ctypes.data], [], [1])
     with pytest.raises(ValueError, match="null address"):
         copy_batch([0], [buf.ctypes.data], [4])
+    with pytest.raises(ValueError, match="unknown copy backend"):
+        copy_batch([buf.ctypes.data], [buf.ctypes.data + 8], [4], backend="tpu")  # type: ignore[arg-type]
     copy_batch([], [], [])  # an empty batch is a no-op
+
+
+def test_absent_device_backends_say_so():
+    from kvpool_connector.ops import BackendUnavailable
+
+    assert backend_status("cpu") == (True, True)
+    assert backend_status("acl", "/nonexistent/libascendcl.so") == (False, False)
+    buf = np.zeros(16, dtype=np.uint8)
+    with pytest.raises(BackendUnavailable, match="Ascend CANN runtime"):
+        copy_batch([buf.ctypes.data], [buf.ctypes.data + 8], [4], backend="acl", library="/nonexistent/libacl.so")
+    with pytest.raises(BackendUnavailable, match="NVIDIA driver"):
+        copy_batch([buf.ctypes.data], [buf.ctypes.data + 8], [4], backend="cuda", library="/nonexistent/libcuda.so")
