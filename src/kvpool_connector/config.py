@@ -112,6 +112,11 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Upper bound of one scheduler-side existence query; past it the lookup counts as a miss."""
     reconnect_interval_s: float = 5.0
     """How often an unreachable pool is retried in the background."""
+    async_save: bool = True
+    """Copy new blocks to a staging area at ``wait_for_save`` and put them from a background thread (the forward
+    pass waits only for the local copy); ``false`` puts synchronously inside ``wait_for_save``."""
+    staging_buffer_mb: int = 256
+    """Host memory for blocks waiting to be put; when full, the oldest waiting saves are dropped and counted."""
     mooncake: MooncakeSettings | None = None
     """Inline Mooncake settings; when absent they come from the file named by ``MOONCAKE_CONFIG_PATH``."""
     mooncake_config_path: str | None = None
@@ -131,6 +136,8 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             raise ValueError(f"`memcache_rpc_port` must be a non-negative integer or digit string, got {rpc!r}")
         if self.lookup_timeout_ms <= 0:
             raise ValueError(f"`lookup_timeout_ms` must be > 0, got {self.lookup_timeout_ms}")
+        if self.staging_buffer_mb <= 0:
+            raise ValueError(f"`staging_buffer_mb` must be > 0, got {self.staging_buffer_mb}")
         if self.reconnect_interval_s <= 0:
             raise ValueError(f"`reconnect_interval_s` must be > 0, got {self.reconnect_interval_s}")
 

@@ -71,7 +71,7 @@ class KVPages:
         runs: list[_Run] = []
         regions: dict[int, int] = {}
         self.layer_names = sorted(kv_caches, key=_layer_index)
-        self.on_device = False
+        self.device = torch.device("cpu")
         for name in self.layer_names:
             value = kv_caches[name]
             tensors = [value] if isinstance(value, torch.Tensor) else list(value)
@@ -80,12 +80,14 @@ class KVPages:
                 runs.extend(_runs_of(tensor, num_blocks, page_share, name))
                 storage = tensor.untyped_storage()
                 regions[storage.data_ptr()] = max(regions.get(storage.data_ptr(), 0), storage.nbytes())
-                self.on_device |= tensor.device.type != "cpu"
+                self.device = tensor.device
         self.regions: list[tuple[int, int]] = sorted(regions.items())
+        self.on_device = self.device.type != "cpu"
         self._bases = np.array([r.base for r in runs], dtype=np.int64)
         self._strides = np.array([r.block_stride for r in runs], dtype=np.int64)
-        self._sizes = [r.nbytes for r in runs]
-        self.block_bytes = sum(self._sizes)
+        self.run_sizes: list[int] = [r.nbytes for r in runs]
+        """Bytes of each of a block's runs, in object order (layer-major)."""
+        self.block_bytes = sum(self.run_sizes)
         self.num_blocks = num_blocks
 
     def addresses(self, block_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
@@ -94,4 +96,4 @@ class KVPages:
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
             raise IndexError(f"block id out of range 0..{self.num_blocks - 1}: {block_ids}")
         addrs = (self._bases[None, :] + ids[:, None] * self._strides[None, :]).tolist()
-        return addrs, [self._sizes] * len(block_ids)
+        return addrs, [self.run_sizes] * len(block_ids)

@@ -5,8 +5,9 @@ Calls, in the order vLLM makes them:
    (zero-copy transfers), and connect in the background.
 2. each step, ``load`` (from ``start_load_kv``, before the forward pass): read every planned block of every layer
    straight into the pages vLLM allocated; blocks that did not arrive whole are remembered as load errors.
-3. ``save`` (from ``wait_for_save``, after the forward pass wrote the step's KV): put the planned full blocks whose
-   keys the pool does not hold yet. Synchronous, so a block is read before vLLM can free or reuse it.
+3. ``save`` (from ``wait_for_save``, after the forward pass wrote the step's KV): copy the planned full blocks to
+   the staging area and let its thread put those the pool does not hold yet (``async_save``, the default), or put
+   them synchronously. Either way the blocks have been read when the step ends, so vLLM may free or reuse them.
 4. ``take_load_errors`` (``get_block_ids_with_load_errors``): hands failed blocks to vLLM, which recomputes them.
 5. ``shutdown``.
 """
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvpool_connector import compat, keys
+from kvpool_connector import compat, keys, ops
 from kvpool_connector.backends import Outcome, create_backend
 from kvpool_connector.compat import init_logger
 from kvpool_connector.config import ResolvedConfig
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.pool import PoolHandle
+from kvpool_connector.staging import StagingSaver
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -46,6 +48,7 @@ class PoolWorker:
         self._device_id = compat.worker_local_rank()
         self.pages: KVPages | None = None
         self.pool: PoolHandle | None = None
+        self.saver: StagingSaver | None = None
         self._load_errors: set[int] = set()
         self.stats: Counter[str] = Counter()
 
@@ -59,6 +62,10 @@ class PoolWorker:
         )
         for ptr, size in self.pages.regions:
             self.pool.register_memory(ptr, size)
+        if self._config.pool.async_save and self.saves_enabled:
+            capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
+            copier = ops.page_copier(self.pages.device.type, "d2h")
+            self.saver = StagingSaver(self.pool, self.pages, capacity, copier, pin=self.pages.on_device)
         self.pool.start()
         logger.info(
             "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
@@ -96,6 +103,10 @@ class PoolWorker:
         if not meta.saves or not self.saves_enabled:
             return
         assert self.pages is not None and self.pool is not None, "register_kv_caches must run first"
+        if self.saver is not None:
+            for transfer in meta.saves:
+                self.saver.stage(self._keys(transfer), transfer.block_ids)
+            return
         if not self.pool.connected:
             self.stats["save_skipped_unavailable"] += sum(len(t.block_ids) for t in meta.saves)
             return
@@ -127,6 +138,9 @@ class PoolWorker:
         return errors
 
     def shutdown(self) -> None:
+        if self.saver is not None:
+            self.saver.close(timeout_s=10.0)  # let queued saves reach the pool before the process goes
+            self.stats.update(self.saver.stats)
         logger.info("MemcacheConnectorStoreV1 worker stats: %s", dict(sorted(self.stats.items())) or "no transfers")
         if self.pool is not None:
             self.pool.close()

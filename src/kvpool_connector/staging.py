@@ -1,0 +1,170 @@
+"""The asynchronous save path: copy blocks out of the KV cache fast, put them to the pool in the background.
+
+The forward pass waits only for one batched local copy (KV pages -> a registered staging area); the pool put, which
+may cross a network, runs on a background thread. Once a block is copied out, vLLM may free and reuse it: what lands
+in the pool is the staged copy, never a page rewritten by a later request.
+
+Calls, in the order they happen:
+1. ``StagingSaver(pool, pages, capacity_blocks, copier)``: allocate and register the staging area, start the thread;
+2. ``stage(keys, block_ids)`` at ``wait_for_save`` (after the forward pass wrote the blocks): take free slots, copy
+   the blocks in, queue the job. When the area is full the oldest queued (not yet started) jobs are dropped and
+   counted: a dropped save is a future miss, never a stalled forward pass;
+3. the thread: skip keys the pool already holds, put the rest from their slots, free the slots;
+4. ``flush(timeout)`` / ``close(timeout)``: wait for queued puts (shutdown), then stop and join the thread.
+
+The staging area is layer-major (all slots of run 0, then all slots of run 1, ...), so consecutive blocks copied into
+consecutive slots merge into one copy per layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvpool_connector.backends import Outcome
+from kvpool_connector.compat import init_logger
+from kvpool_connector.kv_pages import KVPages
+from kvpool_connector.pool import PoolHandle
+
+logger = init_logger(__name__)
+
+Copier = Callable[[list[int], list[int], list[int]], None]  # (dsts, srcs, sizes)
+
+
+@dataclass
+class _SaveJob:
+    keys: list[str]
+    slots: np.ndarray  # staging slot of each key
+
+
+class StagingSaver:
+    def __init__(self, pool: PoolHandle, pages: KVPages, capacity_blocks: int, copier: Copier, pin: bool) -> None:
+        if capacity_blocks < 1:
+            raise ValueError(f"staging area must hold at least one block ({pages.block_bytes} bytes)")
+        self._pool = pool
+        self._pages = pages
+        self.capacity = capacity_blocks
+        self._copier = copier
+        self._buffer = torch.empty(capacity_blocks * pages.block_bytes, dtype=torch.uint8, pin_memory=pin)
+        base = self._buffer.data_ptr()
+        sizes = np.asarray(pages.run_sizes, dtype=np.int64)
+        self._run_sizes = pages.run_sizes
+        self._run_bases = base + capacity_blocks * np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._run_strides = sizes
+        pool.register_memory(base, self._buffer.numel())
+        self._free = np.ones(capacity_blocks, dtype=bool)
+        self._queue: deque[_SaveJob] = deque()
+        self._busy = False
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._paused = threading.Event()
+        self._paused.set()
+        self.stats: Counter[str] = Counter()
+        self._thread = threading.Thread(target=self._run, name="kvpool-save", daemon=True)
+        self._thread.start()
+
+    def slot_addresses(self, slots: Sequence[int]) -> list[list[int]]:
+        """Per slot: the address of each of its runs (layer-major area)."""
+        s = np.asarray(slots, dtype=np.int64)
+        return (self._run_bases[None, :] + s[:, None] * self._run_strides[None, :]).tolist()
+
+    # -- forward-pass side ---------------------------------------------------------------------------------
+    def stage(self, keys: Sequence[str], block_ids: Sequence[int]) -> None:
+        with self._cond:
+            slots = self._take_slots(len(keys))
+        if len(slots) < len(keys):
+            self.stats["save_dropped_staging_full"] += len(keys) - len(slots)
+            keys, block_ids = keys[: len(slots)], block_ids[: len(slots)]
+        if not len(slots):
+            return
+        # Copy run-major so consecutive (block, slot) pairs of one layer are adjacent and merge.
+        src, _ = self._pages.addresses(block_ids)
+        dst = self.slot_addresses(slots)
+        runs = len(self._run_sizes)
+        dsts = [dst[i][r] for r in range(runs) for i in range(len(slots))]
+        srcs = [src[i][r] for r in range(runs) for i in range(len(slots))]
+        sizes = [self._run_sizes[r] for r in range(runs) for _ in range(len(slots))]
+        self._copier(dsts, srcs, sizes)
+        with self._cond:
+            self._queue.append(_SaveJob(list(keys), slots))
+            self._cond.notify_all()
+
+    def _take_slots(self, n: int) -> np.ndarray:
+        """Up to n free slots, lowest first; drops the oldest queued jobs when short. Caller holds the lock."""
+        while int(self._free.sum()) < n and self._queue:
+            dropped = self._queue.popleft()
+            self._free[dropped.slots] = True
+            self.stats["save_dropped_staging_full"] += len(dropped.keys)
+        slots = np.flatnonzero(self._free)[:n]
+        self._free[slots] = False
+        return slots
+
+    # -- background side -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._paused.wait()
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._busy = True
+            try:
+                self._put(job)
+            except Exception:
+                logger.warning("KV pool background save failed", exc_info=True)
+                self.stats["save_failed"] += len(job.keys)
+            finally:
+                with self._cond:
+                    self._free[job.slots] = True
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _put(self, job: _SaveJob) -> None:
+        present = self._pool.exists(job.keys)
+        todo = [i for i, p in enumerate(present) if not p]
+        self.stats["save_already_present"] += len(job.keys) - len(todo)
+        if not todo:
+            return
+        addrs = self.slot_addresses(job.slots[todo])
+        outcomes = self._pool.put([job.keys[i] for i in todo], addrs, [self._run_sizes] * len(todo))
+        self.stats.update(f"save_{o.value}" for o in outcomes)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            self._pool.warn(
+                "save",
+                "KV pool save: %d of %d blocks not stored (%s)",
+                len(failed),
+                len(outcomes),
+                ", ".join(sorted({o.value for o in failed if o is not Outcome.OK})),
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued save has been put; False if that took longer than ``timeout_s``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout=timeout_s)
+
+    def pause(self) -> None:
+        """Hold the background thread before its next job (tests use it to keep a save in flight)."""
+        self._paused.clear()
+
+    def resume(self) -> None:
+        self._paused.set()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.resume()
+        if not self.flush(timeout_s):
+            with self._cond:
+                self.stats["save_dropped_at_shutdown"] += sum(len(j.keys) for j in self._queue)
+                self._queue.clear()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=timeout_s)
