@@ -57,11 +57,11 @@ void copy_batch(const std::string& library, const CopyBatch& b, Direction direct
                 std::uintptr_t stream, bool synchronize) {
   const Runtime& rt = load(library);
   void* s = reinterpret_cast<void*>(stream);
-  const std::size_t n = b.sizes.size();
+  const std::size_t n = b.n;
   if (n == 0) return;
   if (rt.memcpy_batch_async != nullptr) {
     std::vector<void*> dsts(n), srcs(n);
-    std::vector<std::size_t> sizes(b.sizes), dest_max(b.sizes);
+    std::vector<std::size_t> sizes(b.sizes, b.sizes + n), dest_max(b.sizes, b.sizes + n);
     for (std::size_t i = 0; i < n; ++i) {
       dsts[i] = reinterpret_cast<void*>(b.dsts[i]);
       srcs[i] = reinterpret_cast<void*>(b.srcs[i]);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 namespace kvpool {
 
@@ -15,9 +16,9 @@ void copy_range(const CopyBatch& b, std::size_t begin, std::size_t end) {
 }  // namespace
 
 void cpu_copy_batch(const CopyBatch& b, int threads) {
-  const std::size_t n = b.sizes.size();
+  const std::size_t n = b.n;
   std::size_t total = 0;
-  for (std::size_t s : b.sizes) total += s;
+  for (std::size_t i = 0; i < n; ++i) total += b.sizes[i];
   // Below ~1 MiB a thread costs more than it saves.
   const std::size_t useful = std::max<std::size_t>(1, total >> 20);
   const std::size_t workers = std::min<std::size_t>({static_cast<std::size_t>(std::max(threads, 1)), n, useful});

@@ -2,14 +2,15 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#include <vector>
 
 namespace kvpool {
 
+// A view of n copies over caller-owned arrays (numpy arrays from Python: no per-element conversion).
 struct CopyBatch {
-  std::vector<std::uintptr_t> dsts;
-  std::vector<std::uintptr_t> srcs;
-  std::vector<std::size_t> sizes;
+  const std::uint64_t* dsts;
+  const std::uint64_t* srcs;
+  const std::uint64_t* sizes;
+  std::size_t n;
 };
 
 // Copies every piece; pieces are split across up to `threads` threads by bytes, not by count.

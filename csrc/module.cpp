@@ -1,8 +1,8 @@
 // Python face of the native block copy: raw addresses and sizes in, no libtorch. Every copy releases the GIL.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
-#include <nanobind/stl/vector.h>
 
 #include <stdexcept>
 #include <string>
@@ -18,19 +18,21 @@ using kvpool::CopyBatch;
 
 namespace {
 
-CopyBatch make_batch(std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs,
-                     std::vector<std::size_t> sizes) {
-  if (dsts.size() != srcs.size() || dsts.size() != sizes.size()) {
+using U64Array = nb::ndarray<const std::uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+CopyBatch make_batch(const U64Array& dsts, const U64Array& srcs, const U64Array& sizes) {
+  if (dsts.shape(0) != srcs.shape(0) || dsts.shape(0) != sizes.shape(0)) {
     throw std::invalid_argument("copy batch: dsts, srcs and sizes must have the same length (got " +
-                                std::to_string(dsts.size()) + ", " + std::to_string(srcs.size()) + ", " +
-                                std::to_string(sizes.size()) + ")");
+                                std::to_string(dsts.shape(0)) + ", " + std::to_string(srcs.shape(0)) + ", " +
+                                std::to_string(sizes.shape(0)) + ")");
   }
-  for (std::size_t i = 0; i < dsts.size(); ++i) {
-    if (sizes[i] != 0 && (dsts[i] == 0 || srcs[i] == 0)) {
+  CopyBatch b{dsts.data(), srcs.data(), sizes.data(), dsts.shape(0)};
+  for (std::size_t i = 0; i < b.n; ++i) {
+    if (b.sizes[i] != 0 && (b.dsts[i] == 0 || b.srcs[i] == 0)) {
       throw std::invalid_argument("copy batch: null address at copy " + std::to_string(i));
     }
   }
-  return CopyBatch{std::move(dsts), std::move(srcs), std::move(sizes)};
+  return b;
 }
 
 kvpool::acl::Direction acl_direction(const std::string& direction) {
@@ -48,9 +50,8 @@ NB_MODULE(_native, m) {
 
   m.def(
       "cpu_copy_batch",
-      [](std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs, std::vector<std::size_t> sizes,
-         int threads) {
-        CopyBatch batch = make_batch(std::move(dsts), std::move(srcs), std::move(sizes));
+      [](const U64Array& dsts, const U64Array& srcs, const U64Array& sizes, int threads) {
+        const CopyBatch batch = make_batch(dsts, srcs, sizes);
         nb::gil_scoped_release release;
         kvpool::cpu_copy_batch(batch, threads);
       },
@@ -67,11 +68,10 @@ NB_MODULE(_native, m) {
       nb::arg("library"), "(loadable, has aclrtMemcpyBatchAsync) for an ACL runtime library.");
   m.def(
       "acl_copy_batch",
-      [](std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs, std::vector<std::size_t> sizes,
-         const std::string& direction, std::uint32_t device_id, std::uintptr_t stream, bool synchronize,
-         const std::string& library) {
+      [](const U64Array& dsts, const U64Array& srcs, const U64Array& sizes, const std::string& direction,
+         std::uint32_t device_id, std::uintptr_t stream, bool synchronize, const std::string& library) {
         const auto dir = acl_direction(direction);
-        CopyBatch batch = make_batch(std::move(dsts), std::move(srcs), std::move(sizes));
+        const CopyBatch batch = make_batch(dsts, srcs, sizes);
         nb::gil_scoped_release release;
         kvpool::acl::copy_batch(library, batch, dir, device_id, stream, synchronize);
       },
@@ -89,9 +89,9 @@ NB_MODULE(_native, m) {
       nb::arg("library"), "(loadable, has cuMemcpyBatchAsync) for a CUDA driver library.");
   m.def(
       "cuda_copy_batch",
-      [](std::vector<std::uintptr_t> dsts, std::vector<std::uintptr_t> srcs, std::vector<std::size_t> sizes,
-         std::uintptr_t stream, bool synchronize, const std::string& library) {
-        CopyBatch batch = make_batch(std::move(dsts), std::move(srcs), std::move(sizes));
+      [](const U64Array& dsts, const U64Array& srcs, const U64Array& sizes, std::uintptr_t stream, bool synchronize,
+         const std::string& library) {
+        const CopyBatch batch = make_batch(dsts, srcs, sizes);
         nb::gil_scoped_release release;
         kvpool::cuda::copy_batch(library, batch, stream, synchronize);
       },

@@ -90,10 +90,13 @@ class KVPages:
         self.block_bytes = sum(self.run_sizes)
         self.num_blocks = num_blocks
 
-    def addresses(self, block_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
-        """Per block: the start of each of its runs (layer-major), and the runs' sizes."""
+    def address_array(self, block_ids: Sequence[int]) -> np.ndarray:
+        """(blocks, runs) array of run start addresses, runs in object order (layer-major)."""
         ids = np.asarray(block_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
             raise IndexError(f"block id out of range 0..{self.num_blocks - 1}: {block_ids}")
-        addrs = (self._bases[None, :] + ids[:, None] * self._strides[None, :]).tolist()
-        return addrs, [self.run_sizes] * len(block_ids)
+        return self._bases[None, :] + ids[:, None] * self._strides[None, :]
+
+    def addresses(self, block_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Per block: the start of each of its runs, and the runs' sizes (the pool clients' multi-buffer form)."""
+        return self.address_array(block_ids).tolist(), [self.run_sizes] * len(block_ids)

@@ -34,9 +34,12 @@ CUDA_LIBRARY = "libcuda.so.1"
 
 
 def merge_runs(
-    dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int]
-) -> tuple[list[int], list[int], list[int]]:
-    """Coalesce consecutive copies that continue each other on both sides; order is kept, zero sizes dropped."""
+    dsts: Sequence[int] | np.ndarray, srcs: Sequence[int] | np.ndarray, sizes: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coalesce consecutive copies that continue each other on both sides; order is kept, zero sizes dropped.
+
+    Returns contiguous uint64 arrays, the form the native copy takes without converting element by element.
+    """
     d = np.asarray(dsts, dtype=np.uint64)
     s = np.asarray(srcs, dtype=np.uint64)
     n = np.asarray(sizes, dtype=np.uint64)
@@ -45,11 +48,12 @@ def merge_runs(
     keep = n > 0
     d, s, n = d[keep], s[keep], n[keep]
     if len(n) == 0:
-        return [], [], []
+        return d, s, n
     continues = (d[1:] == d[:-1] + n[:-1]) & (s[1:] == s[:-1] + n[:-1])
+    if not continues.any():
+        return d, s, n
     starts = np.flatnonzero(np.concatenate([[True], ~continues]))
-    merged = np.add.reduceat(n, starts)
-    return d[starts].tolist(), s[starts].tolist(), merged.tolist()
+    return d[starts], s[starts], np.add.reduceat(n, starts)
 
 
 def backend_status(backend: Backend, library: str | None = None) -> tuple[bool, bool]:
@@ -64,9 +68,9 @@ def backend_status(backend: Backend, library: str | None = None) -> tuple[bool, 
 
 
 def copy_batch(
-    dsts: Sequence[int],
-    srcs: Sequence[int],
-    sizes: Sequence[int],
+    dsts: Sequence[int] | np.ndarray,
+    srcs: Sequence[int] | np.ndarray,
+    sizes: Sequence[int] | np.ndarray,
     *,
     backend: Backend = "cpu",
     threads: int = 1,
@@ -104,7 +108,7 @@ def page_copier(device_type: str, direction: Literal["h2d", "d2h"], threads: int
         return lambda dsts, srcs, sizes: copy_batch(dsts, srcs, sizes, backend="cpu", threads=threads)
     if device_type == "cuda":
 
-        def cuda_copy(dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
+        def cuda_copy(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
             stream = torch.cuda.current_stream()
             stream.synchronize()
             copy_batch(dsts, srcs, sizes, backend="cuda", stream=stream.cuda_stream)
@@ -112,7 +116,7 @@ def page_copier(device_type: str, direction: Literal["h2d", "d2h"], threads: int
         return cuda_copy
     if device_type == "npu":
 
-        def acl_copy(dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
+        def acl_copy(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
             stream = torch.npu.current_stream()  # type: ignore[attr-defined]  (torch_npu)
             stream.synchronize()
             device = torch.npu.current_device()  # type: ignore[attr-defined]

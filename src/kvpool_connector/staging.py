@@ -33,7 +33,7 @@ from kvpool_connector.pool import PoolHandle
 
 logger = init_logger(__name__)
 
-Copier = Callable[[list[int], list[int], list[int]], None]  # (dsts, srcs, sizes)
+Copier = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (dsts, srcs, sizes)
 
 
 @dataclass
@@ -68,10 +68,10 @@ class StagingSaver:
         self._thread = threading.Thread(target=self._run, name="kvpool-save", daemon=True)
         self._thread.start()
 
-    def slot_addresses(self, slots: Sequence[int]) -> list[list[int]]:
-        """Per slot: the address of each of its runs (layer-major area)."""
+    def slot_addresses(self, slots: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(slots, runs) array: the address of each run of each slot (layer-major area)."""
         s = np.asarray(slots, dtype=np.int64)
-        return (self._run_bases[None, :] + s[:, None] * self._run_strides[None, :]).tolist()
+        return self._run_bases[None, :] + s[:, None] * self._run_strides[None, :]
 
     # -- forward-pass side ---------------------------------------------------------------------------------
     def stage(self, keys: Sequence[str], block_ids: Sequence[int]) -> None:
@@ -82,14 +82,11 @@ class StagingSaver:
             keys, block_ids = keys[: len(slots)], block_ids[: len(slots)]
         if not len(slots):
             return
-        # Copy run-major so consecutive (block, slot) pairs of one layer are adjacent and merge.
-        src, _ = self._pages.addresses(block_ids)
+        # Copy run-major (transpose) so consecutive (block, slot) pairs of one layer are adjacent and merge.
+        src = self._pages.address_array(block_ids)
         dst = self.slot_addresses(slots)
-        runs = len(self._run_sizes)
-        dsts = [dst[i][r] for r in range(runs) for i in range(len(slots))]
-        srcs = [src[i][r] for r in range(runs) for i in range(len(slots))]
-        sizes = [self._run_sizes[r] for r in range(runs) for _ in range(len(slots))]
-        self._copier(dsts, srcs, sizes)
+        sizes = np.broadcast_to(self._run_strides[None, :], dst.shape)
+        self._copier(dst.T.ravel(), src.T.ravel(), sizes.T.ravel())
         with self._cond:
             self._queue.append(_SaveJob(list(keys), slots))
             self._cond.notify_all()
@@ -132,7 +129,7 @@ class StagingSaver:
         self.stats["save_already_present"] += len(job.keys) - len(todo)
         if not todo:
             return
-        addrs = self.slot_addresses(job.slots[todo])
+        addrs = self.slot_addresses(job.slots[todo]).tolist()
         outcomes = self._pool.put([job.keys[i] for i in todo], addrs, [self._run_sizes] * len(todo))
         self.stats.update(f"save_{o.value}" for o in outcomes)
         failed = [o for o in outcomes if not o.ok]
