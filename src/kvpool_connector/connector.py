@@ -33,7 +33,7 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.connector_scheduler = PoolScheduler(vllm_config, kv_cache_config, config)
         else:
-            self.connector_worker = PoolWorker(vllm_config, kv_cache_config, config)
+            self.connector_worker = PoolWorker.from_vllm(vllm_config, kv_cache_config, config)
 
     @property
     def requires_kv_delivery(self) -> bool:

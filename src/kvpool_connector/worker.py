@@ -37,20 +37,41 @@ logger = init_logger(__name__)
 
 
 class PoolWorker:
-    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> None:
-        self.layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
-        tp_rank, pp_rank = compat.worker_parallel_ranks()
-        self.shard = keys.fingerprint(self.layout, tp_rank, pp_rank)
-        # Ranks that hold identical KV (MLA) share keys: one of them writes.
-        self.saves_enabled = not self.layout.shared_across_tp or tp_rank == 0
-        self.num_blocks = kv_cache_config.num_blocks
+    def __init__(
+        self,
+        layout: keys.KVLayout,
+        shard: str,
+        saves_enabled: bool,
+        num_blocks: int,
+        config: ResolvedConfig,
+        device_id: int = 0,
+    ) -> None:
+        self.layout = layout
+        self.shard = shard
+        self.saves_enabled = saves_enabled
+        self.num_blocks = num_blocks
         self._config = config
-        self._device_id = compat.worker_local_rank()
+        self._device_id = device_id
         self.pages: KVPages | None = None
         self.pool: PoolHandle | None = None
         self.saver: StagingSaver | None = None
         self._load_errors: set[int] = set()
         self.stats: Counter[str] = Counter()
+
+    @classmethod
+    def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> PoolWorker:
+        """The worker of this process's (tp, pp) shard."""
+        layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
+        tp_rank, pp_rank = compat.worker_parallel_ranks()
+        return cls(
+            layout,
+            keys.fingerprint(layout, tp_rank, pp_rank),
+            # Ranks that hold identical KV (MLA) share keys: one of them writes.
+            saves_enabled=not layout.shared_across_tp or tp_rank == 0,
+            num_blocks=kv_cache_config.num_blocks,
+            config=config,
+            device_id=compat.worker_local_rank(),
+        )
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
         self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)

@@ -1,0 +1,280 @@
+"""Pool data path and lookup benchmark: the connector's own worker and scheduler code against a real Mooncake Store.
+
+Data path: a :class:`PoolWorker` (the object vLLM's worker process runs) registers KV-shaped CPU tensors and is
+handed save and load plans, exactly as ``wait_for_save`` / ``start_load_kv`` hand them; save and load GB/s for
+several page sizes and blocks per request, beside the memcpy ceiling for the same bytes.
+
+Lookup: a :class:`PoolScheduler` (built from a real VllmConfig) answers ``get_num_new_matched_tokens`` for real vLLM
+``Request`` objects of 1k to 32k tokens, all-hit and all-miss; p50/p99 latency.
+
+Starts ``mooncake_master`` and a ``mooncake_client`` pool node on loopback unless ``--master host:port`` is given.
+The worker contributes a segment of its own (a same-node pool, like a vLLM worker with the default
+``global_segment_size``); ``--remote`` makes it contribute none, so every byte crosses TCP to the pool node.
+
+Run: ``python benchmarks/bench_store.py [--quick] [--out benchmarks/results]`` -> table, JSON and PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from kvpool_connector.config import parse_config
+from kvpool_connector.keys import KVLayout
+from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
+from kvpool_connector.worker import PoolWorker
+
+LAYERS, BLOCK = 8, 128
+
+
+def _layout(heads: int, dim: int) -> KVLayout:
+    page = heads * BLOCK * 2 * dim * 4
+    return KVLayout(
+        "bench", "float32", "float32", "cpu", "NHD", "FullAttentionSpec", BLOCK, heads, dim, page, LAYERS, 1, 1, False
+    )
+
+
+def _memcpy_gbps(nbytes: int, repeat: int) -> float:
+    src, dst = np.ones(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeat))
+    return nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_data_path(mooncake: dict, page_kib: list[int], blocks: list[int], repeat: int, bar: tqdm) -> list[dict]:
+    rows = []
+    for kib in page_kib:
+        heads, dim = 4, kib * 1024 // (4 * BLOCK * 2 * 4)  # 4 KV heads, fp32, K+V per token
+        layout = _layout(heads, dim)
+        num_blocks = max(blocks) * 2
+        caches = {
+            f"model.layers.{i}.self_attn.attn": torch.rand(num_blocks, heads, BLOCK, 2 * dim) for i in range(LAYERS)
+        }
+        for mode in ("async", "sync"):
+            extra = {
+                "backend": "mooncake",
+                "mooncake": mooncake,
+                "async_save": mode == "async",
+                "staging_buffer_mb": max(256, 2 * max(blocks) * LAYERS * kib // 1024),
+            }
+            worker = PoolWorker(layout, f"bench{kib}{mode}", True, num_blocks, parse_config(extra, env={}))
+            worker.register_kv_caches(caches)
+            assert worker.pool is not None and worker.pool.wait_connected(60), "Mooncake did not connect"
+            for n in blocks:
+                nbytes = n * LAYERS * kib * 1024
+                save_s, load_s = [], []
+                for r in range(repeat):
+                    hashes = [f"{mode}-{kib}-{n}-{r}-{i}".encode() for i in range(n)]
+                    plan = PoolConnectorMetadata(saves=[BlockTransfer("req", list(range(n)), hashes)])
+                    t0 = time.perf_counter()
+                    worker.save(plan)
+                    if worker.saver is not None:
+                        assert worker.saver.flush(60)
+                    save_s.append(time.perf_counter() - t0)
+                    load = PoolConnectorMetadata(loads=[BlockTransfer("req", list(range(n, 2 * n)), hashes)])
+                    load_s.append(_timed(lambda w=worker, plan=load: w.load(plan)))
+                    assert not worker.take_load_errors(), "a load failed: the numbers would be fake"
+                    bar.update(1)
+                ceiling = _memcpy_gbps(nbytes, 3)
+                measured = [("save", save_s)] + ([("load", load_s)] if mode == "async" else [])
+                for op, times in measured:
+                    gbps = nbytes / statistics.median(times) / 1e9
+                    rows.append(
+                        {
+                            "op": op,
+                            "mode": mode if op == "save" else "zero-copy",
+                            "page KiB": kib,
+                            "object KiB": LAYERS * kib,
+                            "blocks": n,
+                            "MiB": round(nbytes / 2**20, 1),
+                            "GB/s": round(gbps, 2),
+                            "memcpy GB/s": round(ceiling, 2),
+                            "x memcpy": round(gbps / ceiling, 2),
+                        }
+                    )
+            stats = dict(worker.stats)
+            worker.shutdown()
+            failed = {
+                k: v
+                for k, v in (worker.stats | stats).items()
+                if k.startswith("save_") and "ok" not in k and "present" not in k and v
+            }
+            assert not failed, f"saves failed: {failed}"
+    return sorted(rows, key=lambda r: (r["op"] != "save", r["mode"] != "async", r["page KiB"], r["blocks"]))
+
+
+def bench_lookup(mooncake: dict, model_dir: str, lengths: list[int], repeat: int, bar: tqdm) -> list[dict]:
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.request import Request
+
+    from kvpool_connector import keys
+    from kvpool_connector.scheduler import PoolScheduler
+
+    transfer = KVTransferConfig(
+        kv_connector="MemcacheConnectorStoreV1",
+        kv_role="kv_both",
+        kv_connector_extra_config={"backend": "mooncake", "mooncake": mooncake},
+    )
+    vllm_config = EngineArgs(
+        model=model_dir, dtype="float32", enforce_eager=True, max_model_len=1024, kv_transfer_config=transfer
+    ).create_engine_config()
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    kv_cache_config = KVCacheConfig(
+        num_blocks=64,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in range(4)], spec)],
+    )
+    extra = parse_config(transfer.kv_connector_extra_config, env={})
+    scheduler = PoolScheduler(vllm_config, kv_cache_config, extra)
+    assert scheduler.pool is not None and scheduler.pool.wait_connected(60)
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    rng = np.random.default_rng(0)
+    marker = np.zeros(64, dtype=np.uint8)
+    scheduler.pool.register_memory(marker.ctypes.data, marker.nbytes)
+    params = SamplingParams(max_tokens=1)
+    rows = []
+    for n in lengths:
+        for case in ("all-hit", "all-miss"):
+            tokens = rng.integers(3, 2000, n).tolist()
+            req = Request(f"{case}-{n}", tokens, params, None, block_hasher=hasher)
+            if case == "all-hit":  # existence is all a lookup asks: store a small marker under every key
+                wanted = [
+                    keys.pool_key(s, h)
+                    for h in keys.block_hashes(req.block_hashes, BLOCK, BLOCK, n // BLOCK)
+                    for s in scheduler.shards
+                ]
+                outcomes = scheduler.pool.put(wanted, [[marker.ctypes.data]] * len(wanted), [[64]] * len(wanted))
+                assert all(o.ok for o in outcomes), outcomes[:3]
+            scheduler.get_num_new_matched_tokens(req, 0)  # warm-up: first use of this request's keys
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                extra_tokens, _ = scheduler.get_num_new_matched_tokens(req, 0)
+                times.append((time.perf_counter() - t0) * 1e3)
+                bar.update(1)
+            expected = (n // BLOCK * BLOCK) - (1 if n % BLOCK == 0 else 0) if case == "all-hit" else 0
+            assert extra_tokens == expected, (case, n, extra_tokens, expected)
+            rows.append(
+                {
+                    "prompt tokens": n,
+                    "case": case,
+                    "keys": n // BLOCK * len(scheduler.shards),
+                    "p50 ms": round(float(np.percentile(times, 50)), 3),
+                    "p99 ms": round(float(np.percentile(times, 99)), 3),
+                }
+            )
+    scheduler.shutdown()
+    return rows
+
+
+def plot(data_rows: list[dict], lookup_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (op, mode), style in {("save", "async"): "o-", ("save", "sync"): "s--", ("load", "zero-copy"): "^-"}.items():
+        for kib in sorted({r["page KiB"] for r in data_rows}):
+            pts = [r for r in data_rows if r["op"] == op and r["mode"] == mode and r["page KiB"] == kib]
+            if pts:
+                ax1.plot(
+                    [r["blocks"] for r in pts], [r["GB/s"] for r in pts], style, label=f"{op} ({mode}), {kib} KiB pages"
+                )
+    ceiling = statistics.median(r["memcpy GB/s"] for r in data_rows)
+    ax1.axhline(ceiling, color="grey", linestyle=":", label=f"memcpy ceiling ~{ceiling:.1f} GB/s")
+    ax1.set(xscale="log", xlabel="blocks per request", ylabel="GB/s", title="Pool data path (Mooncake, loopback)")
+    ax1.legend(fontsize=7)
+    for case, style in (("all-hit", "o-"), ("all-miss", "s--")):
+        pts = [r for r in lookup_rows if r["case"] == case]
+        ax2.plot([r["prompt tokens"] for r in pts], [r["p99 ms"] for r in pts], style, label=f"{case} p99")
+        ax2.plot([r["prompt tokens"] for r in pts], [r["p50 ms"] for r in pts], style, alpha=0.4, label=f"{case} p50")
+    ax2.axhline(5, color="red", linestyle=":", label="goal: p99 <= 5 ms at 32k")
+    ax2.set(xscale="log", xlabel="prompt tokens", ylabel="ms", title="Scheduler lookup latency")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--master", help="use a running mooncake_master (host:port) instead of starting one")
+    parser.add_argument("--remote", action="store_true", help="the worker contributes no segment (all over TCP)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmark runs")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    page_kib, blocks, lengths = ([64, 256, 1024], [4, 16, 64], [1024, 4096, 16384, 32768])
+    repeat = args.repeat
+    if args.quick:
+        page_kib, blocks, lengths, repeat = [64], [2], [1024], 2
+    console = Console(width=130)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if args.master:
+            master = args.master
+        else:
+            from kvpool_connector.testing.mooncake_pool import mooncake_pool
+
+            pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="4 GB"))
+            master = pool.master_address
+        mooncake = {
+            "master_server_address": master,
+            "local_hostname": "127.0.0.1",
+            "protocol": "tcp",
+            "global_segment_size": 0 if args.remote else "3 GB",
+            "local_buffer_size": 0,
+        }
+        from kvpool_connector.testing.tiny_model import build_model
+
+        model = str(build_model(workdir / "tiny-llama"))
+        total = len(page_kib) * 2 * len(blocks) * repeat + len(lengths) * 2 * max(repeat, 20)
+        with tqdm(total=total, desc="bench_store", unit="op") as bar:
+            data_rows = bench_data_path(mooncake, page_kib, blocks, repeat, bar)
+            lookup_rows = bench_lookup(mooncake, model, lengths, max(repeat, 20), bar)
+    for title, rows in (
+        ("Data path: PoolWorker save/load on Mooncake Store", data_rows),
+        ("Lookup: PoolScheduler.get_num_new_matched_tokens", lookup_rows),
+    ):
+        table = Table(title=title)
+        for col in rows[0]:
+            table.add_column(col, justify="right" if col not in ("op", "mode", "case") else "left")
+        for r in rows:
+            table.add_row(*(str(v) for v in r.values()))
+        console.print(table)
+    result = {
+        "segment": "remote (pool node over TCP)" if args.remote else "worker's own segment (same node)",
+        "data_path": data_rows,
+        "lookup": lookup_rows,
+    }
+    name = "bench_store_quick" if args.quick else "bench_store"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(data_rows, lookup_rows, args.out / f"{name}.png")
+    console.print(f"results: {args.out / (name + '.json')}, plot: {args.out / (name + '.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The benchmarks run (on tiny sizes) and write their results; their numbers are not judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(args: list[str], tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_bench_copy_quick(tmp_path):
+    _run(["benchmarks/bench_copy.py", "--total-mb", "8", "--repeat", "1"], tmp_path)
+    data = json.loads((tmp_path / "bench_copy.json").read_text())
+    assert {r["page"] for r in data["copies"]} == {"4 KiB", "64 KiB", "1 MiB"}
+    assert len(data["wait_for_save"]) == 4
+
+
+def test_bench_store_quick(tmp_path):
+    _run(["benchmarks/bench_store.py", "--quick"], tmp_path)
+    data = json.loads((tmp_path / "bench_store_quick.json").read_text())
+    assert {r["op"] for r in data["data_path"]} == {"save", "load"}
+    assert all(r["GB/s"] > 0 for r in data["data_path"])
+    assert {r["case"] for r in data["lookup"]} == {"all-hit", "all-miss"}
+    assert (tmp_path / "bench_store_quick.png").stat().st_size > 0
