@@ -4,8 +4,9 @@ Layouts differ by platform and attention backend: the CPU backend gives one tens
 ``(num_blocks, kv_heads, block_size, 2*head_size)`` (a block is one contiguous page), flash-attn gives
 ``(2, num_blocks, block_size, kv_heads, head_size)`` (a block is a K page and a V page), Ascend registers a
 ``(k_cache, v_cache)`` pair per layer. Rather than knowing them all, find the block dimension in each tensor (the
-one of size ``num_blocks`` whose slice holds the spec's page bytes) and describe a block as the contiguous runs
-under it. A block's object in the pool is the concatenation of those runs over all layers, in layer order.
+one of size ``num_blocks`` with contiguous memory below it and at most a K/V split above it) and describe a block as
+the contiguous runs under it; the runs must add up to the KV spec's page size. A block's object in the pool is
+the concatenation of those runs over all layers, in layer order.
 """
 
 from __future__ import annotations
@@ -32,24 +33,25 @@ def _layer_index(name: str) -> tuple[int, str]:
     return (digits[0] if digits else -1, name)
 
 
-def _runs_of(tensor: torch.Tensor, num_blocks: int, page_bytes: int, name: str) -> list[_Run]:
+def _runs_of(tensor: torch.Tensor, num_blocks: int, name: str) -> list[_Run]:
+    """The runs of one block in ``tensor``: the block dimension has ``num_blocks`` entries, everything after it is
+    contiguous, and at most a K/V split (2) comes before it. Every layout vLLM and vllm-ascend use fits that."""
     elem = tensor.element_size()
     candidates = []
     for dim, size in enumerate(tensor.shape):
-        if size != num_blocks:
+        outer = int(np.prod(tensor.shape[:dim])) if dim else 1
+        if size != num_blocks or outer > 2:
             continue
-        inner = tensor.shape[dim + 1 :]
-        inner_elems = int(np.prod(inner)) if inner else 1
-        outer = tensor.shape[:dim]
-        contiguous_inner = tensor[(0,) * dim].select(0, 0).is_contiguous() if dim < tensor.dim() else True
-        if contiguous_inner and int(np.prod(outer) if outer else 1) * inner_elems * elem == page_bytes:
+        if tensor[(0,) * dim].select(0, 0).is_contiguous():
             candidates.append(dim)
-    if not candidates:
+    if len(candidates) != 1:
+        what = "no dimension" if not candidates else f"dimensions {candidates} all"
         raise ValueError(
-            f"KV cache tensor {name} {tuple(tensor.shape)} (stride {tensor.stride()}, {tensor.dtype}): no dimension "
-            f"of size num_blocks={num_blocks} holds a {page_bytes}-byte page in contiguous runs"
+            f"KV cache tensor {name} {tuple(tensor.shape)} (stride {tensor.stride()}, {tensor.dtype}): {what} "
+            f"look like the block dimension (size num_blocks={num_blocks}, contiguous below, at most a K/V split "
+            "above); this layout is not supported"
         )
-    dim = candidates[-1]  # the K/V split, when it is a dimension, comes before the block dimension
+    dim = candidates[0]
     inner_bytes = (int(np.prod(tensor.shape[dim + 1 :])) if dim + 1 < tensor.dim() else 1) * elem
     outer_ranges = [range(n) for n in tensor.shape[:dim]]
     runs = []
@@ -75,9 +77,8 @@ class KVPages:
         for name in self.layer_names:
             value = kv_caches[name]
             tensors = [value] if isinstance(value, torch.Tensor) else list(value)
-            page_share = page_size_bytes // len(tensors)
             for tensor in tensors:
-                runs.extend(_runs_of(tensor, num_blocks, page_share, name))
+                runs.extend(_runs_of(tensor, num_blocks, name))
                 storage = tensor.untyped_storage()
                 regions[storage.data_ptr()] = max(regions.get(storage.data_ptr(), 0), storage.nbytes())
                 self.device = tensor.device
@@ -88,6 +89,11 @@ class KVPages:
         self.run_sizes: list[int] = [r.nbytes for r in runs]
         """Bytes of each of a block's runs, in object order (layer-major)."""
         self.block_bytes = sum(self.run_sizes)
+        if self.block_bytes != page_size_bytes * len(self.layer_names):
+            raise ValueError(
+                f"KV cache tensors hold {self.block_bytes} bytes per block over {len(self.layer_names)} layers; "
+                f"vLLM's KV spec says {page_size_bytes} per layer"
+            )
         self.num_blocks = num_blocks
 
     def address_array(self, block_ids: Sequence[int]) -> np.ndarray:

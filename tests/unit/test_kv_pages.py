@@ -65,8 +65,26 @@ def test_layers_sharing_one_buffer_register_it_once():
 
 def test_wrong_page_size_is_a_clear_error():
     caches = {"layers.0.attn": torch.zeros(4, 2, 16, 16)}
-    with pytest.raises(ValueError, match="num_blocks=4"):
+    with pytest.raises(ValueError, match="KV spec says 12345"):
         KVPages(caches, 4, 12345)
+    with pytest.raises(ValueError, match="num_blocks=5"):
+        KVPages(caches, 5, 2 * 16 * 16 * 4)
+
+
+@pytest.mark.parametrize("num_blocks", [16, 32])
+def test_num_blocks_equal_to_another_dimension(num_blocks):
+    """num_blocks == block_size (16) or == 2*head_size (32): the block dimension is still the outer one."""
+    caches = {f"layers.{i}.attn": torch.randn(num_blocks, 2, 16, 32) for i in range(2)}
+    pages = KVPages(caches, num_blocks, 2 * 16 * 32 * 4)
+    assert pages.run_sizes == [2 * 16 * 32 * 4] * 2
+    _check(pages, [caches[n] for n in pages.layer_names], 0, num_blocks)
+
+
+def test_flash_layout_with_num_blocks_equal_to_block_size():
+    caches = {"layers.0.attn": torch.randn(2, 16, 16, 2, 8)}  # (K/V, num_blocks=16, block_size=16, heads, dim)
+    pages = KVPages(caches, 16, 2 * 16 * 2 * 8 * 4)
+    assert pages.run_sizes == [16 * 2 * 8 * 4] * 2
+    _check(pages, [caches["layers.0.attn"]], 1, 16)
 
 
 def test_block_id_out_of_range():
