@@ -144,3 +144,13 @@ class PoolHandle:
 
     def get(self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
         return self._transfer("get", keys, addrs, sizes)
+
+    def remove(self, keys: Sequence[str]) -> list[bool]:
+        backend = self._backend
+        if backend is None:
+            return [False] * len(keys)
+        try:
+            return backend.remove(keys)
+        except Exception as exc:  # noqa: BLE001 - a failed removal leaves a cache entry behind, nothing worse
+            self.warn("remove", "KV pool remove of %d keys failed: %r", len(keys), exc)
+            return [False] * len(keys)

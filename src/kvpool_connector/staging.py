@@ -50,7 +50,8 @@ class StagingSaver:
         self._pages = pages
         self.capacity = capacity_blocks
         self._copier = copier
-        self._buffer = torch.empty(capacity_blocks * pages.block_bytes, dtype=torch.uint8, pin_memory=pin)
+        # zeros, not empty: fault the pages in now rather than on the forward pass of the first saves
+        self._buffer = torch.zeros(capacity_blocks * pages.block_bytes, dtype=torch.uint8, pin_memory=pin)
         base = self._buffer.data_ptr()
         sizes = np.asarray(pages.run_sizes, dtype=np.int64)
         self._run_sizes = pages.run_sizes

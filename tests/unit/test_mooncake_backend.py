@@ -30,6 +30,8 @@ def test_put_get_roundtrip_multi_buffer(backend):
     assert np.array_equal(src, dst)
     # A second put of the same key keeps the first copy and is not a failure.
     assert backend.put(["t/rt/a"], [[s + 8192, s]], [[4096, 4096]])[0].ok
+    assert backend.remove(["t/rt/a", "t/rt/none"]) == [True, False]
+    assert backend.exists(["t/rt/a", "t/rt/b"]) == [False, True]
 
 
 def test_size_mismatch_is_never_ok(backend):

@@ -4,7 +4,8 @@ A backend owns one pool client and is the only code that reads that pool's retur
 :class:`Outcome` values; a raw negative code is never mistaken for data.
 
 Calls, in the order they happen: ``connect`` (may block for long: the pool handle calls it off the hot path),
-``register_memory`` for each KV region, then any mix of ``exists`` / ``put`` / ``get``, and finally ``close``.
+``register_memory`` for each KV region, then any mix of ``exists`` / ``put`` / ``get`` / ``remove``, and finally
+``close``.
 An object is one KV block of every layer this worker holds, gathered from (``put``) or scattered to (``get``)
 several page buffers: ``addrs[i]`` and ``sizes[i]`` list the pages of ``keys[i]``.
 """
@@ -58,6 +59,10 @@ class PoolBackend(ABC):
     @abstractmethod
     def get(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
         """Read each key's object into its pages; OK only if exactly sum(sizes) bytes arrived."""
+
+    @abstractmethod
+    def remove(self, keys: Sequence[str]) -> list[bool]:
+        """Drop each key's object (also while a reader holds a lease); True where it was removed."""
 
     @abstractmethod
     def close(self) -> None:

@@ -114,6 +114,9 @@ class MemcacheBackend(PoolBackend):
         codes = _codes(self._store.batch_get_into_layers(list(keys), addrs, sizes, direct), len(keys))
         return [_outcome(code) for code in codes]
 
+    def remove(self, keys: Sequence[str]) -> list[bool]:
+        return [code == 0 for code in _codes(self._store.remove_batch(list(keys)), len(keys))]
+
     def close(self) -> None:
         self._store.close()
 

@@ -94,5 +94,8 @@ class MooncakeBackend(PoolBackend):
                 outcomes.append(_GET_CODES.get(n_read, Outcome.FAILED))
         return outcomes
 
+    def remove(self, keys: Sequence[str]) -> list[bool]:
+        return [code == 0 for code in self._store.batch_remove(list(keys), True)]
+
     def close(self) -> None:
         self._store.close()
