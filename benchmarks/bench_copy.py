@@ -91,6 +91,8 @@ def bench_copies(total_bytes: int, repeat: int) -> list[dict]:
 
 
 def bench_wait_for_save(repeat: int) -> list[dict]:
+    from common import warm_segment
+
     from kvpool_connector.backends.mooncake import MooncakeBackend
     from kvpool_connector.config import MooncakeSettings
     from kvpool_connector.kv_pages import KVPages
@@ -103,60 +105,61 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
     caches = {f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, heads, block, 2 * dim) for i in range(layers)}
     pages = KVPages(caches, num_blocks, heads * block * 2 * dim * 4)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, mooncake_pool(Path(tmp), segment_size="2 GB") as pool:
-        # The engine contributes its own segment here, as a vLLM worker does by default (same-node pool).
-        settings = MooncakeSettings(**pool.client_config(global_segment_size="1 GB"))
-        handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), 1.0, "bench")
-        for ptr, size in pages.regions:
-            handle.register_memory(ptr, size)
-        saver = StagingSaver(handle, pages, 64, page_copier("cpu", "d2h"), pin=False)
-        handle.start()
-        assert handle.wait_connected(30), "Mooncake did not connect"
-        block_ids = list(range(prompt_blocks))
-        sync_ms, staged_ms = [], []
-        for r in range(repeat):
-            keys = [f"bench/sync/{r}/{b}" for b in block_ids]
-            addrs, sizes = pages.addresses(block_ids)
-            t0 = time.perf_counter()
-            present = handle.exists(keys)
-            outcomes = handle.put([k for k, p in zip(keys, present, strict=True) if not p], addrs, sizes)
-            sync_ms.append((time.perf_counter() - t0) * 1e3)
-            assert all(o.ok for o in outcomes), outcomes
-            keys = [f"bench/staged/{r}/{b}" for b in block_ids]
-            t0 = time.perf_counter()
-            saver.stage(keys, block_ids)
-            staged_ms.append((time.perf_counter() - t0) * 1e3)
-            assert saver.flush(30)
-        assert saver.stats.get("save_ok", 0) == repeat * prompt_blocks, saver.stats
-        # Loads: straight into the KV pages (zero-copy), or into a staging area then a batched scatter.
-        stage = np.zeros(prompt_blocks * pages.block_bytes, dtype=np.uint8)
-        handle.register_memory(stage.ctypes.data, stage.nbytes)
-        keys = [f"bench/sync/0/{b}" for b in block_ids]
-        target = list(range(prompt_blocks, 2 * prompt_blocks))
-        addrs, sizes = pages.addresses(target)
-        stage_addrs = (
-            stage.ctypes.data
-            + np.arange(prompt_blocks)[:, None] * pages.block_bytes
-            + np.concatenate([[0], np.cumsum(pages.run_sizes)[:-1]])[None, :]
-        )
-        direct_ms, staged_load_ms = [], []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            assert all(o.ok for o in handle.get(keys, addrs, sizes))
-            direct_ms.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            assert all(o.ok for o in handle.get(keys, stage_addrs.tolist(), sizes))
-            dst = pages.address_array(target)
-            copy_batch(
-                dst.T.ravel(),
-                stage_addrs.T.ravel().astype(np.uint64),
-                np.broadcast_to(np.asarray(pages.run_sizes, dtype=np.uint64), dst.shape).T.ravel(),
-                threads=2,
-            )
-            staged_load_ms.append((time.perf_counter() - t0) * 1e3)
-        saver.close()
-        handle.close()
+    # Where the objects go: the worker's own segment (same node, memcpy) or a pool node over TCP (another host).
+    for where, segment in (("same-node segment", "1 GB"), ("pool node over TCP", 0)):
+        with tempfile.TemporaryDirectory() as tmp, mooncake_pool(Path(tmp), segment_size="1 GB") as pool:
+            settings = MooncakeSettings(**pool.client_config(global_segment_size=segment))
+            handle = PoolHandle(lambda s=settings: MooncakeBackend(s, holds_data=True), 1.0, "bench")
+            for ptr, size in pages.regions:
+                handle.register_memory(ptr, size)
+            saver = StagingSaver(handle, pages, 64, page_copier("cpu", "d2h"), pin=False)
+            handle.start()
+            assert handle.wait_connected(30), "Mooncake did not connect"
+            warm_segment(handle, pages, settings.segment_bytes or (1 << 30), "bench")
+            rows += _measure(handle, saver, pages, prompt_blocks, repeat, where)
+            saver.close()
+            handle.close()
+    return rows
+
+
+def _measure(handle, saver, pages, prompt_blocks: int, repeat: int, where: str) -> list[dict]:
+    block_ids = list(range(prompt_blocks))
+    sync_ms, staged_ms = [], []
+    for r in range(repeat):
+        keys = [f"bench/sync/{r}/{b}" for b in block_ids]
+        addrs, sizes = pages.addresses(block_ids)
+        t0 = time.perf_counter()
+        present = handle.exists(keys)
+        outcomes = handle.put([k for k, p in zip(keys, present, strict=True) if not p], addrs, sizes)
+        sync_ms.append((time.perf_counter() - t0) * 1e3)
+        assert all(o.ok for o in outcomes), outcomes
+        keys = [f"bench/staged/{r}/{b}" for b in block_ids]
+        t0 = time.perf_counter()
+        saver.stage(keys, block_ids)
+        staged_ms.append((time.perf_counter() - t0) * 1e3)
+        assert saver.flush(60)
+    assert saver.stats.get("save_ok", 0) == repeat * prompt_blocks, saver.stats
+    # Loads: straight into the KV pages (zero-copy), or into a staging area then a batched scatter.
+    stage = np.zeros(prompt_blocks * pages.block_bytes, dtype=np.uint8)
+    handle.register_memory(stage.ctypes.data, stage.nbytes)
+    keys = [f"bench/sync/0/{b}" for b in block_ids]
+    target = list(range(prompt_blocks, 2 * prompt_blocks))
+    addrs, sizes = pages.addresses(target)
+    run_offsets = np.concatenate([[0], np.cumsum(pages.run_sizes)[:-1]])
+    stage_addrs = stage.ctypes.data + np.arange(prompt_blocks)[:, None] * pages.block_bytes + run_offsets[None, :]
+    run_sizes = np.broadcast_to(np.asarray(pages.run_sizes, dtype=np.uint64), stage_addrs.shape)
+    direct_ms, staged_load_ms = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        assert all(o.ok for o in handle.get(keys, addrs, sizes))
+        direct_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        assert all(o.ok for o in handle.get(keys, stage_addrs.tolist(), sizes))
+        dst = pages.address_array(target)
+        copy_batch(dst.T.ravel(), stage_addrs.T.ravel().astype(np.uint64), run_sizes.T.ravel(), threads=2)
+        staged_load_ms.append((time.perf_counter() - t0) * 1e3)
     mb = prompt_blocks * pages.block_bytes / 2**20
+    rows = []
     for label, ms in (
         ("save: synchronous put", sync_ms),
         ("save: staging copy-out, background put", staged_ms),
@@ -165,6 +168,7 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
     ):
         rows.append(
             {
+                "pool": where,
                 "path": label,
                 "MiB": round(mb, 1),
                 "wait ms (median)": round(statistics.median(ms), 2),
@@ -193,7 +197,7 @@ def main() -> None:
     waits = bench_wait_for_save(args.repeat)
     table = Table(title="Forward-pass wait for a 2k-token prompt (16 blocks x 2 MiB), Mooncake Store on loopback")
     for col in waits[0]:
-        table.add_column(col, justify="right" if col != "path" else "left")
+        table.add_column(col, justify="right" if col not in ("pool", "path") else "left")
     for r in waits:
         table.add_row(*(str(v) for v in r.values()))
     console.print(table)
@@ -203,8 +207,10 @@ def main() -> None:
         "native 1 thread / ceiling @64 KiB": by[("64 KiB", "native batched, 1 thread")] / ceilings["64 KiB"],
         "native 2 threads / python loop @4 KiB": by[("4 KiB", "native batched, 2 threads")]
         / by[("4 KiB", "python loop of np.copyto")],
-        "sync put wait / staging wait": waits[0]["wait ms (median)"] / waits[1]["wait ms (median)"],
-        "staged load / zero-copy load": waits[3]["wait ms (median)"] / waits[2]["wait ms (median)"],
+        "sync put wait / staging wait, same-node segment": waits[0]["wait ms (median)"] / waits[1]["wait ms (median)"],
+        "sync put wait / staging wait, pool node over TCP": waits[4]["wait ms (median)"] / waits[5]["wait ms (median)"],
+        "staged load / zero-copy load, same-node segment": waits[3]["wait ms (median)"] / waits[2]["wait ms (median)"],
+        "staged load / zero-copy load, pool node over TCP": waits[7]["wait ms (median)"] / waits[6]["wait ms (median)"],
     }
     for name, value in ratios.items():
         console.print(f"{name}: [bold]{value:.2f}x[/]")

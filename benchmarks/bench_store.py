@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import warm_segment
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -57,21 +58,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _warm_segment(worker: PoolWorker, mooncake: dict) -> None:
-    """Fill the worker's segment once and empty it: a serving pool's memory has been written before, and the first
-    write to fresh segment pages (page faults) runs at a quarter of the steady-state speed on this machine."""
-    assert worker.pages is not None and worker.pool is not None
-    segment = parse_config({"backend": "mooncake", "mooncake": mooncake}, env={}).mooncake.segment_bytes
-    blocks = list(range(worker.num_blocks))
-    count = int(segment * 0.9) // worker.pages.block_bytes
-    for start in range(0, count, len(blocks)):
-        ids = blocks[: min(len(blocks), count - start)]
-        keys = [f"warm/{worker.shard}/{start + i}" for i in range(len(ids))]
-        addrs, sizes = worker.pages.addresses(ids)
-        worker.pool.put(keys, addrs, sizes)
-    worker.pool.remove([f"warm/{worker.shard}/{i}" for i in range(count)])
-
-
 def bench_data_path(mooncake: dict, page_kib: list[int], blocks: list[int], repeat: int, bar: tqdm) -> list[dict]:
     rows = []
     for kib in page_kib:
@@ -91,7 +77,8 @@ def bench_data_path(mooncake: dict, page_kib: list[int], blocks: list[int], repe
             worker = PoolWorker(layout, f"bench{kib}{mode}", True, num_blocks, parse_config(extra, env={}))
             worker.register_kv_caches(caches)
             assert worker.pool is not None and worker.pool.wait_connected(60), "Mooncake did not connect"
-            _warm_segment(worker, mooncake)
+            segment = parse_config({"backend": "mooncake", "mooncake": mooncake}, env={}).mooncake.segment_bytes
+            warm_segment(worker.pool, worker.pages, segment, worker.shard)
             for n in blocks:
                 nbytes = n * LAYERS * kib * 1024
                 save_s, load_s = [], []

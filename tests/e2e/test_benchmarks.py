@@ -30,7 +30,7 @@ def test_bench_copy_quick(tmp_path):
     _run(["benchmarks/bench_copy.py", "--total-mb", "8", "--repeat", "1"], tmp_path)
     data = json.loads((tmp_path / "bench_copy.json").read_text())
     assert {r["page"] for r in data["copies"]} == {"4 KiB", "64 KiB", "1 MiB"}
-    assert len(data["wait_for_save"]) == 4
+    assert len(data["wait_for_save"]) == 8
 
 
 def test_bench_store_quick(tmp_path):
