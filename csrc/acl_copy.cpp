@@ -1,12 +1,9 @@
 #include "acl_copy.h"
 
-#include <dlfcn.h>
-
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #include "copy_error.h"
+#include "dl_runtime.h"
 
 namespace kvpool::acl {
 
@@ -18,27 +15,17 @@ struct Runtime {
   SynchronizeStreamFn synchronize_stream = nullptr;
 };
 
-// One resolved runtime per library path, loaded once and kept for the life of the process.
 const Runtime& load(const std::string& library) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, Runtime> loaded;
-  std::lock_guard<std::mutex> lock(mu);
-  if (auto it = loaded.find(library); it != loaded.end()) return it->second;
-  void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) {
-    const char* why = dlerror();
-    throw BackendUnavailable("cannot load " + library + " (" + (why ? why : "unknown") +
-                             "): the ACL copy backend needs the Ascend CANN runtime");
-  }
-  Runtime rt;
-  rt.memcpy_batch_async = reinterpret_cast<MemcpyBatchAsyncFn>(dlsym(handle, "aclrtMemcpyBatchAsync"));
-  rt.memcpy_async = reinterpret_cast<MemcpyAsyncFn>(dlsym(handle, "aclrtMemcpyAsync"));
-  rt.synchronize_stream = reinterpret_cast<SynchronizeStreamFn>(dlsym(handle, "aclrtSynchronizeStream"));
-  if (rt.memcpy_async == nullptr || rt.synchronize_stream == nullptr) {
-    dlclose(handle);
-    throw BackendUnavailable(library + " lacks aclrtMemcpyAsync or aclrtSynchronizeStream");
-  }
-  return loaded.emplace(library, rt).first->second;
+  return load_runtime<Runtime>(library, "the ACL copy backend needs the Ascend CANN runtime", [&](void* handle) {
+    Runtime rt;
+    rt.memcpy_batch_async = symbol<MemcpyBatchAsyncFn>(handle, "aclrtMemcpyBatchAsync");
+    rt.memcpy_async = symbol<MemcpyAsyncFn>(handle, "aclrtMemcpyAsync");
+    rt.synchronize_stream = symbol<SynchronizeStreamFn>(handle, "aclrtSynchronizeStream");
+    if (rt.memcpy_async == nullptr || rt.synchronize_stream == nullptr) {
+      throw BackendUnavailable(library + " lacks aclrtMemcpyAsync or aclrtSynchronizeStream");
+    }
+    return rt;
+  });
 }
 
 }  // namespace

@@ -1,12 +1,9 @@
 #include "cuda_copy.h"
 
-#include <dlfcn.h>
-
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #include "copy_error.h"
+#include "dl_runtime.h"
 
 namespace kvpool::cuda {
 
@@ -23,37 +20,28 @@ struct Runtime {
 };
 
 const Runtime& load(const std::string& library) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, Runtime> loaded;
-  std::lock_guard<std::mutex> lock(mu);
-  if (auto it = loaded.find(library); it != loaded.end()) return it->second;
-  void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) {
-    const char* why = dlerror();
-    throw BackendUnavailable("cannot load " + library + " (" + (why ? why : "unknown") +
-                             "): the CUDA copy backend needs an NVIDIA driver");
-  }
-  Runtime rt;
-  auto get_version = reinterpret_cast<DriverGetVersionFn>(dlsym(handle, "cuDriverGetVersion"));
-  auto get_proc = reinterpret_cast<GetProcAddressFn>(dlsym(handle, "cuGetProcAddress_v2"));
-  rt.memcpy_async = reinterpret_cast<MemcpyAsyncFn>(dlsym(handle, "cuMemcpyAsync"));
-  rt.stream_synchronize = reinterpret_cast<StreamSynchronizeFn>(dlsym(handle, "cuStreamSynchronize"));
-  if (get_version == nullptr || rt.memcpy_async == nullptr || rt.stream_synchronize == nullptr ||
-      get_version(&rt.driver_version) != 0) {
-    dlclose(handle);
-    throw BackendUnavailable(library + " lacks the CUDA driver entry points the copy needs");
-  }
-  // cuGetProcAddress picks the symbol version matching the ABI we declare, so the signature is the one we call.
-  void* fn = nullptr;
-  int status = 0;
-  if (get_proc != nullptr && rt.driver_version >= 13000 &&
-      get_proc("cuMemcpyBatchAsync", &fn, 13000, 0, &status) == 0 && fn != nullptr) {
-    rt.batch_13000 = reinterpret_cast<MemcpyBatchAsync13000Fn>(fn);
-  } else if (get_proc != nullptr && rt.driver_version >= 12080 &&
-             get_proc("cuMemcpyBatchAsync", &fn, 12080, 0, &status) == 0 && fn != nullptr) {
-    rt.batch_12080 = reinterpret_cast<MemcpyBatchAsync12080Fn>(fn);
-  }
-  return loaded.emplace(library, rt).first->second;
+  return load_runtime<Runtime>(library, "the CUDA copy backend needs an NVIDIA driver", [&](void* handle) {
+    Runtime rt;
+    auto get_version = symbol<DriverGetVersionFn>(handle, "cuDriverGetVersion");
+    auto get_proc = symbol<GetProcAddressFn>(handle, "cuGetProcAddress_v2");
+    rt.memcpy_async = symbol<MemcpyAsyncFn>(handle, "cuMemcpyAsync");
+    rt.stream_synchronize = symbol<StreamSynchronizeFn>(handle, "cuStreamSynchronize");
+    if (get_version == nullptr || rt.memcpy_async == nullptr || rt.stream_synchronize == nullptr ||
+        get_version(&rt.driver_version) != 0) {
+      throw BackendUnavailable(library + " lacks the CUDA driver entry points the copy needs");
+    }
+    // cuGetProcAddress picks the symbol version matching the ABI we ask for, so the signature is the one we call.
+    void* fn = nullptr;
+    int status = 0;
+    if (get_proc != nullptr && rt.driver_version >= 13000 &&
+        get_proc("cuMemcpyBatchAsync", &fn, 13000, 0, &status) == 0 && fn != nullptr) {
+      rt.batch_13000 = reinterpret_cast<MemcpyBatchAsync13000Fn>(fn);
+    } else if (get_proc != nullptr && rt.driver_version >= 12080 &&
+               get_proc("cuMemcpyBatchAsync", &fn, 12080, 0, &status) == 0 && fn != nullptr) {
+      rt.batch_12080 = reinterpret_cast<MemcpyBatchAsync12080Fn>(fn);
+    }
+    return rt;
+  });
 }
 
 }  // namespace

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
@@ -144,6 +145,27 @@ class PoolHandle:
 
     def get(self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
         return self._transfer("get", keys, addrs, sizes)
+
+    def put_missing(
+        self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]], stats: Counter[str]
+    ) -> None:
+        """Put the objects the pool does not hold yet; count every outcome into ``stats``, warn about failures."""
+        present = self.exists(keys)
+        todo = [i for i, p in enumerate(present) if not p]
+        stats["save_already_present"] += len(keys) - len(todo)
+        if not todo:
+            return
+        outcomes = self.put([keys[i] for i in todo], [addrs[i] for i in todo], [sizes[i] for i in todo])
+        stats.update(f"save_{o.value}" for o in outcomes)
+        failed = sorted({o.value for o in outcomes if not o.ok})
+        if failed:
+            self.warn(
+                "save",
+                "KV pool save: %d of %d blocks not stored (%s)",
+                sum(not o.ok for o in outcomes),
+                len(outcomes),
+                ", ".join(failed),
+            )
 
     def remove(self, keys: Sequence[str]) -> list[bool]:
         backend = self._backend

@@ -9,7 +9,7 @@ Calls, in the order they happen:
 2. ``stage(keys, block_ids)`` at ``wait_for_save`` (after the forward pass wrote the blocks): take free slots, copy
    the blocks in, queue the job. When the area is full the oldest queued (not yet started) jobs are dropped and
    counted: a dropped save is a future miss, never a stalled forward pass;
-3. the thread: skip keys the pool already holds, put the rest from their slots, free the slots;
+3. the thread: put the keys the pool does not hold yet from their slots (``PoolHandle.put_missing``), free the slots;
 4. ``flush(timeout)`` / ``close(timeout)``: wait for queued puts (shutdown), then stop and join the thread.
 
 The staging area is layer-major (all slots of run 0, then all slots of run 1, ...), so consecutive blocks copied into
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvpool_connector.backends import Outcome
 from kvpool_connector.compat import init_logger
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.pool import PoolHandle
@@ -125,23 +124,8 @@ class StagingSaver:
                     self._cond.notify_all()
 
     def _put(self, job: _SaveJob) -> None:
-        present = self._pool.exists(job.keys)
-        todo = [i for i, p in enumerate(present) if not p]
-        self.stats["save_already_present"] += len(job.keys) - len(todo)
-        if not todo:
-            return
-        addrs = self.slot_addresses(job.slots[todo]).tolist()
-        outcomes = self._pool.put([job.keys[i] for i in todo], addrs, [self._run_sizes] * len(todo))
-        self.stats.update(f"save_{o.value}" for o in outcomes)
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            self._pool.warn(
-                "save",
-                "KV pool save: %d of %d blocks not stored (%s)",
-                len(failed),
-                len(outcomes),
-                ", ".join(sorted({o.value for o in failed if o is not Outcome.OK})),
-            )
+        addrs = self.slot_addresses(job.slots).tolist()
+        self._pool.put_missing(job.keys, addrs, [self._run_sizes] * len(job.keys), self.stats)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def flush(self, timeout_s: float) -> bool:

@@ -131,28 +131,10 @@ class PoolWorker:
         if not self.pool.connected:
             self.stats["save_skipped_unavailable"] += sum(len(t.block_ids) for t in meta.saves)
             return
-        block_ids: list[int] = []
-        pool_keys: list[str] = []
-        for transfer in meta.saves:
-            block_ids.extend(transfer.block_ids)
-            pool_keys.extend(self._keys(transfer))
-        present = self.pool.exists(pool_keys)
-        todo = [(k, b) for k, b, p in zip(pool_keys, block_ids, present, strict=True) if not p]
-        self.stats["save_already_present"] += len(pool_keys) - len(todo)
-        if not todo:
-            return
-        addrs, sizes = self.pages.addresses([b for _, b in todo])
-        outcomes = self.pool.put([k for k, _ in todo], addrs, sizes)
-        self.stats.update(f"save_{o.value}" for o in outcomes)
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            self.pool.warn(
-                "save",
-                "KV pool save: %d of %d blocks not stored (%s)",
-                len(failed),
-                len(outcomes),
-                ", ".join(sorted({o.value for o in failed})),
-            )
+        block_ids = [b for t in meta.saves for b in t.block_ids]
+        pool_keys = [k for t in meta.saves for k in self._keys(t)]
+        addrs, sizes = self.pages.addresses(block_ids)
+        self.pool.put_missing(pool_keys, addrs, sizes, self.stats)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
