@@ -138,7 +138,7 @@ def _measure(handle, saver, pages, prompt_blocks: int, repeat: int, where: str) 
         saver.stage(keys, block_ids)
         staged_ms.append((time.perf_counter() - t0) * 1e3)
         assert saver.flush(60)
-    assert saver.stats.get("save_ok", 0) == repeat * prompt_blocks, saver.stats
+    assert saver.stats["saved_blocks"] == repeat * prompt_blocks, saver.stats.total()
     # Loads: straight into the KV pages (zero-copy), or into a staging area then a batched scatter.
     stage = np.zeros(prompt_blocks * pages.block_bytes, dtype=np.uint8)
     handle.register_memory(stage.ctypes.data, stage.nbytes)

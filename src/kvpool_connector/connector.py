@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 from kvpool_connector.compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from kvpool_connector.config import parse_config
 from kvpool_connector.metadata import PoolConnectorMetadata
+from kvpool_connector.metrics import PoolConnectorStats, PoolPromMetrics
 from kvpool_connector.scheduler import PoolScheduler
 from kvpool_connector.worker import PoolWorker
 
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -71,6 +73,26 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
             self.connector_worker.shutdown()
         if self.connector_scheduler is not None:
             self.connector_scheduler.shutdown()
+
+    # -- both sides -------------------------------------------------------------------------------------------
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        side = self.connector_worker or self.connector_scheduler
+        assert side is not None
+        return side.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PoolConnectorStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        return PoolPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- scheduler side ---------------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

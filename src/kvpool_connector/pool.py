@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections import Counter
+import time
 from collections.abc import Callable, Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
 from kvpool_connector.compat import init_logger
 from kvpool_connector.logs import RateLimitedWarning
+from kvpool_connector.metrics import StatsCounter
 
 logger = init_logger(__name__)
 
@@ -147,16 +148,25 @@ class PoolHandle:
         return self._transfer("get", keys, addrs, sizes)
 
     def put_missing(
-        self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]], stats: Counter[str]
+        self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]], stats: StatsCounter
     ) -> None:
         """Put the objects the pool does not hold yet; count every outcome into ``stats``, warn about failures."""
         present = self.exists(keys)
         todo = [i for i, p in enumerate(present) if not p]
-        stats["save_already_present"] += len(keys) - len(todo)
+        stats.add("save_skipped_present", len(keys) - len(todo))
         if not todo:
             return
+        start = time.perf_counter()
         outcomes = self.put([keys[i] for i in todo], [addrs[i] for i in todo], [sizes[i] for i in todo])
-        stats.update(f"save_{o.value}" for o in outcomes)
+        stats.add("save_seconds", time.perf_counter() - start)
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if outcome is Outcome.OK:
+                stats.add("saved_blocks")
+                stats.add("saved_bytes", sum(sizes[i]))
+            elif outcome is Outcome.EXISTS:
+                stats.add("save_skipped_present")
+            else:
+                stats.add(f"save_failed.{outcome.value}")
         failed = sorted({o.value for o in outcomes if not o.ok})
         if failed:
             self.warn(

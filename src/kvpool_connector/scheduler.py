@@ -21,6 +21,7 @@ from kvpool_connector.backends import create_backend
 from kvpool_connector.compat import init_logger
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
+from kvpool_connector.metrics import PoolConnectorStats, StatsCounter
 from kvpool_connector.pool import PoolHandle
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class PoolScheduler:
             )
             self.pool.start()
         self._answers: dict[str, _LoadAnswer] = {}
+        self._asked_tokens: dict[str, int] = {}  # latest lookup per request, counted once it is allocated
+        self.stats = StatsCounter()
         self._requests: dict[str, _RequestState] = {}
         self._step_loads: list[BlockTransfer] = []
         logger.info(
@@ -108,6 +111,7 @@ class PoolScheduler:
         start = num_computed_tokens // self.block_size
         if start >= len(hashes):
             return 0, False
+        self._asked_tokens[request.request_id] = (len(hashes) - start) * self.block_size
         wanted = [keys.pool_key(shard, h) for h in hashes[start:] for shard in self.shards]
         found = present_prefix_blocks(self.pool.exists_within(wanted, self.lookup_timeout_s), len(self.shards))
         extra = matched_tokens(start, found, self.block_size, request.num_tokens, num_computed_tokens)
@@ -125,6 +129,11 @@ class PoolScheduler:
     # -- 2. after allocation ----------------------------------------------------------------------------------
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         answer = self._answers.pop(request.request_id, None)
+        if (asked := self._asked_tokens.pop(request.request_id, None)) is not None:
+            self.stats.add("lookups")
+            self.stats.add("lookup_tokens", asked)
+            if answer is not None:
+                self.stats.add("hit_tokens", max(num_external_tokens, 0))
         block_ids = list(blocks.get_block_ids()[0])
         state = self._requests.get(request.request_id)
         if state is None:
@@ -180,7 +189,12 @@ class PoolScheduler:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, None]:
         self._requests.pop(request.request_id, None)
         self._answers.pop(request.request_id, None)
+        self._asked_tokens.pop(request.request_id, None)
         return False, None
+
+    def take_stats(self) -> PoolConnectorStats | None:
+        window = self.stats.take()
+        return PoolConnectorStats(data=window) if window else None
 
     def shutdown(self) -> None:
         if self.pool is not None:

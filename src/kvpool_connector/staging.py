@@ -19,7 +19,7 @@ consecutive slots merge into one copy per layer.
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ import torch
 
 from kvpool_connector.compat import init_logger
 from kvpool_connector.kv_pages import KVPages
+from kvpool_connector.metrics import StatsCounter
 from kvpool_connector.pool import PoolHandle
 
 logger = init_logger(__name__)
@@ -42,7 +43,15 @@ class _SaveJob:
 
 
 class StagingSaver:
-    def __init__(self, pool: PoolHandle, pages: KVPages, capacity_blocks: int, copier: Copier, pin: bool) -> None:
+    def __init__(
+        self,
+        pool: PoolHandle,
+        pages: KVPages,
+        capacity_blocks: int,
+        copier: Copier,
+        pin: bool,
+        stats: StatsCounter | None = None,
+    ) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"staging area must hold at least one block ({pages.block_bytes} bytes)")
         self._pool = pool
@@ -64,7 +73,7 @@ class StagingSaver:
         self._stopping = False
         self._paused = threading.Event()
         self._paused.set()
-        self.stats: Counter[str] = Counter()
+        self.stats = stats if stats is not None else StatsCounter()
         self._thread = threading.Thread(target=self._run, name="kvpool-save", daemon=True)
         self._thread.start()
 
@@ -78,7 +87,7 @@ class StagingSaver:
         with self._cond:
             slots = self._take_slots(len(keys))
         if len(slots) < len(keys):
-            self.stats["save_dropped_staging_full"] += len(keys) - len(slots)
+            self.stats.add("save_dropped.staging_full", len(keys) - len(slots))
             keys, block_ids = keys[: len(slots)], block_ids[: len(slots)]
         if not len(slots):
             return
@@ -96,7 +105,7 @@ class StagingSaver:
         while int(self._free.sum()) < n and self._queue:
             dropped = self._queue.popleft()
             self._free[dropped.slots] = True
-            self.stats["save_dropped_staging_full"] += len(dropped.keys)
+            self.stats.add("save_dropped.staging_full", len(dropped.keys))
         slots = np.flatnonzero(self._free)[:n]
         self._free[slots] = False
         return slots
@@ -116,7 +125,7 @@ class StagingSaver:
                 self._put(job)
             except Exception:
                 logger.warning("KV pool background save failed", exc_info=True)
-                self.stats["save_failed"] += len(job.keys)
+                self.stats.add("save_failed.error", len(job.keys))
             finally:
                 with self._cond:
                     self._free[job.slots] = True
@@ -144,7 +153,7 @@ class StagingSaver:
         self.resume()
         if not self.flush(timeout_s):
             with self._cond:
-                self.stats["save_dropped_at_shutdown"] += sum(len(j.keys) for j in self._queue)
+                self.stats.add("save_dropped.shutdown", sum(len(j.keys) for j in self._queue))
                 self._queue.clear()
         with self._cond:
             self._stopping = True

@@ -14,7 +14,7 @@ Calls, in the order vLLM makes them:
 
 from __future__ import annotations
 
-from collections import Counter
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from kvpool_connector.compat import init_logger
 from kvpool_connector.config import ResolvedConfig
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
+from kvpool_connector.metrics import PoolConnectorStats, StatsCounter
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.staging import StagingSaver
 
@@ -56,7 +57,7 @@ class PoolWorker:
         self.pool: PoolHandle | None = None
         self.saver: StagingSaver | None = None
         self._load_errors: set[int] = set()
-        self.stats: Counter[str] = Counter()
+        self.stats = StatsCounter()
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> PoolWorker:
@@ -86,7 +87,7 @@ class PoolWorker:
         if self._config.pool.async_save and self.saves_enabled:
             capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
             copier = ops.page_copier(self.pages.device.type, "d2h")
-            self.saver = StagingSaver(self.pool, self.pages, capacity, copier, pin=self.pages.on_device)
+            self.saver = StagingSaver(self.pool, self.pages, capacity, copier, self.pages.on_device, self.stats)
         self.pool.start()
         logger.info(
             "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
@@ -105,12 +106,17 @@ class PoolWorker:
         assert self.pages is not None and self.pool is not None, "register_kv_caches must run first"
         for transfer in meta.loads:
             addrs, sizes = self.pages.addresses(transfer.block_ids)
+            start = time.perf_counter()
             outcomes = self.pool.get(self._keys(transfer), addrs, sizes)
+            self.stats.add("load_seconds", time.perf_counter() - start)
             failed = [b for b, o in zip(transfer.block_ids, outcomes, strict=True) if o is not Outcome.OK]
-            self.stats["loaded_blocks"] += len(outcomes) - len(failed)
+            self.stats.add("loaded_blocks", len(outcomes) - len(failed))
+            self.stats.add("loaded_bytes", (len(outcomes) - len(failed)) * self.pages.block_bytes)
             if failed:
                 self._load_errors.update(failed)
-                self.stats.update(f"load_{o.value}" for o in outcomes if o is not Outcome.OK)
+                for outcome in outcomes:
+                    if outcome is not Outcome.OK:
+                        self.stats.add(f"load_failed.{outcome.value}")
                 self.pool.warn(
                     "load",
                     "KV pool load of request %s: %d of %d blocks failed (%s); vLLM recomputes them",
@@ -129,12 +135,16 @@ class PoolWorker:
                 self.saver.stage(self._keys(transfer), transfer.block_ids)
             return
         if not self.pool.connected:
-            self.stats["save_skipped_unavailable"] += sum(len(t.block_ids) for t in meta.saves)
+            self.stats.add("save_dropped.unavailable", sum(len(t.block_ids) for t in meta.saves))
             return
         block_ids = [b for t in meta.saves for b in t.block_ids]
         pool_keys = [k for t in meta.saves for k in self._keys(t)]
         addrs, sizes = self.pages.addresses(block_ids)
         self.pool.put_missing(pool_keys, addrs, sizes, self.stats)
+
+    def take_stats(self) -> PoolConnectorStats | None:
+        window = self.stats.take()
+        return PoolConnectorStats(data=window) if window else None
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -143,7 +153,7 @@ class PoolWorker:
     def shutdown(self) -> None:
         if self.saver is not None:
             self.saver.close(timeout_s=10.0)  # let queued saves reach the pool before the process goes
-            self.stats.update(self.saver.stats)
-        logger.info("MemcacheConnectorStoreV1 worker stats: %s", dict(sorted(self.stats.items())) or "no transfers")
+        totals = {k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(self.stats.total().items())}
+        logger.info("MemcacheConnectorStoreV1 worker stats: %s", totals or "no transfers")
         if self.pool is not None:
             self.pool.close()

@@ -1,4 +1,5 @@
-"""The OpenAI server with the connector answers the seed's requests; a repeat is served from the pool.
+"""The OpenAI server with the connector answers the seed's requests; a repeat is served from the pool, and the
+connector's counters on /metrics show it.
 
 vLLM's own prefix cache is off here, so any cached prompt tokens on the repeat can only have come from the pool.
 """
@@ -36,6 +37,7 @@ def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
     with vllm_server(tiny_model, tmp_path, config, args, env=engine_env(tmp_path / "cache")) as server:
         first = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
         repeat = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
+        metrics = prometheus_samples(httpx.get(f"{server.url}/metrics", timeout=30).text)
         serving_log = server.log_text()
     long_prompt_tokens = first[1]["usage"]["prompt_tokens"]
     assert long_prompt_tokens > 128, "the long seed prompt should span at least one full block"
@@ -45,3 +47,19 @@ def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
     assert cached_tokens(first[1]) == 0
     assert cached_tokens(repeat[1]) == long_prompt_tokens // 128 * 128
     assert "Traceback" not in serving_log
+    # The connector's counters on the server's /metrics moved with the hit.
+    assert metrics.get("vllm:kvpool_hit_tokens_total", 0) >= 128
+    assert metrics.get("vllm:kvpool_loaded_bytes_total", 0) > 0
+    assert metrics.get("vllm:kvpool_saved_blocks_total", 0) >= long_prompt_tokens // 128
+    assert metrics.get("vllm:kvpool_lookups_total", 0) == 2  # the long prompt twice; the short one has no full block
+
+
+def prometheus_samples(text: str) -> dict[str, float]:
+    """Sum of each sample name over its labels, from a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals

@@ -60,10 +60,10 @@ def test_staged_blocks_land_in_pool(kv, handle, read_back):
     assert saver.flush(10)
     for key, block in zip(keys, (1, 2, 5), strict=True):
         assert read_back(key) == _block_bytes(caches, block)
-    assert saver.stats["save_ok"] == 3
+    assert saver.stats["saved_blocks"] == 3
     saver.stage(keys[:1], [1])  # already in the pool: skipped, not re-put
     assert saver.flush(10)
-    assert saver.stats["save_already_present"] == 1
+    assert saver.stats["save_skipped_present"] == 1
     saver.close()
 
 
@@ -87,7 +87,7 @@ def test_full_staging_drops_oldest_queued_saves(kv, handle, read_back):
     saver.pause()
     saver.stage(["t/staging/full/a0", "t/staging/full/a1"], [0, 1])
     saver.stage(["t/staging/full/b"], [4])  # no free slot: the queued job "a" is dropped
-    assert saver.stats["save_dropped_staging_full"] == 2
+    assert saver.stats["save_dropped.staging_full"] == 2
     saver.resume()
     assert saver.flush(10)
     assert handle.exists(["t/staging/full/a0", "t/staging/full/a1", "t/staging/full/b"]) == [False, False, True]
