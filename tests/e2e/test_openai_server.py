@@ -6,6 +6,8 @@ vLLM's own prefix cache is off here, so any cached prompt tokens on the repeat c
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -34,10 +36,14 @@ def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
         "kv_connector_extra_config": {"backend": "mooncake", "mooncake": pool.client_config()},
     }
     args = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
-    with vllm_server(tiny_model, tmp_path, config, args, env=engine_env(tmp_path / "cache")) as server:
+    env = engine_env(tmp_path / "cache", {"VLLM_LOG_STATS_INTERVAL": "1"})
+    with vllm_server(tiny_model, tmp_path, config, args, env=env) as server:
         first = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
         repeat = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
         metrics = prometheus_samples(httpx.get(f"{server.url}/metrics", timeout=30).text)
+        deadline = time.monotonic() + 15
+        while "KV Transfer metrics: pool_lookups=" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
         serving_log = server.log_text()
     long_prompt_tokens = first[1]["usage"]["prompt_tokens"]
     assert long_prompt_tokens > 128, "the long seed prompt should span at least one full block"
@@ -51,6 +57,7 @@ def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
     assert metrics.get("vllm:kvpool_hit_tokens_total", 0) >= 128
     assert metrics.get("vllm:kvpool_loaded_bytes_total", 0) > 0
     assert metrics.get("vllm:kvpool_saved_blocks_total", 0) >= long_prompt_tokens // 128
+    assert "KV Transfer metrics: pool_lookups=" in serving_log  # vLLM's periodic log line carries ours
     assert metrics.get("vllm:kvpool_lookups_total", 0) == 2  # the long prompt twice; the short one has no full block
 
 

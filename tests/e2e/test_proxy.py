@@ -129,3 +129,13 @@ def test_healthcheck_and_32_concurrent_requests(proxy, tiny_model):
         return [r.status_code for r in replies]
 
     assert asyncio.run(burst()) == [200] * 32
+
+
+def test_chat_completions_pass_through(server, proxy, tiny_model):
+    """The tiny model has no chat template: whatever vLLM answers directly, the proxy answers the same."""
+    body = {"model": tiny_model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    direct = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    via = httpx.post(f"{proxy}/v1/chat/completions", json=body, timeout=60)
+    assert via.status_code == direct.status_code
+    if direct.status_code >= 400:
+        assert via.json()["error"]["message"] == direct.json()["error"]["message"]

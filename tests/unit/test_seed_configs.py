@@ -84,3 +84,26 @@ def test_our_child_is_built_from_the_seed_producer_json(tiny_model, pool, tmp_pa
         assert child_config.kv_transfer_config.kv_load_failure_policy == "recompute"
     finally:
         child.shutdown()
+
+
+def test_field_config_files_parse_with_our_config_code():
+    """The deployment folder's memcache and Mooncake files are what the connector reads at startup."""
+    memcache = parse_config(
+        {"use_layerwise": False, "memcache_rpc_port": "0"},
+        env={"MMC_LOCAL_CONFIG_PATH": str(EXAMPLES / "mmc-local.conf")},
+    )
+    assert memcache.memcache is not None and memcache.memcache.meta_service_url == "tcp://127.0.0.1:5000"
+    mooncake = parse_config({"backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(EXAMPLES / "mooncake.json")})
+    assert mooncake.mooncake is not None and mooncake.mooncake.protocol == "ascend"
+
+
+@pytest.mark.parametrize(
+    ("script", "config"),
+    [("multi_producer.sh", "kv_transfer_producer.json"), ("multi_consumer.sh", "kv_transfer_consumer.json")],
+)
+def test_launch_scripts_use_the_tested_json(script, config):
+    import subprocess
+
+    text = (EXAMPLES / script).read_text()
+    assert f'$(cat "$HERE/{config}")' in text
+    assert subprocess.run(["bash", "-n", str(EXAMPLES / script)], check=False).returncode == 0
