@@ -128,9 +128,18 @@ class PoolHandle:
             self.warn("lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", timeout_s * 1e3)
             return [False] * len(keys)
 
+    def skip_saves(self, count: int, stats: StatsCounter) -> None:
+        """Saves that cannot happen while the pool is not connected: counted and warned about, not attempted."""
+        stats.add("save_dropped.unavailable", count)
+        self._not_connected("put", count)
+
+    def _not_connected(self, op: str, count: int) -> None:
+        self.warn("not-connected", "KV pool (%s) not connected yet: %s of %d blocks skipped", self.label, op, count)
+
     def _transfer(self, op: str, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
         backend = self._backend
         if backend is None:
+            self._not_connected(op, len(keys))
             return [Outcome.UNAVAILABLE] * len(keys)
         try:
             outcomes = getattr(backend, op)(keys, addrs, sizes)
@@ -151,6 +160,9 @@ class PoolHandle:
         self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]], stats: StatsCounter
     ) -> None:
         """Put the objects the pool does not hold yet; count every outcome into ``stats``, warn about failures."""
+        if not self.connected:
+            self.skip_saves(len(keys), stats)
+            return
         present = self.exists(keys)
         todo = [i for i, p in enumerate(present) if not p]
         stats.add("save_skipped_present", len(keys) - len(todo))

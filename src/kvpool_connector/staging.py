@@ -84,6 +84,9 @@ class StagingSaver:
 
     # -- forward-pass side ---------------------------------------------------------------------------------
     def stage(self, keys: Sequence[str], block_ids: Sequence[int]) -> None:
+        if not self._pool.connected:  # nothing could take the copy: skip it, count it
+            self._pool.skip_saves(len(keys), self.stats)
+            return
         with self._cond:
             slots = self._take_slots(len(keys))
         if len(slots) < len(keys):

@@ -134,9 +134,6 @@ class PoolWorker:
             for transfer in meta.saves:
                 self.saver.stage(self._keys(transfer), transfer.block_ids)
             return
-        if not self.pool.connected:
-            self.stats.add("save_dropped.unavailable", sum(len(t.block_ids) for t in meta.saves))
-            return
         block_ids = [b for t in meta.saves for b in t.block_ids]
         pool_keys = [k for t in meta.saves for k in self._keys(t)]
         addrs, sizes = self.pages.addresses(block_ids)

@@ -50,5 +50,8 @@ def test_engine_with_seed_config_serves_without_pool(tiny_model, meta, tmp_path)
     env = engine_env(tmp_path / "cache", {"MMC_LOCAL_CONFIG_PATH": str(meta.local_config)})
     run = run_engine(EngineSpec(model=tiny_model, prompts=prompts, kv_transfer_config=config), tmp_path, env=env)
     assert run.outputs == baseline.outputs
-    assert "KV pool (worker" in run.log and "unavailable" in run.log
+    # The worker's pool cannot hold data here: saves are skipped with a warning naming the worker's pool, whether
+    # they come before its memcache init has failed ("not connected yet") or after ("unavailable").
+    assert "KV pool (worker" in run.log
+    assert "not connected yet" in run.log or "unavailable, serving without pool hits" in run.log
     assert "Traceback" not in run.log
