@@ -6,9 +6,13 @@
 2. ``register_memory()`` records KV regions and (re)registers them whenever a connection is made.
 3. ``exists`` / ``put`` / ``get`` answer "absent"/"unavailable" while disconnected, and turn any exception from the
    pool client into the same, with a rate-limited warning that says why.
-4. ``exists_within(keys, timeout_s)`` bounds the scheduler's lookup: past the timeout, or while an earlier lookup is
+4. An outage seen by any call (the master refuses, resets or does not answer) opens a back-off window of
+   ``reconnect_interval_s``: calls inside it fail fast instead of each waiting out the client's RPC retries (~4 s for
+   a dead master, 30 s for a hung one); the first call after it probes the pool again. Mooncake's client reconnects
+   to a restarted master by itself, so a probe that succeeds ends the outage and hits resume.
+5. ``exists_within(keys, timeout_s)`` bounds the scheduler's lookup: past the timeout, or while an earlier lookup is
    still stuck in the pool client, the answer is a miss.
-5. ``close()`` stops the connector thread and closes the client.
+6. ``close()`` stops the connector thread and closes the client.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class PoolHandle:
         self._thread: threading.Thread | None = None
         self._lookup_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kvpool-lookup-{label}")
         self._lookup_inflight: concurrent.futures.Future | None = None
+        self._outage_lock = threading.Lock()
+        self._down_since: float | None = None
+        self._down_until = 0.0
+        self.outages = 0
         self.warn = RateLimitedWarning(logger)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -91,6 +99,45 @@ class PoolHandle:
             except Exception:
                 logger.debug("closing the KV pool client failed", exc_info=True)
 
+    # -- outages ------------------------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """Connected and not inside an outage's back-off window: a call now is worth making."""
+        return self.connected and time.monotonic() >= self._down_until
+
+    def _usable_backend(self) -> PoolBackend | None:
+        return self._backend if time.monotonic() >= self._down_until else None
+
+    def _outage(self, op: str, reason: object) -> None:
+        now = time.monotonic()
+        with self._outage_lock:
+            if self._down_since is None:
+                self._down_since = now
+                self.outages += 1
+            self._down_until = now + self._interval
+        self.warn(
+            "outage",
+            "KV pool (%s) unreachable during %s (%s): serving without it, probing again every %.0f s",
+            self.label,
+            op,
+            reason,
+            self._interval,
+        )
+
+    def _reachable(self) -> None:
+        if self._down_since is None:
+            return
+        with self._outage_lock:
+            since, self._down_since, self._down_until = self._down_since, None, 0.0
+        if since is not None:
+            logger.warning("KV pool (%s) reachable again after %.1f s", self.label, time.monotonic() - since)
+
+    def _skipped(self, op: str, count: int) -> None:
+        if self.connected:
+            self.warn("outage-skip", "KV pool (%s) in an outage: %s of %d blocks skipped", self.label, op, count)
+        else:
+            self.warn("not-connected", "KV pool (%s) not connected yet: %s of %d blocks skipped", self.label, op, count)
+
     def register_memory(self, ptr: int, size: int) -> None:
         with self._lock:
             self._regions.append((ptr, size))
@@ -99,23 +146,29 @@ class PoolHandle:
 
     # -- data calls -----------------------------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
-        backend = self._backend
+        backend = self._usable_backend()
         if backend is None:
             return [False] * len(keys)
         try:
             found = backend.exists(keys)
+        except PoolUnavailable as exc:
+            self._outage("lookup", exc)
+            return [False] * len(keys)
         except Exception as exc:  # noqa: BLE001 - any pool client error is a miss
             self.warn("exists", "KV pool lookup failed, counting it as a miss: %r", exc)
             return [False] * len(keys)
         if len(found) != len(keys):
             self.warn("exists", "KV pool answered %d of %d existence queries; counting a miss", len(found), len(keys))
             return [False] * len(keys)
+        self._reachable()
         return found
 
     def exists_within(self, keys: Sequence[str], timeout_s: float) -> list[bool]:
         """``exists`` bounded by ``timeout_s``; a stuck pool client costs misses, never a stalled scheduler."""
         if self._backend is None:
             self.warn("not-connected", "KV pool (%s) not connected yet: counting lookups as misses", self.label)
+            return [False] * len(keys)
+        if not self.available:
             return [False] * len(keys)
         if self._lookup_inflight is not None and not self._lookup_inflight.done():
             self.warn("lookup-stuck", "an earlier KV pool lookup has not returned; counting lookups as misses")
@@ -131,15 +184,12 @@ class PoolHandle:
     def skip_saves(self, count: int, stats: StatsCounter) -> None:
         """Saves that cannot happen while the pool is not connected: counted and warned about, not attempted."""
         stats.add("save_dropped.unavailable", count)
-        self._not_connected("put", count)
-
-    def _not_connected(self, op: str, count: int) -> None:
-        self.warn("not-connected", "KV pool (%s) not connected yet: %s of %d blocks skipped", self.label, op, count)
+        self._skipped("put", count)
 
     def _transfer(self, op: str, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
-        backend = self._backend
+        backend = self._usable_backend()
         if backend is None:
-            self._not_connected(op, len(keys))
+            self._skipped(op, len(keys))
             return [Outcome.UNAVAILABLE] * len(keys)
         try:
             outcomes = getattr(backend, op)(keys, addrs, sizes)
@@ -148,6 +198,10 @@ class PoolHandle:
             return [Outcome.FAILED] * len(keys)
         if len(outcomes) != len(keys):
             return [Outcome.FAILED] * len(keys)
+        if Outcome.UNAVAILABLE in outcomes:
+            self._outage(op, f"{outcomes.count(Outcome.UNAVAILABLE)} of {len(keys)} blocks unavailable")
+        else:
+            self._reachable()
         return outcomes
 
     def put(self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[Outcome]:
@@ -160,10 +214,13 @@ class PoolHandle:
         self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]], stats: StatsCounter
     ) -> None:
         """Put the objects the pool does not hold yet; count every outcome into ``stats``, warn about failures."""
-        if not self.connected:
+        if not self.available:
             self.skip_saves(len(keys), stats)
             return
         present = self.exists(keys)
+        if not self.available:  # the existence query just found the pool down
+            self.skip_saves(len(keys), stats)
+            return
         todo = [i for i, p in enumerate(present) if not p]
         stats.add("save_skipped_present", len(keys) - len(todo))
         if not todo:

@@ -84,7 +84,7 @@ class StagingSaver:
 
     # -- forward-pass side ---------------------------------------------------------------------------------
     def stage(self, keys: Sequence[str], block_ids: Sequence[int]) -> None:
-        if not self._pool.connected:  # nothing could take the copy: skip it, count it
+        if not self._pool.available:  # disconnected or in an outage: nothing could take the copy; count it
             self._pool.skip_saves(len(keys), self.stats)
             return
         with self._cond:

@@ -49,3 +49,20 @@ def test_lookup_client_contributes_no_memory(pool):
     b.connect()
     assert b.exists(["t/none"]) == [False]
     b.close()
+
+
+def test_one_bad_object_in_a_batch_fails_only_itself(backend):
+    """A missing key and an object of the wrong size mid-batch: each reported on its own, the others land whole."""
+    page = 4096
+    src = np.random.default_rng(2).integers(0, 255, 4 * page, dtype=np.uint8)
+    dst = np.zeros(4 * page, dtype=np.uint8)
+    for arr in (src, dst):
+        backend.register_memory(arr.ctypes.data, arr.nbytes)
+    s, d = src.ctypes.data, dst.ctypes.data
+    assert backend.put(["t/mid/0", "t/mid/3"], [[s], [s + 3 * page]], [[page], [page]]) == [Outcome.OK] * 2
+    assert backend.put(["t/mid/2"], [[s + page, s + 2 * page]], [[page, page]]) == [Outcome.OK]  # two pages
+    keys = ["t/mid/0", "t/mid/1", "t/mid/2", "t/mid/3"]
+    got = backend.get(keys, [[d + i * page] for i in range(4)], [[page]] * 4)
+    assert got == [Outcome.OK, Outcome.MISSING, Outcome.WRONG_SIZE, Outcome.OK]
+    assert np.array_equal(dst[:page], src[:page])
+    assert np.array_equal(dst[3 * page :], src[3 * page :])

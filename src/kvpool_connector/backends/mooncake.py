@@ -20,19 +20,23 @@ REPLICA_IS_NOT_READY = -703  # another writer is still putting this key
 OBJECT_NOT_FOUND = -704
 OBJECT_ALREADY_EXISTS = -705
 TRANSFER_FAIL = -800  # e.g. our buffer is larger than the object
-RPC_FAIL = -900  # master unreachable
+RPC_FAIL = -900  # master unreachable (refused or reset: answered at once, or after ~4 s of retries)
+RPC_TIMEOUT = -901  # master not answering (hung, or a black-holed network): each call waits 30 s
+_MASTER_DOWN = (RPC_FAIL, RPC_TIMEOUT)
 
 _PUT_CODES = {
     NO_AVAILABLE_HANDLE: Outcome.POOL_FULL,
     OBJECT_ALREADY_EXISTS: Outcome.EXISTS,
     REPLICA_IS_NOT_READY: Outcome.EXISTS,
     RPC_FAIL: Outcome.UNAVAILABLE,
+    RPC_TIMEOUT: Outcome.UNAVAILABLE,
 }
 _GET_CODES = {
     OBJECT_NOT_FOUND: Outcome.MISSING,
     REPLICA_IS_NOT_READY: Outcome.MISSING,
     INVALID_PARAMS: Outcome.WRONG_SIZE,
     RPC_FAIL: Outcome.UNAVAILABLE,
+    RPC_TIMEOUT: Outcome.UNAVAILABLE,
 }
 
 
@@ -76,7 +80,10 @@ class MooncakeBackend(PoolBackend):
             raise PoolUnavailable(f"Mooncake register_buffer({size} bytes) returned {rc}")
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
-        return [code == 1 for code in self._store.batch_is_exist(list(keys))]
+        codes = self._store.batch_is_exist(list(keys))
+        if down := sorted({c for c in codes if c in _MASTER_DOWN}):
+            raise PoolUnavailable(f"Mooncake master {self._settings.master_server_address} answered {down}")
+        return [code == 1 for code in codes]
 
     def put(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
         codes = self._store.batch_put_from_multi_buffers(list(keys), addrs, sizes, self._replicate_config)

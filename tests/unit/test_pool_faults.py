@@ -1,0 +1,181 @@
+"""Pool faults against a real Mooncake Store on loopback, each with its own master and pool node: the master killed
+and restarted, the master hung, the process holding the objects gone, objects removed between lookup and load.
+
+The promise under test: every fault costs hits (misses, recomputed blocks, dropped saves, all counted) and never an
+exception, a wrong block, or a call that waits out the pool client's own RPC timeouts over and over.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from kvpool_connector.backends import Outcome
+from kvpool_connector.backends.mooncake import MooncakeBackend
+from kvpool_connector.config import MooncakeSettings, parse_config
+from kvpool_connector.keys import KVLayout, pool_key
+from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
+from kvpool_connector.metrics import StatsCounter
+from kvpool_connector.pool import PoolHandle
+from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
+from kvpool_connector.testing.processes import stop_process
+from kvpool_connector.worker import PoolWorker
+
+NUM_BLOCKS, HEADS, BS, DIM, LAYERS = 8, 2, 16, 32, 3
+BLOCK_BYTES = LAYERS * HEADS * BS * DIM * 4
+PROBE_S = 0.5
+
+
+@pytest.fixture
+def own_pool(tmp_path) -> Iterator[MooncakePool]:
+    """A pool this test may break."""
+    with mooncake_pool(tmp_path / "mooncake", segment_size="64 MB") as running:
+        yield running
+
+
+@pytest.fixture
+def buffer() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, 4 * BLOCK_BYTES, dtype=np.uint8)
+
+
+def open_handle(pool: MooncakePool, buffer: np.ndarray) -> PoolHandle:
+    settings = MooncakeSettings(**pool.client_config())
+    handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), PROBE_S, "test")
+    handle.register_memory(buffer.ctypes.data, buffer.nbytes)
+    handle.start()
+    assert handle.wait_connected(15)
+    return handle
+
+
+def spans(buffer: np.ndarray, n: int) -> tuple[list[list[int]], list[list[int]]]:
+    return [[buffer.ctypes.data + i * BLOCK_BYTES] for i in range(n)], [[BLOCK_BYTES]] * n
+
+
+def timed(fn, *args):
+    start = time.monotonic()
+    result = fn(*args)
+    return result, time.monotonic() - start
+
+
+def wait_until(predicate, timeout_s: float) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"not true after {timeout_s} s"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def test_master_killed_then_restarted(own_pool, buffer, caplog):
+    handle = open_handle(own_pool, buffer)
+    stats = StatsCounter()
+    addrs, sizes = spans(buffer, 2)
+    handle.put_missing(["k/0", "k/1"], addrs, sizes, stats)
+    assert stats["saved_blocks"] == 2
+
+    own_pool.stop_master(signal.SIGKILL)
+    found, took = timed(handle.exists_within, ["k/0", "k/1"], 0.5)
+    assert found == [False, False] and took < 1.0
+    assert handle.outages == 1 and not handle.available
+    # Inside the back-off window nothing waits on the dead master: loads fail fast, saves are skipped and counted.
+    got, took = timed(handle.get, ["k/0"], addrs[:1], sizes[:1])
+    assert got == [Outcome.UNAVAILABLE] and took < 0.1
+    handle.put_missing(["k/2"], addrs[:1], sizes[:1], stats)
+    assert stats["save_dropped.unavailable"] == 1
+    assert "unreachable during lookup" in caplog.text
+
+    # Mooncake's client reconnects to a restarted master, and the pool node mounts its segment again: saves and
+    # hits resume. The old objects went with the master's metadata.
+    own_pool.start_master()
+
+    def saved_again() -> bool:
+        handle.put_missing(["k/3"], addrs[:1], sizes[:1], stats)
+        return stats["saved_blocks"] == 3
+
+    recovered_s = wait_until(saved_again, 20)
+    assert handle.exists_within(["k/3", "k/0"], 0.5) == [True, False]
+    assert handle.get(["k/3"], addrs[1:2], sizes[1:2]) == [Outcome.OK]
+    assert "reachable again" in caplog.text
+    assert handle.outages == 1
+    print(f"saves resumed {recovered_s:.1f} s after the master restarted")
+    handle.close()
+
+
+def test_hung_master_costs_one_lookup_timeout(own_pool, buffer):
+    handle = open_handle(own_pool, buffer)
+    stats = StatsCounter()
+    addrs, sizes = spans(buffer, 1)
+    handle.put_missing(["h/0"], addrs, sizes, stats)
+    own_pool.master.send_signal(signal.SIGSTOP)
+    try:
+        found, took = timed(handle.exists_within, ["h/0"], 0.3)
+        assert found == [False] and took < 1.0
+        # The first lookup is still inside the client (its RPC timeout is 30 s): later ones answer at once.
+        found, took = timed(handle.exists_within, ["h/0"], 5.0)
+        assert found == [False] and took < 0.1
+    finally:
+        own_pool.master.send_signal(signal.SIGCONT)
+    wait_until(lambda: handle.exists_within(["h/0"], 0.5) == [True], 10)
+    handle.close()
+
+
+@pytest.fixture
+def worker(own_pool) -> Iterator[tuple[PoolWorker, dict[str, torch.Tensor]]]:
+    layout = KVLayout(
+        model="faults", model_dtype="float32", kv_dtype="float32", device_type="cpu", kv_layout="NHD",
+        attention="FullAttentionSpec", block_size=BS, num_kv_heads=HEADS, head_size=DIM,
+        page_size_bytes=HEADS * BS * DIM * 4, num_layers=LAYERS, tp_size=1, pp_size=1, shared_across_tp=False,
+    )  # fmt: skip
+    config = parse_config(
+        {"backend": "mooncake", "mooncake": own_pool.client_config(), "reconnect_interval_s": PROBE_S}
+    )
+    w = PoolWorker(layout, "faultshard", saves_enabled=True, num_blocks=NUM_BLOCKS, config=config)
+    torch.manual_seed(0)
+    caches = {f"model.layers.{i}.self_attn.attn": torch.randn(NUM_BLOCKS, HEADS, BS, DIM) for i in range(LAYERS)}
+    w.register_kv_caches(caches)
+    assert w.pool is not None and w.pool.wait_connected(15)
+    yield w, caches
+    w.shutdown()
+
+
+def _save_blocks(w: PoolWorker, hashes: list[bytes], block_ids: list[int]) -> None:
+    w.save(PoolConnectorMetadata(saves=[BlockTransfer("r-save", block_ids, hashes)]))
+    assert w.saver is not None and w.saver.flush(10)
+    assert w.stats["saved_blocks"] == len(block_ids)
+
+
+def test_object_removed_between_lookup_and_load_is_recomputed(worker):
+    w, caches = worker
+    hashes = [bytes([i]) * 32 for i in range(3)]
+    _save_blocks(w, hashes, [0, 1, 2])
+    keys = [pool_key("faultshard", h) for h in hashes]
+    assert w.pool.exists(keys) == [True, True, True]  # the scheduler's lookup saw all three
+    assert w.pool.remove(keys[1:2]) == [True]  # evicted before the worker loads
+    before = {name: t.clone() for name, t in caches.items()}
+    w.load(PoolConnectorMetadata(loads=[BlockTransfer("r-load", [5, 6, 7], hashes)]))
+    assert w.take_load_errors() == {6}  # vLLM recomputes block 6 (its load-error path)
+    assert w.stats["load_failed.missing"] == 1 and w.stats["loaded_blocks"] == 2
+    for name, t in caches.items():
+        assert torch.equal(t[5], before[name][0]) and torch.equal(t[7], before[name][2])
+
+
+def test_holder_of_the_objects_exits(worker, own_pool):
+    """The pool node dies: its objects are still listed for a few seconds, but no byte of them can be read."""
+    w, _ = worker
+    hashes = [bytes([9, i]) * 16 for i in range(2)]
+    _save_blocks(w, hashes, [0, 1])
+    stop_process(own_pool.node, signal.SIGKILL)
+    keys = [pool_key("faultshard", h) for h in hashes]
+    w.load(PoolConnectorMetadata(loads=[BlockTransfer("r-gone", [4, 5], hashes)]))
+    assert w.take_load_errors() == {4, 5}
+    assert w.stats["loaded_blocks"] == 0
+    # Later saves fail (no segment left) and are counted; nothing raises.
+    w.save(PoolConnectorMetadata(saves=[BlockTransfer("r-more", [2], [b"\x07" * 32])]))
+    assert w.saver.flush(10)
+    failed = {k: v for k, v in w.stats.total().items() if k.startswith(("save_failed", "save_dropped"))}
+    assert sum(failed.values()) >= 1, w.stats.total()
+    wait_until(lambda: w.pool.exists(keys) == [False, False], 30)  # the master forgets the dead node's objects
