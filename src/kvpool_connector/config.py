@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -28,6 +29,7 @@ DEFAULT_LOCAL_BUFFER_SIZE = 16 << 20
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_MAX_SIZE = 1 << 60  # sizes go to C++ as 64-bit integers
 
 
 class ConfigError(ValueError):
@@ -45,9 +47,11 @@ def parse_size(value: int | str, key: str) -> int:
         if not match:
             raise ConfigError(f"{key}: cannot read {value!r} as a size; use bytes or a string like '512MB' or '4GB'")
         number, unit = match.groups()
-        size = int(float(number) * _SIZE_UNITS[(unit or "").lower()[:1]])
+        size = int(Decimal(number) * _SIZE_UNITS[(unit or "").lower()[:1]])
     if size < 0:
         raise ConfigError(f"{key}: a size cannot be negative, got {value!r}")
+    if size > _MAX_SIZE:
+        raise ConfigError(f"{key}: {value!r} is more than any host holds (limit {_MAX_SIZE >> 50} PiB)")
     return size
 
 
@@ -108,14 +112,14 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     memcache_rpc_port: int | str = 0
     """vllm-ascend's per-instance lookup-channel id (the seed gives "0" on P, "1" on D). This connector's scheduler
     asks the pool directly, so no port is opened; the value labels the instance in logs and metrics."""
-    lookup_timeout_ms: int = 500
+    lookup_timeout_ms: Annotated[int, msgspec.Meta(gt=0, le=60_000)] = 500
     """Upper bound of one scheduler-side existence query; past it the lookup counts as a miss."""
-    reconnect_interval_s: float = 5.0
+    reconnect_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     """How often an unreachable pool is retried in the background."""
     async_save: bool = True
     """Copy new blocks to a staging area at ``wait_for_save`` and put them from a background thread (the forward
     pass waits only for the local copy); ``false`` puts synchronously inside ``wait_for_save``."""
-    staging_buffer_mb: int = 256
+    staging_buffer_mb: Annotated[int, msgspec.Meta(gt=0, le=1 << 20)] = 256
     """Host memory for blocks waiting to be put; when full, the oldest waiting saves are dropped and counted."""
     mooncake: MooncakeSettings | None = None
     """Inline Mooncake settings; when absent they come from the file named by ``MOONCAKE_CONFIG_PATH``."""
@@ -123,7 +127,7 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """A Mooncake JSON file to read instead of ``MOONCAKE_CONFIG_PATH``."""
     memcache_config_path: str | None = None
     """A memcache local-service file to read instead of ``MMC_LOCAL_CONFIG_PATH``."""
-    memcache_device_id: int | None = None
+    memcache_device_id: Annotated[int, msgspec.Meta(ge=0, le=1023)] | None = None
 
     def __post_init__(self) -> None:
         if self.use_layerwise:
@@ -134,12 +138,6 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         rpc = self.memcache_rpc_port
         if isinstance(rpc, bool) or (isinstance(rpc, str) and not rpc.strip().isdigit()) or int(rpc) < 0:
             raise ValueError(f"`memcache_rpc_port` must be a non-negative integer or digit string, got {rpc!r}")
-        if self.lookup_timeout_ms <= 0:
-            raise ValueError(f"`lookup_timeout_ms` must be > 0, got {self.lookup_timeout_ms}")
-        if self.staging_buffer_mb <= 0:
-            raise ValueError(f"`staging_buffer_mb` must be > 0, got {self.staging_buffer_mb}")
-        if self.reconnect_interval_s <= 0:
-            raise ValueError(f"`reconnect_interval_s` must be > 0, got {self.reconnect_interval_s}")
 
     @property
     def instance_id(self) -> int:
@@ -162,7 +160,7 @@ def _convert(raw: Any, struct: type[msgspec.Struct], source: str) -> Any:
     try:
         return msgspec.convert(raw, struct, strict=True)
     except msgspec.ValidationError as exc:
-        msg = str(exc)
+        msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))  # keys may hold control chars
         nested = "`$.mooncake`" in msg and struct is PoolConfig
         if "unknown field" in msg:
             msg += f" (allowed keys: {_allowed_keys(MooncakeSettings if nested else struct)})"
@@ -171,11 +169,17 @@ def _convert(raw: Any, struct: type[msgspec.Struct], source: str) -> Any:
         raise ConfigError(f"{source}: {msg}") from None
 
 
-def _read_json_file(path: str, source: str) -> Any:
+def _read_text_file(path: str, source: str) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}={path!r}: cannot read the file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}={path!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_json_file(path: str, source: str) -> Any:
+    text = _read_text_file(path, source)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -202,10 +206,7 @@ def _mooncake_settings(pool: PoolConfig, env: dict[str, str]) -> MooncakeSetting
 
 def read_mmc_local_config(path: str, source: str) -> dict[str, str]:
     """Parse memcache's ``key = value`` local-service file (comments with #)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{source}={path!r}: cannot read the file ({exc.strerror})") from None
+    lines = _read_text_file(path, source).splitlines()
     entries: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from kvpool_connector.testing.engine import EngineSpec, run_engine
+from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
+from kvpool_connector.testing.mooncake_pool import connector_config
 from kvpool_connector.testing.processes import free_port
 from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
 
@@ -21,18 +23,8 @@ PROMPTS = standard_prompts()
 EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255, 0]
 
 
-def pool_config(mooncake: dict, role: str = "kv_both") -> dict:
-    return {
-        "kv_connector": "MemcacheConnectorStoreV1",
-        "kv_role": role,
-        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": mooncake, "reconnect_interval_s": 1.0},
-    }
-
-
-def worker_shard(log: str) -> str:
-    match = re.search(r"MemcacheConnectorStoreV1 worker: .* shard ([0-9a-f]{16})", log)
-    assert match, "worker did not log its shard fingerprint"
-    return match.group(1)
+def pool_config(mooncake: dict) -> dict:
+    return connector_config(mooncake, reconnect_interval_s=1.0)
 
 
 def loaded_blocks(log: str) -> int:
@@ -75,24 +67,11 @@ def test_fresh_engine_loads_from_pool(loaded, baseline):
     assert 5 <= loaded_blocks(loaded.log) <= 7
 
 
-def _block_keys(shard: str, prompt: list[int]) -> list[str]:
-    """Pool keys of a prompt's full blocks, derived independently with vLLM's own block hash."""
-    from vllm.utils.hashing import sha256
-    from vllm.v1.core import kv_cache_utils
-
-    kv_cache_utils.init_none_hash(sha256)
-    parent, out = kv_cache_utils.NONE_HASH, []
-    for start in range(0, len(prompt) // 128 * 128, 128):
-        parent = kv_cache_utils.hash_block_tokens(sha256, parent, prompt[start : start + 128], None)
-        out.append(f"kvp1/{shard}/{bytes(parent).hex()}")
-    return out
-
-
 def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, mooncake_client, tmp_path):
     """Overwrite one stored block with other bytes of the same size: the next load must produce other tokens."""
     from mooncake.store import ReplicateConfig
 
-    keys = _block_keys(worker_shard(loaded.log), PROMPTS[2])
+    keys = prompt_block_keys(worker_shard(loaded.log), PROMPTS[2])
     assert mooncake_client.batch_is_exist(keys) == [1, 1], "the pool should hold the exact-multiple prompt's blocks"
     size = mooncake_client.get_size(keys[0])
     assert size > 0

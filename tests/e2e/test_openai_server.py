@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
+from kvpool_connector.testing.client import cached_tokens, complete, server_metrics
 from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.server import vllm_server
 from kvpool_connector.testing.workloads import SEED_REQUESTS
@@ -18,29 +18,14 @@ from kvpool_connector.testing.workloads import SEED_REQUESTS
 pytestmark = pytest.mark.e2e
 
 
-def complete(url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def cached_tokens(answer: dict) -> int:
-    return ((answer["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-
-
 def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
-    config = {
-        "kv_connector": "MemcacheConnectorStoreV1",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": pool.client_config()},
-    }
+    config = pool.connector_config()
     args = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
     env = engine_env(tmp_path / "cache", {"VLLM_LOG_STATS_INTERVAL": "1"})
     with vllm_server(tiny_model, tmp_path, config, args, env=env) as server:
         first = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
         repeat = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
-        metrics = prometheus_samples(httpx.get(f"{server.url}/metrics", timeout=30).text)
+        metrics = server_metrics(server.url)
         deadline = time.monotonic() + 15
         while "KV Transfer metrics: pool_lookups=" not in server.log_text() and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -59,14 +44,3 @@ def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
     assert metrics.get("vllm:kvpool_saved_blocks_total", 0) >= long_prompt_tokens // 128
     assert "KV Transfer metrics: pool_lookups=" in serving_log  # vLLM's periodic log line carries ours
     assert metrics.get("vllm:kvpool_lookups_total", 0) == 2  # the long prompt twice; the short one has no full block
-
-
-def prometheus_samples(text: str) -> dict[str, float]:
-    """Sum of each sample name over its labels, from a Prometheus text exposition."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals

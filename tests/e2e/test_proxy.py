@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 
 import httpx
 import pytest
 
 from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
+from kvpool_connector.testing.pd import start_proxy
+from kvpool_connector.testing.processes import free_port, stop_process
 from kvpool_connector.testing.server import vllm_server
 from kvpool_connector.testing.workloads import SEED_LONG_PROMPT
 
@@ -21,47 +21,24 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server(tiny_model, pool, tmp_path_factory):
-    config = {
-        "kv_connector": "MemcacheConnectorStoreV1",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": pool.client_config()},
-    }
+    config = pool.connector_config()
     workdir = tmp_path_factory.mktemp("proxy-server")
     with vllm_server(tiny_model, workdir, config, env=engine_env(workdir / "cache")) as running:
         yield running
 
 
-def _start_proxy(tmp_path, prefill: str, decode: str):
-    port = free_port()
-    log = tmp_path / f"proxy-{port}.log"
-    args = [
-        sys.executable,
-        "-m",
-        "kvpool_connector.proxy",
-        "--port",
-        str(port),
-        "--prefill",
-        prefill,
-        "--decode",
-        decode,
-        "--health-interval",
-        "1",
-    ]
-    proc = spawn(args, log)
-    wait_port(port, proc, 30, "proxy", log)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def proxy(server, tmp_path_factory):
-    proc, url = _start_proxy(tmp_path_factory.mktemp("proxy"), server.url, server.url)
+    proc, url = start_proxy(tmp_path_factory.mktemp("proxy"), server.url, server.url, "--health-interval", "1")
     yield url
     stop_process(proc)
 
 
 @pytest.fixture(scope="module")
 def dead_decode_proxy(server, tmp_path_factory):
-    proc, url = _start_proxy(tmp_path_factory.mktemp("proxy-dead"), server.url, f"http://127.0.0.1:{free_port()}")
+    proc, url = start_proxy(
+        tmp_path_factory.mktemp("proxy-dead"), server.url, f"http://127.0.0.1:{free_port()}", "--health-interval", "1"
+    )
     yield url
     stop_process(proc)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
 
-__all__ = ["MooncakePool", "free_port", "mooncake_bin", "mooncake_pool"]
+__all__ = ["MooncakePool", "connector_config", "free_port", "mooncake_bin", "mooncake_pool"]
 
 
 def mooncake_bin(name: str) -> Path:
@@ -27,6 +27,15 @@ def mooncake_bin(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{name} not found in the mooncake package at {path.parent}")
     return path
+
+
+def connector_config(mooncake: dict, role: str = "kv_both", **extra: object) -> dict:
+    """A ``--kv-transfer-config`` naming MemcacheConnectorStoreV1 with inline Mooncake settings."""
+    return {
+        "kv_connector": "MemcacheConnectorStoreV1",
+        "kv_role": role,
+        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": mooncake, **extra},
+    }
 
 
 @dataclass
@@ -55,6 +64,10 @@ class MooncakePool:
             "global_segment_size": global_segment_size,
             "local_buffer_size": 0,
         }
+
+    def connector_config(self, role: str = "kv_both", global_segment_size: int | str = 0, **extra: object) -> dict:
+        """A ``--kv-transfer-config`` naming MemcacheConnectorStoreV1 on this pool; ``extra`` goes to its keys."""
+        return connector_config(self.client_config(global_segment_size), role, **extra)
 
     def write_config_file(self, path: Path) -> Path:
         """The same settings as a ``MOONCAKE_CONFIG_PATH`` JSON file, the way the seed deploys them."""

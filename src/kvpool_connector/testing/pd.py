@@ -8,6 +8,7 @@ follows finds it. Everything is stopped by PID on exit.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,12 +28,18 @@ class PDDeployment:
     proxy_url: str
 
 
-def _pool_connector(role: str, mooncake: dict, **extra: object) -> dict:
-    return {
-        "kv_connector": "MemcacheConnectorStoreV1",
-        "kv_role": role,
-        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": mooncake, **extra},
-    }
+def start_proxy(workdir: Path, prefill: str, decode: str, *extra_args: str) -> tuple[subprocess.Popen, str]:
+    """The P/D proxy on a free loopback port, started and listening; returns its process and URL."""
+    port = free_port()
+    log = workdir / f"proxy-{port}.log"
+    args = ["--port", str(port), "--prefill", prefill, "--decode", decode, *extra_args]
+    proc = spawn([sys.executable, "-m", "kvpool_connector.proxy", *args], log)
+    try:
+        wait_port(port, proc, 30, "proxy", log)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @contextmanager
@@ -44,7 +51,7 @@ def pd_deployment(model: str, workdir: Path) -> Iterator[PDDeployment]:
             vllm_server(
                 model,
                 workdir / "producer",
-                _pool_connector("kv_producer", pool.client_config(), async_save=False),
+                pool.connector_config("kv_producer", async_save=False),
                 env=env,
             )
         )
@@ -52,27 +59,11 @@ def pd_deployment(model: str, workdir: Path) -> Iterator[PDDeployment]:
             vllm_server(
                 model,
                 workdir / "consumer",
-                _pool_connector("kv_consumer", pool.client_config()),
+                pool.connector_config("kv_consumer"),
                 ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"],
                 env=env,
             )
         )
-        port = free_port()
-        log = workdir / "proxy.log"
-        proxy = spawn(
-            [
-                sys.executable,
-                "-m",
-                "kvpool_connector.proxy",
-                "--port",
-                str(port),
-                "--prefill",
-                producer.url,
-                "--decode",
-                consumer.url,
-            ],
-            log,
-        )
+        proxy, proxy_url = start_proxy(workdir, producer.url, consumer.url)
         stack.callback(stop_process, proxy)
-        wait_port(port, proxy, 30, "proxy", log)
-        yield PDDeployment(producer.url, consumer.url, f"http://127.0.0.1:{port}")
+        yield PDDeployment(producer.url, consumer.url, proxy_url)

@@ -31,15 +31,14 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-@contextmanager
-def vllm_server(
+def start_vllm_server(
     model: str,
     workdir: Path,
     kv_transfer_config: dict | None = None,
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
-    startup_timeout_s: float = 300,
-) -> Iterator[Server]:
+) -> Server:
+    """Spawn the server on a free loopback port without waiting for it (several can start at the same moment)."""
     port = free_port()
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -52,20 +51,42 @@ def vllm_server(
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"vllm-server-{port}.log"
     proc = spawn(args, log, env=env or os.environ.copy())
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def wait_healthy(server: Server, timeout_s: float = 300) -> None:
+    """Until /health answers 200; raise with the log's tail if the server exits first or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited with {server.proc.returncode}:\n{server.log_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vLLM server not healthy after {timeout_s} s; see {server.log}")
+        time.sleep(1)
+
+
+def stop_server(server: Server, timeout_s: float = 60) -> None:
+    """SIGTERM to the API server (it stops its engine processes itself); SIGKILL its group past ``timeout_s``."""
+    stop_process(server.proc, timeout_s=timeout_s)
+
+
+@contextmanager
+def vllm_server(
+    model: str,
+    workdir: Path,
+    kv_transfer_config: dict | None = None,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    startup_timeout_s: float = 300,
+) -> Iterator[Server]:
+    server = start_vllm_server(model, workdir, kv_transfer_config, extra_args, env)
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{server.log_text()[-4000:]}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vLLM server not healthy after {startup_timeout_s} s; see {log}")
-            time.sleep(1)
+        wait_healthy(server, startup_timeout_s)
         yield server
     finally:
-        stop_process(proc, timeout_s=60)  # SIGTERM to the API server: it stops its engine processes itself
+        stop_server(server)

@@ -22,6 +22,24 @@ def standard_prompts(block_size: int = 128, vocab: int = 2000, seed: int = 0) ->
     ]
 
 
+def distinct_prompts(count: int, length: int, vocab: int = 2000, seed: int = 1) -> list[list[int]]:
+    """``count`` random token-id prompts of ``length`` tokens that share no block with each other."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def shared_prefix_prompts(
+    prefixes: int, per_prefix: int, prefix_len: int, suffix_len: int, vocab: int = 2000, seed: int = 2
+) -> list[list[int]]:
+    """``prefixes`` groups of prompts; the prompts of a group share their first ``prefix_len`` tokens."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(prefixes):
+        head = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+        out += [head + [rng.randrange(3, vocab) for _ in range(suffix_len)] for _ in range(per_prefix)]
+    return out
+
+
 def expected_pool_hits(prompts: list[list[int]], block_size: int = 128) -> list[int]:
     """Tokens a fresh engine should take from a pool that holds every full prompt block."""
     hits = []

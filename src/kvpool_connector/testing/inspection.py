@@ -1,0 +1,31 @@
+"""Read what a run left behind: the worker's shard fingerprint from its log, and the pool keys of a prompt derived
+independently of the connector (with vLLM's own block hash), so tests can look at the pool directly."""
+
+from __future__ import annotations
+
+import re
+
+
+def worker_shard(log: str) -> str:
+    match = re.search(r"MemcacheConnectorStoreV1 worker: .* shard ([0-9a-f]{16})", log)
+    assert match, "worker did not log its shard fingerprint"
+    return match.group(1)
+
+
+def worker_block_bytes(log: str) -> int:
+    match = re.search(r"MemcacheConnectorStoreV1 worker: .* (\d+) bytes per block object", log)
+    assert match, "worker did not log its block size"
+    return int(match.group(1))
+
+
+def prompt_block_keys(shard: str, prompt: list[int], block_size: int = 128) -> list[str]:
+    """Pool keys of a prompt's full blocks (no LoRA, no multimodal input, no cache_salt)."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils
+
+    kv_cache_utils.init_none_hash(sha256)
+    parent, out = kv_cache_utils.NONE_HASH, []
+    for start in range(0, len(prompt) // block_size * block_size, block_size):
+        parent = kv_cache_utils.hash_block_tokens(sha256, parent, prompt[start : start + block_size], None)
+        out.append(f"kvp1/{shard}/{bytes(parent).hex()}")
+    return out

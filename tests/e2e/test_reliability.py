@@ -1,0 +1,288 @@
+"""Faults during serving: the OpenAI server with the connector, a real Mooncake Store, and faults made with signals.
+
+One server lives through the module's phases, in file order: a concurrent streaming soak on a healthy pool, tenant
+isolation by ``cache_salt``, the master killed and restarted, the master hung, the pool node killed under stored
+objects, the pool full, and finally a shutdown with saves in flight. Every answer of the fault phases is compared token
+for token with a no-connector engine over the same prompts; vLLM's own prefix cache is off, so each cached token came
+from the pool.
+
+Two more servers of two different models start at the same moment on one pool (ports, isolation).
+``KVPOOL_SOAK_S`` sets the soak's length (CI: 20 s; the full soak: ``KVPOOL_SOAK_S=300``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import time
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from kvpool_connector.testing.client import cached_tokens, complete, server_metrics
+from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
+from kvpool_connector.testing.inspection import prompt_block_keys, worker_block_bytes, worker_shard
+from kvpool_connector.testing.processes import stop_process
+from kvpool_connector.testing.server import start_vllm_server, stop_server, vllm_server, wait_healthy
+from kvpool_connector.testing.tiny_model import build_model
+from kvpool_connector.testing.workloads import distinct_prompts, shared_prefix_prompts
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 128
+PROMPTS = distinct_prompts(24, 3 * BLOCK + 20, seed=11)  # 3 full blocks each, no block shared between prompts
+FULL_HIT = 3 * BLOCK
+MAX_TOKENS = 8
+SERVER_ARGS = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
+# vLLM's default shutdown (timeout 0) force-kills the engine: queued saves are lost (later misses, never partial
+# objects). With a drain timeout the engine shuts down in order and the connector flushes its queued saves.
+DRAINING_SHUTDOWN = ["--shutdown-timeout", "20"]
+SOAK_S = float(os.environ.get("KVPOOL_SOAK_S", "20"))
+SOAK_CONCURRENCY = 64
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model, tmp_path_factory) -> list[list[int]]:
+    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, max_tokens=MAX_TOKENS, sequential=True)
+    return run_engine(spec, tmp_path_factory.mktemp("baseline")).outputs
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, pool, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reliability-server")
+    config = pool.connector_config(reconnect_interval_s=1.0)
+    env = engine_env(workdir / "cache", {"VLLM_LOG_STATS_INTERVAL": "1"})
+    with vllm_server(tiny_model, workdir, config, SERVER_ARGS + DRAINING_SHUTDOWN, env=env) as running:
+        yield running
+
+
+class Client:
+    """Greedy requests for PROMPTS[i], checked against the no-connector baseline."""
+
+    def __init__(self, server, model: str, baseline: list[list[int]]) -> None:
+        self.server, self.model, self.baseline = server, model, baseline
+
+    def ask(self, i: int, **extra) -> tuple[int, float]:
+        """(cached tokens, seconds) of one request; its tokens must equal the baseline's."""
+        start = time.monotonic()
+        answer = complete(self.server.url, self.model, PROMPTS[i], MAX_TOKENS, return_token_ids=True, **extra)
+        took = time.monotonic() - start
+        assert answer["choices"][0]["token_ids"] == self.baseline[i], f"prompt {i}: output differs from baseline"
+        return cached_tokens(answer), took
+
+    def until_hit(self, i: int, timeout_s: float) -> float:
+        """Ask for PROMPTS[i] until the pool serves all its full blocks; seconds it took."""
+        start = time.monotonic()
+        while self.ask(i)[0] != FULL_HIT:
+            assert time.monotonic() - start < timeout_s, f"prompt {i}: no pool hit within {timeout_s} s"
+            time.sleep(0.5)
+        return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def client(server, tiny_model, baseline) -> Client:
+    return Client(server, tiny_model, baseline)
+
+
+def metric(server, name: str) -> float:
+    return server_metrics(server.url).get(name, 0.0)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not seen within {timeout_s} s"
+        time.sleep(0.5)
+
+
+def tree_rss_mib(pid: int) -> float:
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+async def _soak(url: str, model: str, prompts: list[list[int]], duration_s: float) -> tuple[list[float], list[str]]:
+    """SOAK_CONCURRENCY streaming clients in a loop until ``duration_s``; latencies of complete answers, errors."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + duration_s
+
+    async def one_client(worker: int, http: httpx.AsyncClient) -> None:
+        n = worker
+        while time.monotonic() < deadline:
+            body = {"model": model, "prompt": prompts[n % len(prompts)], "max_tokens": MAX_TOKENS, "stream": True}
+            n += SOAK_CONCURRENCY
+            start = time.monotonic()
+            chunks = 0
+            try:
+                async with http.stream("POST", f"{url}/v1/completions", json=body | {"temperature": 0.0}) as r:
+                    if r.status_code != 200:
+                        errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+                        continue
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            chunks += json.loads(line[6:])["choices"][0]["text"] is not None
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+                continue
+            if chunks == 0:
+                errors.append("stream ended without a token")
+            latencies.append(time.monotonic() - start)
+
+    limits = httpx.Limits(max_connections=SOAK_CONCURRENCY)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        await asyncio.gather(*(one_client(w, http) for w in range(SOAK_CONCURRENCY)))
+    return latencies, errors
+
+
+def test_concurrent_streaming_soak(server, tiny_model):
+    """64 concurrent streams over shared prefixes: no errors, p99 reported, memory flat after warm-up."""
+    prompts = shared_prefix_prompts(prefixes=8, per_prefix=16, prefix_len=2 * BLOCK + 10, suffix_len=40)
+    _, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=min(10.0, SOAK_S)))
+    assert not errors, errors[:5]
+    rss_before = tree_rss_mib(server.proc.pid)
+    latencies, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=SOAK_S))
+    rss_after = tree_rss_mib(server.proc.pid)
+    assert not errors, errors[:5]
+    p50, p99 = np.percentile(latencies, [50, 99])
+    hits = metric(server, "vllm:kvpool_hit_tokens_total")
+    print(
+        f"\nsoak: {len(latencies)} streams in {SOAK_S:.0f} s at concurrency {SOAK_CONCURRENCY}: "
+        f"latency p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, mean {statistics.fmean(latencies) * 1e3:.0f} ms; "
+        f"server RSS {rss_before:.0f} -> {rss_after:.0f} MiB; pool hit tokens so far {hits:.0f}"
+    )
+    assert len(latencies) >= SOAK_CONCURRENCY
+    assert hits > 0, "shared prefixes should have come from the pool"
+    # The connector's memory is allocated up front (staging area); what may grow is vLLM's and Python's own.
+    assert rss_after - rss_before < 256, f"server memory grew {rss_after - rss_before:.0f} MiB during the soak"
+
+
+def test_cache_salt_isolates_tenants(client):
+    assert client.ask(1, cache_salt="tenant-a")[0] == 0
+    wait_for(lambda: client.ask(1, cache_salt="tenant-a")[0] == FULL_HIT, 20, "tenant-a's own hit")
+    assert client.ask(1, cache_salt="tenant-b")[0] == 0
+    assert client.ask(1)[0] == 0  # no salt is a tenant of its own
+
+
+def test_master_killed_then_restarted(client, server, pool):
+    assert client.until_hit(0, 20) < 20  # healthy pool: a repeat is served from it
+    pool.stop_master(signal.SIGKILL)
+    durations = []
+    for i in (2, 3, 0, 2):
+        cached, took = client.ask(i)
+        assert cached == 0
+        durations.append(took)
+    print(f"\nrequests with the master dead: {', '.join(f'{d * 1e3:.0f} ms' for d in durations)}")
+    assert max(durations) < 10, "an outage must not make every request wait out the client's RPC retries"
+
+    pool.start_master()
+    restarted = time.monotonic()
+    client.until_hit(4, 30)
+    print(f"pool hits resumed {time.monotonic() - restarted:.1f} s after the master restarted")
+    log = server.log_text()
+    assert "unreachable during" in log and "reachable again" in log
+    assert log.count("unreachable during") <= 4, "the outage warning must be rate-limited"
+
+
+def test_hung_master_costs_lookup_timeouts_only(client, pool):
+    client.until_hit(5, 20)
+    pool.master.send_signal(signal.SIGSTOP)
+    try:
+        durations = [client.ask(i)[1] for i in (5, 6, 5)]
+    finally:
+        pool.master.send_signal(signal.SIGCONT)
+    print(f"\nrequests with the master hung: {', '.join(f'{d * 1e3:.0f} ms' for d in durations)}")
+    assert max(durations) < 5, "lookups must give up at lookup_timeout_ms and the scheduler keep stepping"
+    client.until_hit(6, 60)  # once it answers again (the stuck client call returns first), hits come back
+
+
+def test_pool_node_killed_under_stored_objects(client, server, pool):
+    """The process holding the objects dies: the master still lists them for a few seconds, so lookups hit and
+    the loads fail: vLLM recomputes those blocks and the output is unchanged."""
+    client.until_hit(7, 20)
+    failed_before = metric(server, "vllm:kvpool_load_failed_total")
+    stop_process(pool.node, signal.SIGKILL)
+    client.ask(7)
+    wait_for(lambda: metric(server, "vllm:kvpool_load_failed_total") > failed_before, 20, "a counted failed load")
+    for i in (7, 8):
+        client.ask(i)
+
+
+def test_pool_full_saves_fail_and_are_counted(client, server, pool):
+    pool.segment_size = "16 MB"  # 32 blocks of this model
+    pool.start_node()
+    for i in range(9, 21):  # 36 blocks, inside the objects' lease time: the pool cannot evict them yet
+        client.ask(i)
+    wait_for(lambda: metric(server, "vllm:kvpool_save_failed_total[pool_full]") > 0, 30, "saves refused as pool full")
+    print(f"\n{metric(server, 'vllm:kvpool_save_failed_total[pool_full]'):.0f} blocks refused as pool full")
+
+
+def test_shutdown_with_saves_in_flight(client, server, pool, mooncake_client):
+    """SIGTERM right after answers whose saves are still queued: the server drains and exits on its own, the
+    connector flushes its queue, and every object in the pool is whole."""
+    stop_process(pool.node)
+    pool.segment_size = "512 MB"
+    pool.start_node()
+    block_bytes = worker_block_bytes(server.log_text())
+    buf = np.zeros(block_bytes, dtype=np.uint8)
+    assert mooncake_client.register_buffer(buf.ctypes.data, buf.nbytes) == 0
+    # For a few seconds the master still places objects on the old node's segment; wait until it has let go.
+    probes = iter(range(1000))
+    wait_for(
+        lambda: all(
+            mooncake_client.put_from(f"probe/{next(probes)}", buf.ctypes.data, buf.nbytes) == 0 for _ in range(8)
+        ),
+        30,
+        "placement on live segments only",
+    )
+    client.until_hit(21, 30)  # a working pool again
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            bodies = [{"model": client.model, "prompt": PROMPTS[i], "max_tokens": 1} for i in (22, 23)]
+            await asyncio.gather(*(http.post(f"{server.url}/v1/completions", json=b) for b in bodies))
+
+    asyncio.run(burst())
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    print(f"\nserver exited {time.monotonic() - start:.1f} s after SIGTERM with saves in flight")
+    log = server.log_text()
+    assert "MemcacheConnectorStoreV1 worker stats" in log, "the worker did not run its shutdown"
+    keys = [key for i in (22, 23) for key in prompt_block_keys(worker_shard(log), PROMPTS[i])]
+    assert mooncake_client.batch_is_exist(keys) == [1] * len(keys), "queued saves were not flushed at shutdown"
+    for key in keys:
+        assert mooncake_client.get_size(key) == block_bytes
+        assert mooncake_client.get_into(key, buf.ctypes.data, buf.nbytes) == block_bytes
+
+
+def test_two_models_start_together_and_never_cross_hit(tiny_model, pool, session_dir, tmp_path):
+    """Two instances (two models of identical shape, each contributing a segment) start at the same moment on one
+    pool: no port clash; each finds its own entries and never the other model's."""
+    model_b = str(build_model(session_dir / "tiny-llama-b", preset="tiny", seed=1))
+    config = pool.connector_config(global_segment_size="64 MB", reconnect_interval_s=1.0)
+    servers = [
+        start_vllm_server(model, tmp_path / name, config, SERVER_ARGS, env=engine_env(tmp_path / f"cache-{name}"))
+        for name, model in (("a", tiny_model), ("b", model_b))
+    ]
+    try:
+        for s in servers:
+            wait_healthy(s)
+        prompt = PROMPTS[0]
+        a1, b1 = (complete(s.url, m, prompt, MAX_TOKENS) for s, m in zip(servers, (tiny_model, model_b), strict=True))
+        time.sleep(2)  # let both background saves land
+        b2 = complete(servers[1].url, model_b, prompt, MAX_TOKENS)
+        a2 = complete(servers[0].url, tiny_model, prompt, MAX_TOKENS)
+    finally:
+        for s in servers:
+            stop_server(s)
+    assert cached_tokens(a1) == 0 and cached_tokens(b1) == 0  # b did not take a's fresh entries
+    assert cached_tokens(a2) == FULL_HIT and cached_tokens(b2) == FULL_HIT  # each took its own
+    assert a1["choices"][0]["text"] == a2["choices"][0]["text"]
+    assert b1["choices"][0]["text"] == b2["choices"][0]["text"]
+    assert a1["choices"][0]["text"] != b1["choices"][0]["text"]

@@ -1,0 +1,125 @@
+"""Fuzzed configuration: whatever a user writes into ``kv_connector_extra_config`` or a pool config file, the connector
+either accepts it or raises one ConfigError naming what was wrong; never another exception from deep inside."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpool_connector.config import ConfigError, MooncakeSettings, PoolConfig, ResolvedConfig, parse_config
+
+MOONCAKE = {"master_server_address": "127.0.0.1:50088"}
+BASE = {"backend": "mooncake", "mooncake": MOONCAKE}
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=30)
+    | st.sampled_from(["0", "512MB", "1e999", "9" * 400 + "TB", "tcp://h:1", "", " ", "-5", "nan", "inf"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+def parse_or_config_error(extra: object, env: dict[str, str]) -> ResolvedConfig | ConfigError:
+    try:
+        return parse_config(extra, env=env)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        assert "\n" not in str(exc).strip(), "one line"
+        return exc
+
+
+def assert_usable(cfg: ResolvedConfig) -> None:
+    """An accepted config has values the connector can run with."""
+    pool = cfg.pool
+    assert pool.lookup_timeout_ms > 0 and math.isfinite(pool.lookup_timeout_ms)
+    assert pool.reconnect_interval_s > 0 and math.isfinite(pool.reconnect_interval_s)
+    assert pool.staging_buffer_mb > 0 and pool.instance_id >= 0
+    if cfg.mooncake is not None:
+        assert cfg.mooncake.segment_bytes >= 0 and cfg.mooncake.buffer_bytes >= 0
+
+
+@FUZZ
+@given(key=st.sampled_from([*PoolConfig.__struct_fields__, "unknown_key"]), value=json_values)
+def test_any_value_for_a_connector_key(key, value):
+    result = parse_or_config_error({**BASE, key: value}, env={})
+    if isinstance(result, ConfigError):
+        assert key in str(result) or "MMC_LOCAL_CONFIG_PATH" in str(result), str(result)
+    else:
+        assert_usable(result)
+
+
+@FUZZ
+@given(key=st.sampled_from([*MooncakeSettings.__struct_fields__, "unknown_key"]), value=json_values)
+def test_any_value_for_a_mooncake_key(key, value):
+    result = parse_or_config_error({"backend": "mooncake", "mooncake": {**MOONCAKE, key: value}}, env={})
+    if isinstance(result, ConfigError):
+        assert key in str(result), str(result)
+    else:
+        assert_usable(result)
+
+
+@FUZZ
+@given(extra=json_values)
+def test_any_json_as_the_whole_extra_config(extra):
+    result = parse_or_config_error(extra, env={})
+    if not isinstance(result, ConfigError):
+        assert_usable(result)
+
+
+@FUZZ
+@given(content=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_mooncake_config_file(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("fuzz") / "mooncake.json"
+    path.write_bytes(content)
+    result = parse_or_config_error({"backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
+    if isinstance(result, ConfigError):
+        assert "MOONCAKE_CONFIG_PATH" in str(result)
+    else:
+        assert_usable(result)
+
+
+@FUZZ
+@given(content=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_any_memcache_local_config_file(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("fuzz") / "mmc-local.conf"
+    path.write_bytes(content)
+    result = parse_or_config_error({}, env={"MMC_LOCAL_CONFIG_PATH": str(path)})
+    if isinstance(result, ConfigError):
+        assert "MMC_LOCAL_CONFIG_PATH" in str(result)
+
+
+@pytest.mark.parametrize("name", ["empty", "huge", "directory"])
+def test_config_files_empty_huge_or_not_a_file(tmp_path: Path, name):
+    path = tmp_path / "mooncake.json"
+    if name == "empty":
+        path.write_text("")
+    elif name == "huge":  # 20 MB of valid JSON: read and rejected for its unknown keys... or accepted, never slow
+        path.write_text(json.dumps({**MOONCAKE, "padding": "x" * (20 << 20)}))
+    else:
+        path.mkdir()
+    result = parse_or_config_error({"backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
+    if name == "huge":
+        assert isinstance(result, ResolvedConfig)  # other users' keys in the shared file are ignored
+    else:
+        assert isinstance(result, ConfigError) and "MOONCAKE_CONFIG_PATH" in str(result)
+
+
+@pytest.mark.parametrize(
+    "key", ["lookup_timeout_ms", "reconnect_interval_s", "staging_buffer_mb", "memcache_device_id"]
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1, 0.5, 2**70, "5"])
+def test_numbers_out_of_range_name_the_key(key, value):
+    result = parse_or_config_error({**BASE, key: value}, env={})
+    if key == "reconnect_interval_s" and value == 0.5:
+        assert isinstance(result, ResolvedConfig)
+    else:
+        assert isinstance(result, ConfigError) and key in str(result), result
