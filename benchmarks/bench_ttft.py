@@ -9,7 +9,11 @@ Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ un
 2. ``pool miss (saving)`` then ``pool hit``: MemcacheConnectorStoreV1 on a local Mooncake Store; the second engine
    is new, so whatever it does not compute came from the pool;
 3. ``ExampleConnector miss`` then ``ExampleConnector hit``: vLLM's reference connector (safetensors files);
-4. throughput: a batch of distinct prompts, all misses, with and without our connector.
+4. throughput: a batch of distinct prompts, all misses, without the connector, with it (lookups + saves), and with
+   it as ``kv_consumer`` (lookups only), alternated ``--throughput-reps`` times to show the run-to-run spread.
+
+Every phase schedules a whole prompt in one step (``max_num_batched_tokens`` = the longest prompt): ExampleConnector
+only stores what the first step of a request computed, so chunked prefill would leave it nothing to hit.
 
 Run: ``python benchmarks/bench_ttft.py [--lengths 513 1025 2049 4097] [--reps 2] [--out benchmarks/results]``.
 """
@@ -29,12 +33,14 @@ from rich.table import Table
 
 from kvpool_connector.testing.engine import EngineRun, EngineSpec, engine_env, run_engine
 from kvpool_connector.testing.mooncake_pool import mooncake_pool
-from kvpool_connector.testing.tiny_model import build_model
+from kvpool_connector.testing.tiny_model import PRESETS, build_model
+
+THROUGHPUT_PHASES = ("no connector", "connector", "connector, lookups only")
 
 
-def _prompts(lengths: list[int], reps: int, seed: int) -> list[list[int]]:
+def _prompts(lengths: list[int], reps: int, seed: int, vocab: int) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, 8000) for _ in range(n)] for n in lengths for _ in range(reps)]
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths for _ in range(reps)]
 
 
 def _cores(run: EngineRun) -> str:
@@ -56,6 +62,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="distinct prompts per length (median reported)")
     parser.add_argument("--batch", type=int, default=8, help="prompts in the all-miss throughput batch")
     parser.add_argument("--batch-tokens", type=int, default=2049)
+    parser.add_argument("--throughput-reps", type=int, default=2, help="alternated runs of each throughput phase")
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -66,7 +73,8 @@ def main() -> None:
         work = Path(tmp)
         model = str(build_model(work / f"{args.preset}-llama", preset=args.preset))
         env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "3"})
-        prompts = _prompts(args.lengths, args.reps, seed=1)
+        vocab = PRESETS[args.preset].vocab_size
+        prompts = _prompts(args.lengths, args.reps, seed=1, vocab=vocab)
         max_len = max(max(args.lengths), args.batch_tokens) + 64
 
         def spec(kv: dict | None, ps: list[list[int]], sequential: bool = True) -> EngineSpec:
@@ -77,6 +85,7 @@ def main() -> None:
                 kv_transfer_config=kv,
                 sequential=sequential,
                 max_model_len=max_len,
+                max_num_batched_tokens=max_len,
             )
 
         def engine(label: str, s: EngineSpec) -> EngineRun:
@@ -88,16 +97,19 @@ def main() -> None:
         runs: dict[str, EngineRun] = {}
         twice = [p for p in prompts for _ in range(2)]
         runs["no connector"] = engine("recompute + local prefix hit", spec(None, twice))
+        throughput_runs: dict[str, list[EngineRun]] = {name: [] for name in THROUGHPUT_PHASES}
         with mooncake_pool(work / "mooncake", segment_size="4 GB") as pool:
-            kv = {
-                "kv_connector": "MemcacheConnectorStoreV1",
-                "kv_role": "kv_both",
-                "kv_connector_extra_config": {"backend": "mooncake", "mooncake": pool.client_config()},
-            }
+            kv = pool.connector_config()
             runs["pool miss"] = engine("pool miss (saving)", spec(kv, prompts))
             runs["pool hit"] = engine("pool hit (fresh engine)", spec(kv, prompts))
-            batch = _prompts([args.batch_tokens], args.batch, seed=2)
-            runs["throughput, connector"] = engine("all-miss batch, connector", spec(kv, batch, sequential=False))
+            lookups_only = pool.connector_config("kv_consumer")
+            configs = {"no connector": None, "connector": kv, "connector, lookups only": lookups_only}
+            for rep in range(args.throughput_reps):
+                for i, name in enumerate(THROUGHPUT_PHASES):
+                    # new prompts for every run: a batch saved by one run must not hit in the next
+                    batch = _prompts([args.batch_tokens], args.batch, seed=100 + 10 * rep + i, vocab=vocab)
+                    label = f"all-miss batch, {name} ({rep + 1}/{args.throughput_reps})"
+                    throughput_runs[name].append(engine(label, spec(configs[name], batch, sequential=False)))
         example = {
             "kv_connector": "ExampleConnector",
             "kv_role": "kv_both",
@@ -105,7 +117,6 @@ def main() -> None:
         }
         runs["example miss"] = engine("ExampleConnector miss", spec(example, prompts))
         runs["example hit"] = engine("ExampleConnector hit (fresh engine)", spec(example, prompts))
-        runs["throughput, none"] = engine("all-miss batch, no connector", spec(None, batch, sequential=False))
 
     ttft = {
         "recompute": _by_length(runs["no connector"], slice(0, None, 2)),
@@ -127,9 +138,21 @@ def main() -> None:
         table.add_row(str(n), *(f"{ttft[name][n] * 1e3:.1f}" for name in ttft), str(int(hits[n])))
     console.print(table)
 
-    def tput(run: EngineRun) -> float:
-        return sum(r.prompt_tokens for r in run.results) / run.results[-1].ttft_s if run.results else 0.0
+    def prefill_s(run: EngineRun) -> float:
+        """Time of the batch's generate() call (max_tokens=1: the prefill of every prompt)."""
+        return run.generate_s
 
+    batch_rows = {
+        name: {
+            "prompts": len(rs[0].results),
+            "tokens": sum(r.prompt_tokens for r in rs[0].results),
+            "batch prefill s (each run)": [round(prefill_s(r), 2) for r in rs],
+            "pool hit tokens": sum(r.num_cached_tokens for run in rs for r in run.results),
+            "engine wall s (each run)": [round(r.wall_s, 1) for r in rs],
+        }
+        for name, rs in throughput_runs.items()
+    }
+    base = statistics.median(prefill_s(r) for r in throughput_runs["no connector"])
     longest = max(args.lengths)
     ratios = {
         f"pool hit / local prefix hit @ {longest}": ttft["pool hit"][longest] / ttft["local prefix hit"][longest],
@@ -137,18 +160,11 @@ def main() -> None:
         f"pool hit / ExampleConnector hit @ {longest}": ttft["pool hit"][longest]
         / ttft["ExampleConnector hit"][longest],
         f"pool miss (saving) / recompute @ {longest}": ttft["pool miss (saving)"][longest] / ttft["recompute"][longest],
-        "all-miss batch wall time, no connector / connector": runs["throughput, none"].wall_s
-        / runs["throughput, connector"].wall_s,
     }
-    batch_rows = {
-        name: {
-            "prompts": len(runs[name].results),
-            "tokens": sum(r.prompt_tokens for r in runs[name].results),
-            "engine wall s": round(runs[name].wall_s, 1),
-            "prefill tokens/s (last first token)": round(tput(runs[name]), 1),
-        }
-        for name in ("throughput, none", "throughput, connector")
-    }
+    for name in THROUGHPUT_PHASES[1:]:
+        ratios[f"all-miss throughput, {name} / no connector"] = base / statistics.median(
+            prefill_s(r) for r in throughput_runs[name]
+        )
     for name, row in batch_rows.items():
         console.print(f"{name}: {row}")
     for name, value in ratios.items():
@@ -160,6 +176,10 @@ def main() -> None:
         "lengths": args.lengths,
         "reps": args.reps,
         "cores": {k: _cores(v) for k, v in runs.items()},
+        "example_hit_tokens": {
+            str(n): statistics.median(r.num_cached_tokens for r in runs["example hit"].results if r.prompt_tokens == n)
+            for n in args.lengths
+        },
         "ttft_ms": {k: {str(n): round(v * 1e3, 2) for n, v in d.items()} for k, d in ttft.items()},
         "pool_hit_tokens": {str(n): hits[n] for n in args.lengths},
         "throughput": batch_rows,

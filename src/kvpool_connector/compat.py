@@ -107,3 +107,30 @@ def worker_local_rank() -> int:
     from vllm.distributed.parallel_state import get_world_group
 
     return int(get_world_group().local_rank)
+
+
+def helper_thread_cpus() -> set[int] | None:
+    """CPUs for the worker's background threads on vLLM's CPU backend; None leaves them where they are.
+
+    vLLM binds a CPU worker's OpenMP threads, and the thread that calls the connector, to the compute cores; threads
+    started from there inherit the binding, so the pool client's transfer threads and our save thread would take time
+    from the forward pass. Like vLLM's NIXL connector, move them to the cores the forward pass leaves free (those
+    reserved with ``VLLM_CPU_NUM_OF_RESERVED_CPU``). Call from the thread vLLM bound.
+    """
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return None
+    numa_nodes = current_platform.discover_numa_topology()
+    every = {cpu for node in numa_nodes for cpu in node} or set(range(os.cpu_count() or 1))
+    free = every - os.sched_getaffinity(0)
+    return free or None
+
+
+def pin_current_thread(cpus: set[int] | None) -> None:
+    """Bind the calling thread (and the threads it starts later) to ``cpus``; best effort."""
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:
+            _vllm_init_logger(__name__).debug("could not bind a helper thread to CPUs %s: %s", sorted(cpus), exc)

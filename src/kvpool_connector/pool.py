@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
-from kvpool_connector.compat import init_logger
+from kvpool_connector.compat import init_logger, pin_current_thread
 from kvpool_connector.logs import RateLimitedWarning
 from kvpool_connector.metrics import StatsCounter
 
@@ -31,8 +31,15 @@ logger = init_logger(__name__)
 
 
 class PoolHandle:
-    def __init__(self, backend_factory: Callable[[], PoolBackend], reconnect_interval_s: float, label: str) -> None:
+    def __init__(
+        self,
+        backend_factory: Callable[[], PoolBackend],
+        reconnect_interval_s: float,
+        label: str,
+        thread_cpus: set[int] | None = None,
+    ) -> None:
         self._factory = backend_factory
+        self._thread_cpus = thread_cpus  # the pool client's own threads inherit the connecting thread's CPUs
         self._interval = reconnect_interval_s
         self.label = label
         self._backend: PoolBackend | None = None
@@ -62,6 +69,7 @@ class PoolHandle:
         return self._connected.is_set()
 
     def _connect_loop(self) -> None:
+        pin_current_thread(self._thread_cpus)
         delay = self._interval
         while not self._stop.is_set():
             try:

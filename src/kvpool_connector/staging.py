@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvpool_connector.compat import init_logger
+from kvpool_connector.compat import init_logger, pin_current_thread
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.metrics import StatsCounter
 from kvpool_connector.pool import PoolHandle
@@ -51,6 +51,7 @@ class StagingSaver:
         copier: Copier,
         pin: bool,
         stats: StatsCounter | None = None,
+        thread_cpus: set[int] | None = None,
     ) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"staging area must hold at least one block ({pages.block_bytes} bytes)")
@@ -74,6 +75,7 @@ class StagingSaver:
         self._paused = threading.Event()
         self._paused.set()
         self.stats = stats if stats is not None else StatsCounter()
+        self._thread_cpus = thread_cpus
         self._thread = threading.Thread(target=self._run, name="kvpool-save", daemon=True)
         self._thread.start()
 
@@ -115,6 +117,7 @@ class StagingSaver:
 
     # -- background side -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        pin_current_thread(self._thread_cpus)
         while True:
             self._paused.wait()
             with self._cond:

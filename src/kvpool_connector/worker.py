@@ -77,17 +77,21 @@ class PoolWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
         self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)
         on_device = self.pages.on_device
+        helper_cpus = compat.helper_thread_cpus() if self.pages.device.type == "cpu" else None
         self.pool = PoolHandle(
             lambda: create_backend(self._config, holds_data=True, device_id=self._device_id, pages_on_device=on_device),
             self._config.pool.reconnect_interval_s,
             label=f"worker shard {self.shard}",
+            thread_cpus=helper_cpus,
         )
         for ptr, size in self.pages.regions:
             self.pool.register_memory(ptr, size)
         if self._config.pool.async_save and self.saves_enabled:
             capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
             copier = ops.page_copier(self.pages.device.type, "d2h")
-            self.saver = StagingSaver(self.pool, self.pages, capacity, copier, self.pages.on_device, self.stats)
+            self.saver = StagingSaver(
+                self.pool, self.pages, capacity, copier, self.pages.on_device, self.stats, thread_cpus=helper_cpus
+            )
         self.pool.start()
         logger.info(
             "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
@@ -96,6 +100,8 @@ class PoolWorker:
             self.pages.block_bytes,
             self.shard,
         )
+        if helper_cpus:
+            logger.info("pool client and save threads on CPUs %s, off the forward pass's", sorted(helper_cpus))
 
     def _keys(self, transfer: BlockTransfer) -> list[str]:
         return [keys.pool_key(self.shard, h) for h in transfer.block_hashes]

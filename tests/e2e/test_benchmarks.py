@@ -40,3 +40,9 @@ def test_bench_store_quick(tmp_path):
     assert all(r["GB/s"] > 0 for r in data["data_path"])
     assert {r["case"] for r in data["lookup"]} == {"all-hit", "all-miss"}
     assert (tmp_path / "bench_store_quick.png").stat().st_size > 0
+
+
+def test_bench_checksum_quick(tmp_path):
+    _run(["benchmarks/bench_checksum.py", "--total-mb", "16"], tmp_path)
+    rows = json.loads((tmp_path / "checksum.json").read_text())
+    assert len(rows) == 3 and all(r["crc32 (zlib)_GBps"] > 0 for r in rows)

@@ -43,7 +43,8 @@ class PromptResult:
 class EngineRun:
     results: list[PromptResult]
     log: str
-    wall_s: float
+    wall_s: float  # the whole process, engine start-up included
+    generate_s: float  # the generate() calls only
 
     @property
     def outputs(self) -> list[list[int]]:
@@ -84,8 +85,9 @@ def run_engine(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = Non
     text = log_file.read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"engine run failed (exit {proc.returncode}); log {log_file}:\n{text[-6000:]}")
-    results = [PromptResult(**r) for r in json.loads(out_file.read_text())]
-    return EngineRun(results=results, log=text, wall_s=time.monotonic() - start)
+    out = json.loads(out_file.read_text())
+    results = [PromptResult(**r) for r in out["results"]]
+    return EngineRun(results=results, log=text, wall_s=time.monotonic() - start, generate_s=out["generate_s"])
 
 
 def _main(spec_path: str, out_path: str) -> None:
@@ -111,10 +113,12 @@ def _main(spec_path: str, out_path: str) -> None:
     llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec.prompts]
+    start = time.perf_counter()
     if spec.sequential:
         outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
     else:
         outputs = llm.generate(prompts, params, use_tqdm=False)
+    generate_s = time.perf_counter() - start
     results = []
     for out in outputs:
         m = out.metrics
@@ -129,7 +133,7 @@ def _main(spec_path: str, out_path: str) -> None:
                 )
             )
         )
-    Path(out_path).write_text(json.dumps(results))
+    Path(out_path).write_text(json.dumps({"results": results, "generate_s": generate_s}))
     llm.llm_engine.engine_core.shutdown()
 
 
