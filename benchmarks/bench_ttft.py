@@ -2,7 +2,9 @@
 
 Model: the ``bench`` preset of ``kvpool_connector.testing.tiny_model`` (random-weight Llama, hidden 1024, 8 layers,
 16 heads / 4 KV heads x 64, fp32: 16 KiB of KV per token), large enough that prefill dominates on a CPU.
-Prompts are k*128 + 1 tokens, so a full hit leaves exactly one token to compute and TTFT shows the load cost.
+Prompts are k*128 + 2 tokens, so a full hit leaves two tokens to compute and TTFT shows the load cost. (Not
+k*128 + 1: vLLM's ExampleConnector stores a prompt under its first align(n) tokens but looks it up under align(n - 1),
+which differ exactly when n = k*128 + 1, so it would never hit.)
 
 Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ unless a phase repeats them):
 1. ``recompute`` and ``local prefix hit``: no connector; each prompt twice, the second served by vLLM's own cache;
@@ -15,7 +17,7 @@ Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ un
 Every phase schedules a whole prompt in one step (``max_num_batched_tokens`` = the longest prompt): ExampleConnector
 only stores what the first step of a request computed, so chunked prefill would leave it nothing to hit.
 
-Run: ``python benchmarks/bench_ttft.py [--lengths 513 1025 2049 4097] [--reps 2] [--out benchmarks/results]``.
+Run: ``python benchmarks/bench_ttft.py [--lengths 514 1026 2050 4098] [--reps 2] [--out benchmarks/results]``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _by_length(run: EngineRun, pick: slice | None = None) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[513, 1025, 2049, 4097])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[514, 1026, 2050, 4098])
     parser.add_argument("--reps", type=int, default=2, help="distinct prompts per length (median reported)")
     parser.add_argument("--batch", type=int, default=8, help="prompts in the all-miss throughput batch")
     parser.add_argument("--batch-tokens", type=int, default=2049)

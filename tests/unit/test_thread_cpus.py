@@ -1,0 +1,53 @@
+"""On vLLM's CPU backend the connector's background threads leave the forward pass's cores alone."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from kvpool_connector import compat
+
+pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+
+
+def _in_thread(fn):
+    out: dict = {}
+
+    def run() -> None:
+        out["value"] = fn()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out["value"]
+
+
+def test_helper_threads_go_to_the_cores_the_forward_pass_leaves_free():
+    compute = min(os.sched_getaffinity(0))
+
+    def as_a_bound_worker_thread():
+        os.sched_setaffinity(0, {compute})  # what vLLM does to the worker thread that calls the connector
+        cpus = compat.helper_thread_cpus()
+
+        def helper():
+            compat.pin_current_thread(cpus)
+            return os.sched_getaffinity(0), _in_thread(lambda: os.sched_getaffinity(0))
+
+        return cpus, _in_thread(helper)
+
+    cpus, (helper_cpus, grandchild_cpus) = _in_thread(as_a_bound_worker_thread)
+    assert cpus and compute not in cpus
+    assert helper_cpus == cpus
+    assert grandchild_cpus == cpus  # threads the pool client starts inherit the binding
+
+
+def test_no_free_core_means_no_pinning():
+    def unbound():
+        return compat.helper_thread_cpus()
+
+    everything = os.sched_getaffinity(0)
+    if everything != set(range(os.cpu_count() or 1)):
+        pytest.skip("this process is already restricted")
+    assert _in_thread(unbound) is None
