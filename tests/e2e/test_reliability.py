@@ -134,32 +134,48 @@ async def _soak(url: str, model: str, prompts: list[list[int]], duration_s: floa
                 errors.append("stream ended without a token")
             latencies.append(time.monotonic() - start)
 
-    limits = httpx.Limits(max_connections=SOAK_CONCURRENCY)
+    # Drop idle connections before uvicorn's 5-s keep-alive timeout closes them: reusing one the server is closing
+    # is a client-side race (an empty ReadError), seen in a 300-s soak with httpx's defaults.
+    limits = httpx.Limits(
+        max_connections=SOAK_CONCURRENCY, max_keepalive_connections=SOAK_CONCURRENCY, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*(one_client(w, http) for w in range(SOAK_CONCURRENCY)))
     return latencies, errors
 
 
 def test_concurrent_streaming_soak(server, tiny_model):
-    """64 concurrent streams over shared prefixes: no errors, p99 reported, memory flat after warm-up."""
+    """64 concurrent streams over shared prefixes, in 20-s rounds: no errors, p50/p99 and the memory series reported;
+    memory growth bounded (short soak) and, in the long soak, no faster in its second half than vLLM's own drift."""
     prompts = shared_prefix_prompts(prefixes=8, per_prefix=16, prefix_len=2 * BLOCK + 10, suffix_len=40)
     _, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=min(10.0, SOAK_S)))
     assert not errors, errors[:5]
-    rss_before = tree_rss_mib(server.proc.pid)
-    latencies, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=SOAK_S))
-    rss_after = tree_rss_mib(server.proc.pid)
-    assert not errors, errors[:5]
+    rounds = max(1, round(SOAK_S / 20))
+    rss = [tree_rss_mib(server.proc.pid)]
+    latencies: list[float] = []
+    for _ in range(rounds):
+        done, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=SOAK_S / rounds))
+        assert not errors, errors[:5]
+        latencies += done
+        rss.append(tree_rss_mib(server.proc.pid))
     p50, p99 = np.percentile(latencies, [50, 99])
     hits = metric(server, "vllm:kvpool_hit_tokens_total")
     print(
         f"\nsoak: {len(latencies)} streams in {SOAK_S:.0f} s at concurrency {SOAK_CONCURRENCY}: "
         f"latency p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, mean {statistics.fmean(latencies) * 1e3:.0f} ms; "
-        f"server RSS {rss_before:.0f} -> {rss_after:.0f} MiB; pool hit tokens so far {hits:.0f}"
+        f"server RSS MiB after each {SOAK_S / rounds:.0f}-s round: {' '.join(f'{r:.0f}' for r in rss)}; "
+        f"pool hit tokens {hits:.0f}"
     )
     assert len(latencies) >= SOAK_CONCURRENCY
     assert hits > 0, "shared prefixes should have come from the pool"
-    # The connector's memory is allocated up front (staging area); what may grow is vLLM's and Python's own.
-    assert rss_after - rss_before < 256, f"server memory grew {rss_after - rss_before:.0f} MiB during the soak"
+    if rounds < 6:
+        # The connector allocates its memory up front; early growth is vLLM's KV pages and allocator arenas.
+        assert rss[-1] - rss[0] < 256, f"server memory grew {rss[-1] - rss[0]:.0f} MiB during the soak"
+    else:
+        # Measured (RELIABILITY.md): ~20 MiB/min late in a soak with the connector, ~45 without it.
+        half = len(rss) // 2
+        per_min = (rss[-1] - rss[half]) / ((len(rss) - 1 - half) * SOAK_S / rounds / 60)
+        assert per_min < 64, f"server memory still growing {per_min:.0f} MiB/min in the soak's second half"
 
 
 def test_cache_salt_isolates_tenants(client):
