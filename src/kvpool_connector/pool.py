@@ -133,11 +133,11 @@ class PoolHandle:
         )
 
     def _reachable(self) -> None:
-        if self._down_since is None:
+        if self._down_since is None:  # the common case: no lock taken
             return
         with self._outage_lock:
             since, self._down_since, self._down_until = self._down_since, None, 0.0
-        if since is not None:
+        if since is not None:  # another thread may have ended the outage first
             logger.warning("KV pool (%s) reachable again after %.1f s", self.label, time.monotonic() - since)
 
     def _skipped(self, op: str, count: int) -> None:
@@ -190,7 +190,8 @@ class PoolHandle:
             return [False] * len(keys)
 
     def skip_saves(self, count: int, stats: StatsCounter) -> None:
-        """Saves that cannot happen while the pool is not connected: counted and warned about, not attempted."""
+        """Saves that cannot happen (not connected yet, or inside an outage's back-off window): counted and warned
+        about, not attempted."""
         stats.add("save_dropped.unavailable", count)
         self._skipped("put", count)
 
