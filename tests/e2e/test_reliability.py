@@ -17,8 +17,10 @@ import json
 import os
 import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -99,6 +101,42 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
     while not predicate():
         assert time.monotonic() < deadline, f"{what} not seen within {timeout_s} s"
         time.sleep(0.5)
+
+
+def wait_for_one_segment(pool) -> None:
+    """Wait until the master has dropped a killed node's segment, so new objects land on live nodes only."""
+    wait_for(lambda: len(pool.segments()) == 1, 30, "one segment listed by the master")
+
+
+@contextmanager
+def pool_held_full(mooncake_client, object_bytes: int) -> Iterator[int]:
+    """Fill the pool with objects that stay in use; yields how many.
+
+    Mooncake evicts objects to make room, so a pool that is merely full accepts new puts. A lookup grants an object a
+    lease (the master runs with a 5 s lease) and leased objects are never evicted: renewed every second, they leave no
+    room and every new put is refused with -200.
+    """
+    buf = np.zeros(object_bytes, dtype=np.uint8)
+    assert mooncake_client.register_buffer(buf.ctypes.data, buf.nbytes) == 0
+    keys: list[str] = []
+    while (code := mooncake_client.put_from(f"held/{len(keys)}", buf.ctypes.data, buf.nbytes)) == 0:
+        keys.append(f"held/{len(keys)}")
+        mooncake_client.batch_is_exist(keys)
+    assert code == -200, f"filling the pool ended with {code}, not -200 (no space)"
+    stop = threading.Event()
+
+    def renew_leases() -> None:
+        while not stop.wait(1.0):
+            mooncake_client.batch_is_exist(keys)
+
+    renewer = threading.Thread(target=renew_leases, daemon=True)
+    renewer.start()
+    try:
+        yield len(keys)
+    finally:
+        stop.set()
+        renewer.join()
+        mooncake_client.unregister_buffer(buf.ctypes.data)
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -229,13 +267,21 @@ def test_pool_node_killed_under_stored_objects(client, server, pool):
         client.ask(i)
 
 
-def test_pool_full_saves_fail_and_are_counted(client, server, pool):
-    pool.segment_size = "16 MB"  # 32 blocks of this model
+def test_pool_full_saves_fail_and_are_counted(client, server, pool, mooncake_client):
+    """Every byte of the pool held by objects in use: the connector's saves are refused, counted, and lose nothing."""
+    pool.segment_size = "16 MB"
     pool.start_node()
-    for i in range(9, 21):  # 36 blocks, inside the objects' lease time: the pool cannot evict them yet
-        client.ask(i)
-    wait_for(lambda: metric(server, "vllm:kvpool_save_failed_total[pool_full]") > 0, 30, "saves refused as pool full")
-    print(f"\n{metric(server, 'vllm:kvpool_save_failed_total[pool_full]'):.0f} blocks refused as pool full")
+    wait_for_one_segment(pool)
+    refused_before = metric(server, "vllm:kvpool_save_failed_total[pool_full]")
+    with pool_held_full(mooncake_client, worker_block_bytes(server.log_text())) as held:
+        for i in range(9, 13):
+            assert client.ask(i)[0] == 0
+        wait_for(
+            lambda: metric(server, "vllm:kvpool_save_failed_total[pool_full]") - refused_before >= 3 * 4,
+            30,
+            "every block of 4 prompts refused as pool full",
+        )
+    print(f"\npool full ({held} objects held): {3 * 4} blocks refused and counted, answers unchanged")
 
 
 def test_shutdown_with_saves_in_flight(client, server, pool, mooncake_client):
@@ -244,19 +290,11 @@ def test_shutdown_with_saves_in_flight(client, server, pool, mooncake_client):
     stop_process(pool.node)
     pool.segment_size = "512 MB"
     pool.start_node()
+    wait_for_one_segment(pool)
+    client.until_hit(21, 30)  # a working pool again
     block_bytes = worker_block_bytes(server.log_text())
     buf = np.zeros(block_bytes, dtype=np.uint8)
     assert mooncake_client.register_buffer(buf.ctypes.data, buf.nbytes) == 0
-    # For a few seconds the master still places objects on the old node's segment; wait until it has let go.
-    probes = iter(range(1000))
-    wait_for(
-        lambda: all(
-            mooncake_client.put_from(f"probe/{next(probes)}", buf.ctypes.data, buf.nbytes) == 0 for _ in range(8)
-        ),
-        30,
-        "placement on live segments only",
-    )
-    client.until_hit(21, 30)  # a working pool again
 
     async def burst() -> None:
         async with httpx.AsyncClient(timeout=120) as http:

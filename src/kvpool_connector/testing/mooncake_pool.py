@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -107,6 +108,12 @@ class MooncakePool:
             log,
         )
         wait_port(self.node_port, self.node, 30, "mooncake_client", log)
+
+    def segments(self) -> list[str]:
+        """Segments the master places objects on. A killed node's stays listed until its heartbeat TTL runs out
+        (``--client_ttl``, 10 s): meanwhile puts placed on it fail with -800."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/get_all_segments", timeout=5) as answer:
+            return answer.read().decode().split()
 
     def stop_master(self, sig: int = signal.SIGTERM) -> None:
         stop_process(self.master, sig)
