@@ -26,6 +26,7 @@ MMC_LOCAL_CONFIG_ENV = "MMC_LOCAL_CONFIG_PATH"
 # Mooncake's own documented defaults (mooncake/mooncake_config.py).
 DEFAULT_GLOBAL_SEGMENT_SIZE = 3_355_443_200
 DEFAULT_LOCAL_BUFFER_SIZE = 16 << 20
+DEFAULT_SHARED_BUFFER_SIZE = 128 << 20
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -70,19 +71,32 @@ class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     """DRAM this worker contributes to the pool; 0 = use only segments of other nodes (e.g. ``mooncake_client``)."""
     local_buffer_size: int | str = DEFAULT_LOCAL_BUFFER_SIZE
     """Client-side transfer buffer; the connector moves data zero-copy from registered KV memory, so it stays small."""
+    real_client_address: str = ""
+    """host:port (its ``--port``) of a ``mooncake_client`` on this host. When set, each worker attaches to it through
+    shared memory instead of running its own transfer engine: a hit held by that process loads at memory speed rather
+    than over loopback TCP, and that process does the network transfers. Needs KV pages in host memory (vLLM CPU)."""
+    shared_buffer_size: int | str = DEFAULT_SHARED_BUFFER_SIZE
+    """With ``real_client_address``: size of each of a worker's two shared areas (loads, saves). Larger batches go in
+    chunks; it must hold at least one KV block object (all layers of one block)."""
 
     def __post_init__(self) -> None:
         for key in ("master_server_address", "local_hostname", "metadata_server", "protocol"):
             if not getattr(self, key).strip():
                 raise ValueError(f"`{key}` must not be empty")
-        host, sep, port = self.master_server_address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"`master_server_address` must be host:port, got {self.master_server_address!r}")
-        for key in ("global_segment_size", "local_buffer_size"):
+        for key in ("master_server_address", "real_client_address"):
+            value = getattr(self, key)
+            host, sep, port = value.rpartition(":")
+            if (value or key == "master_server_address") and (
+                not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+            ):
+                raise ValueError(f"`{key}` must be host:port, got {value!r}")
+        for key in ("global_segment_size", "local_buffer_size", "shared_buffer_size"):
             try:
                 parse_size(getattr(self, key), key)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+        if self.shared_buffer_bytes < 1 << 20:
+            raise ValueError(f"`shared_buffer_size` must be at least 1 MB, got {self.shared_buffer_size!r}")
 
     @property
     def segment_bytes(self) -> int:
@@ -91,6 +105,10 @@ class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     @property
     def buffer_bytes(self) -> int:
         return parse_size(self.local_buffer_size, "local_buffer_size")
+
+    @property
+    def shared_buffer_bytes(self) -> int:
+        return parse_size(self.shared_buffer_size, "shared_buffer_size")
 
 
 class MemcacheSettings(msgspec.Struct, frozen=True, kw_only=True):

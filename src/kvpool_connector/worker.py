@@ -77,6 +77,12 @@ class PoolWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
         self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)
         on_device = self.pages.on_device
+        mooncake = self._config.mooncake
+        if on_device and mooncake is not None and mooncake.real_client_address:
+            raise ValueError(
+                f"`real_client_address` (Mooncake through shared memory) needs the KV cache in host memory; this "
+                f"worker's is on {self.pages.device}. Remove it: on GPU/NPU hosts the client transfers KV pages itself."
+            )
         helper_cpus = compat.helper_thread_cpus() if self.pages.device.type == "cpu" else None
         self.pool = PoolHandle(
             lambda: create_backend(self._config, holds_data=True, device_id=self._device_id, pages_on_device=on_device),

@@ -15,7 +15,7 @@ from kvpool_connector.testing.engine import EngineSpec, run_engine
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.mooncake_pool import connector_config
 from kvpool_connector.testing.processes import free_port
-from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
+from kvpool_connector.testing.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e
 
@@ -86,6 +86,25 @@ def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, moon
     assert tampered.outputs[2] != baseline.outputs[2]
     assert tampered.outputs[:2] == baseline.outputs[:2]
     assert tampered.outputs[3] == baseline.outputs[3]
+
+
+def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline, tmp_path):
+    """Workers attached to the pool node through shared memory (``real_client_address``): they load what an engine
+    with its own transfer engine saved, save new blocks, and a fresh engine loads those; outputs never change."""
+    mooncake = {**pool.client_config(), "real_client_address": f"127.0.0.1:{pool.node_port}"}
+    fresh = distinct_prompts(2, 2 * 128 + 7, seed=21)
+    first = run_engine(
+        EngineSpec(model=tiny_model, prompts=fresh, kv_transfer_config=pool_config(mooncake), sequential=True),
+        tmp_path / "first",
+    )
+    assert [r.num_cached_tokens for r in first.results] == [0, 0]
+    second = run_engine(
+        EngineSpec(model=tiny_model, prompts=PROMPTS + fresh, kv_transfer_config=pool_config(mooncake)),
+        tmp_path / "second",
+    )
+    assert [r.num_cached_tokens for r in second.results] == [*EXPECTED_HITS, 256, 256]
+    assert second.outputs == baseline.outputs + first.outputs
+    assert "Traceback" not in first.log + second.log
 
 
 def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):

@@ -1,16 +1,29 @@
-"""The Mooncake backend against a real mooncake_master and pool node on loopback."""
+"""The Mooncake backend against a real mooncake_master and pool node on loopback.
+
+Every data-path test runs twice: with the client's own transfer engine (TCP to the pool node) and attached to the pool
+node through shared memory (``real_client_address``).
+"""
 
 import numpy as np
 import pytest
 
-from kvpool_connector.backends import Outcome
+from kvpool_connector.backends import Outcome, PoolUnavailable
 from kvpool_connector.backends.mooncake import MooncakeBackend
+from kvpool_connector.backends.shared_area import ObjectTooLarge
 from kvpool_connector.config import MooncakeSettings
+from kvpool_connector.testing.processes import free_port
 
 
-@pytest.fixture
-def backend(pool):
-    b = MooncakeBackend(MooncakeSettings(**pool.client_config()), holds_data=True)
+def shared_memory_settings(pool, **extra) -> MooncakeSettings:
+    return MooncakeSettings(**pool.client_config(), real_client_address=f"127.0.0.1:{pool.node_port}", **extra)
+
+
+@pytest.fixture(params=["engine", "shared_memory"])
+def backend(pool, request):
+    settings = MooncakeSettings(**pool.client_config())
+    if request.param == "shared_memory":
+        settings = shared_memory_settings(pool)
+    b = MooncakeBackend(settings, holds_data=True)
     b.connect()
     yield b
     b.close()
@@ -66,3 +79,47 @@ def test_one_bad_object_in_a_batch_fails_only_itself(backend):
     assert got == [Outcome.OK, Outcome.MISSING, Outcome.WRONG_SIZE, Outcome.OK]
     assert np.array_equal(dst[:page], src[:page])
     assert np.array_equal(dst[3 * page :], src[3 * page :])
+
+
+def test_shared_memory_batches_larger_than_the_area_go_in_chunks(pool):
+    """24 objects of 3 pages (192 KiB each) through a 1 MiB area: 5 per chunk, any order of hits and misses."""
+    b = MooncakeBackend(shared_memory_settings(pool, shared_buffer_size="1MB"), holds_data=True)
+    b.connect()
+    try:
+        page, n = 64 << 10, 24
+        src = np.random.default_rng(3).integers(0, 255, 3 * n * page, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        s, d = src.ctypes.data, dst.ctypes.data
+        # object i = pages i, n+i, 2n+i: scattered like a block's layers
+        addrs = [[s + (j * n + i) * page for j in range(3)] for i in range(n)]
+        keys = [f"t/chunk/{i}" for i in range(n)]
+        stored = [k for i, k in enumerate(keys) if i % 7 != 3]
+        assert b.put(stored, [addrs[i] for i, k in enumerate(keys) if k in stored], [[page] * 3] * len(stored)) == [
+            Outcome.OK
+        ] * len(stored)
+        got = b.get(keys, [[a - s + d for a in object_addrs] for object_addrs in addrs], [[page] * 3] * n)
+        assert got == [Outcome.OK if k in stored else Outcome.MISSING for k in keys]
+        for i, k in enumerate(keys):
+            for a in addrs[i]:
+                off = a - s
+                expected = src[off : off + page] if k in stored else np.zeros(page, dtype=np.uint8)
+                assert np.array_equal(dst[off : off + page], expected), f"object {i}"
+    finally:
+        b.close()
+
+
+def test_shared_memory_object_larger_than_the_area_is_refused_with_the_fix(pool):
+    b = MooncakeBackend(shared_memory_settings(pool, shared_buffer_size="1MB"), holds_data=True)
+    b.connect()
+    try:
+        big = np.ones(2 << 20, dtype=np.uint8)
+        with pytest.raises(ObjectTooLarge, match="shared_buffer_size"):
+            b.put(["t/big"], [[big.ctypes.data]], [[big.nbytes]])
+    finally:
+        b.close()
+
+
+def test_shared_memory_attach_to_nothing_is_unavailable(pool):
+    settings = MooncakeSettings(**pool.client_config(), real_client_address=f"127.0.0.1:{free_port()}")
+    with pytest.raises(PoolUnavailable, match="shared-memory attach"):
+        MooncakeBackend(settings, holds_data=True).connect()

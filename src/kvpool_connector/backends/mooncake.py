@@ -4,6 +4,10 @@ One object per KV block, gathered from / scattered to that block's page of every
 ``*_multi_buffers`` batch calls, zero-copy from KV memory registered with the client. Objects go to this worker's
 own segment when it contributes one (``preferred_segment``), else wherever the master places them.
 
+With ``real_client_address`` the worker instead attaches to a ``mooncake_client`` on the same host as Mooncake's
+shared-memory ("dummy") client: objects move through two shared areas (loads, saves; see ``shared_area``) at memory
+speed, and that process does any network transfer. The scheduler's lookup client is an ordinary client either way.
+
 Return codes (mooncake-store types.h) are read here and nowhere else.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
+from kvpool_connector.backends.shared_area import SharedArea
 from kvpool_connector.config import MooncakeSettings
 
 NO_AVAILABLE_HANDLE = -200  # no space left in any segment
@@ -23,6 +28,7 @@ TRANSFER_FAIL = -800  # e.g. our buffer is larger than the object
 RPC_FAIL = -900  # master unreachable (refused or reset: answered at once, or after ~4 s of retries)
 RPC_TIMEOUT = -901  # master not answering (hung, or a black-holed network): each call waits 30 s
 _MASTER_DOWN = (RPC_FAIL, RPC_TIMEOUT)
+_DUMMY_LOCAL_BUFFER = 16 << 20
 
 _PUT_CODES = {
     NO_AVAILABLE_HANDLE: Outcome.POOL_FULL,
@@ -62,8 +68,16 @@ class MooncakeBackend(PoolBackend):
         self._store = store_cls()
         self._replicate_config = self._replicate_config_cls()
 
+    @property
+    def shared_memory(self) -> bool:
+        """Data moves through shared memory with a local ``mooncake_client`` rather than this client's own engine."""
+        return bool(self._settings.real_client_address) and self._holds_data
+
     def connect(self) -> None:
         s = self._settings
+        if self.shared_memory:
+            self._attach(s.real_client_address, s.shared_buffer_bytes)
+            return
         segment = s.segment_bytes if self._holds_data else 0
         buffer = s.buffer_bytes if self._holds_data else 0
         rc = self._store.setup(
@@ -74,7 +88,24 @@ class MooncakeBackend(PoolBackend):
         if segment > 0:
             self._replicate_config.preferred_segment = self._store.get_hostname()
 
+    def _attach(self, address: str, area_bytes: int) -> None:
+        # The shared pool holds exactly our two areas; the real client's own buffer for us stays at its minimum.
+        rc = self._store.setup_dummy(2 * area_bytes, _DUMMY_LOCAL_BUFFER, address)
+        if rc != 0:
+            raise PoolUnavailable(f"Mooncake shared-memory attach to mooncake_client at {address} returned {rc}")
+        areas = []
+        for name in ("load", "save"):
+            base = self._store.alloc_from_mem_pool(area_bytes)
+            if not base:
+                raise PoolUnavailable(f"Mooncake could not allocate a {area_bytes}-byte shared {name} area")
+            if (rc := self._store.register_buffer(base, area_bytes)) != 0:
+                raise PoolUnavailable(f"mooncake_client at {address} refused the shared {name} area: {rc}")
+            areas.append(SharedArea(base, area_bytes, name))
+        self._load_area, self._save_area = areas
+
     def register_memory(self, ptr: int, size: int) -> None:
+        if self.shared_memory:
+            return  # a shared-memory client reaches only its own areas; pages are copied through them
         rc = self._store.register_buffer(ptr, size)
         if rc != 0:
             raise PoolUnavailable(f"Mooncake register_buffer({size} bytes) returned {rc}")
@@ -86,11 +117,17 @@ class MooncakeBackend(PoolBackend):
         return [code == 1 for code in codes]
 
     def put(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
-        codes = self._store.batch_put_from_multi_buffers(list(keys), addrs, sizes, self._replicate_config)
+        if self.shared_memory:
+            codes = self._save_area.put(keys, addrs, sizes, self._put_contiguous)
+        else:
+            codes = self._store.batch_put_from_multi_buffers(list(keys), addrs, sizes, self._replicate_config)
         return [Outcome.OK if code == 0 else _PUT_CODES.get(code, Outcome.FAILED) for code in codes]
 
     def get(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
-        got = self._store.batch_get_into_multi_buffers(list(keys), addrs, sizes)
+        if self.shared_memory:
+            got = self._load_area.get(keys, addrs, sizes, self._store.batch_get_into)
+        else:
+            got = self._store.batch_get_into_multi_buffers(list(keys), addrs, sizes)
         outcomes = []
         for n_read, page_sizes in zip(got, sizes, strict=True):
             if n_read == sum(page_sizes):
@@ -100,6 +137,9 @@ class MooncakeBackend(PoolBackend):
             else:
                 outcomes.append(_GET_CODES.get(n_read, Outcome.FAILED))
         return outcomes
+
+    def _put_contiguous(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
+        return self._store.batch_put_from(keys, ptrs, sizes, self._replicate_config)
 
     def remove(self, keys: Sequence[str]) -> list[bool]:
         return [code == 0 for code in self._store.batch_remove(list(keys), True)]
