@@ -9,7 +9,9 @@ Lookup: a :class:`PoolScheduler` (built from a real VllmConfig) answers ``get_nu
 
 Starts ``mooncake_master`` and a ``mooncake_client`` pool node on loopback unless ``--master host:port`` is given.
 The worker contributes a segment of its own (a same-node pool, like a vLLM worker with the default
-``global_segment_size``); ``--remote`` makes it contribute none, so every byte crosses TCP to the pool node.
+``global_segment_size``); ``--remote`` makes it contribute none, so every byte crosses TCP to the pool node;
+``--shared-memory`` attaches it to the pool node through shared memory (``real_client_address``): the objects live in
+another process on this host, as they do for a fresh engine's pool hit.
 
 Run: ``python benchmarks/bench_store.py [--quick] [--out benchmarks/results]`` -> table, JSON and PNG.
 """
@@ -58,8 +60,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_data_path(mooncake: dict, page_kib: list[int], blocks: list[int], repeat: int, bar: tqdm) -> list[dict]:
+def bench_data_path(
+    mooncake: dict, segment_bytes: int, page_kib: list[int], blocks: list[int], repeat: int, bar: tqdm
+) -> list[dict]:
+    """Rows of save and load GB/s; ``segment_bytes`` is the memory the objects land in (warmed once first)."""
     rows = []
+    load_mode = "shared memory" if mooncake.get("real_client_address") else "zero-copy"
     for kib in page_kib:
         heads, dim = 4, kib * 1024 // (4 * BLOCK * 2 * 4)  # 4 KV heads, fp32, K+V per token
         layout = _layout(heads, dim)
@@ -77,8 +83,7 @@ def bench_data_path(mooncake: dict, page_kib: list[int], blocks: list[int], repe
             worker = PoolWorker(layout, f"bench{kib}{mode}", True, num_blocks, parse_config(extra, env={}))
             worker.register_kv_caches(caches)
             assert worker.pool is not None and worker.pool.wait_connected(60), "Mooncake did not connect"
-            segment = parse_config({"backend": "mooncake", "mooncake": mooncake}, env={}).mooncake.segment_bytes
-            warm_segment(worker.pool, worker.pages, segment, worker.shard)
+            warm_segment(worker.pool, worker.pages, segment_bytes, worker.shard)
             for n in blocks:
                 nbytes = n * LAYERS * kib * 1024
                 save_s, load_s = [], []
@@ -101,7 +106,7 @@ def bench_data_path(mooncake: dict, page_kib: list[int], blocks: list[int], repe
                     rows.append(
                         {
                             "op": op,
-                            "mode": mode if op == "save" else "zero-copy",
+                            "mode": mode if op == "save" else load_mode,
                             "page KiB": kib,
                             "object KiB": LAYERS * kib,
                             "blocks": n,
@@ -194,7 +199,9 @@ def plot(data_rows: list[dict], lookup_rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (op, mode), style in {("save", "async"): "o-", ("save", "sync"): "s--", ("load", "zero-copy"): "^-"}.items():
+    styles = {("save", "async"): "o-", ("save", "sync"): "s--", ("load", "zero-copy"): "^-"}
+    styles[("load", "shared memory")] = "^-"
+    for (op, mode), style in styles.items():
         for kib in sorted({r["page KiB"] for r in data_rows}):
             pts = [r for r in data_rows if r["op"] == op and r["mode"] == mode and r["page KiB"] == kib]
             if pts:
@@ -220,10 +227,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--master", help="use a running mooncake_master (host:port) instead of starting one")
     parser.add_argument("--remote", action="store_true", help="the worker contributes no segment (all over TCP)")
+    parser.add_argument(
+        "--shared-memory", action="store_true", help="attach the worker to the pool node through shared memory"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmark runs")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.shared_memory and (args.master or args.remote):
+        parser.error("--shared-memory attaches to the pool node this benchmark starts: not with --master or --remote")
     page_kib, blocks, lengths = ([64, 256, 1024], [4, 16, 64], [1024, 4096, 16384, 32768])
     repeat = args.repeat
     if args.quick:
@@ -246,12 +258,16 @@ def main() -> None:
             "global_segment_size": 0 if args.remote else "3 GB",
             "local_buffer_size": 0,
         }
+        segment_bytes = 0 if args.remote else 3 << 30
+        if args.shared_memory:
+            mooncake = pool.client_config(shared_memory=True)
+            segment_bytes = 4 << 30  # the pool node's
         from kvpool_connector.testing.tiny_model import build_model
 
         model = str(build_model(workdir / "tiny-llama"))
         total = len(page_kib) * 2 * len(blocks) * repeat + len(lengths) * 2 * max(repeat, 20)
         with tqdm(total=total, desc="bench_store", unit="op") as bar:
-            data_rows = bench_data_path(mooncake, page_kib, blocks, repeat, bar)
+            data_rows = bench_data_path(mooncake, segment_bytes, page_kib, blocks, repeat, bar)
             lookup_rows = bench_lookup(mooncake, model, lengths, max(repeat, 20), bar)
     for title, rows in (
         ("Data path: PoolWorker save/load on Mooncake Store", data_rows),
@@ -263,12 +279,17 @@ def main() -> None:
         for r in rows:
             table.add_row(*(str(v) for v in r.values()))
         console.print(table)
+    segment = "worker's own segment (same node)"
+    if args.remote:
+        segment = "remote (pool node over TCP)"
+    elif args.shared_memory:
+        segment = "pool node on this host, through shared memory"
     result = {
-        "segment": "remote (pool node over TCP)" if args.remote else "worker's own segment (same node)",
+        "segment": segment,
         "data_path": data_rows,
         "lookup": lookup_rows,
     }
-    name = "bench_store_quick" if args.quick else "bench_store"
+    name = "bench_store" + ("_shm" if args.shared_memory else "") + ("_quick" if args.quick else "")
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(data_rows, lookup_rows, args.out / f"{name}.png")
     console.print(f"results: {args.out / (name + '.json')}, plot: {args.out / (name + '.png')}")

@@ -8,11 +8,14 @@ which differ exactly when n = k*128 + 1, so it would never hit.)
 
 Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ unless a phase repeats them):
 1. ``recompute`` and ``local prefix hit``: no connector; each prompt twice, the second served by vLLM's own cache;
-2. ``pool miss (saving)`` then ``pool hit``: MemcacheConnectorStoreV1 on a local Mooncake Store; the second engine
-   is new, so whatever it does not compute came from the pool;
+2. ``pool miss (saving)`` then ``pool hit``: MemcacheConnectorStoreV1 on a local Mooncake Store (objects on a
+   ``mooncake_client`` pool node, reached over loopback TCP); the second engine is new, so whatever it does not compute
+   came from the pool; then ``pool hit (shared memory)``: another fresh engine attached to the same pool node through
+   shared memory (``real_client_address``);
 3. ``ExampleConnector miss`` then ``ExampleConnector hit``: vLLM's reference connector (safetensors files);
-4. throughput: a batch of distinct prompts, all misses, without the connector, with it (lookups + saves), and with
-   it as ``kv_consumer`` (lookups only), alternated ``--throughput-reps`` times to show the run-to-run spread.
+4. throughput: a batch of distinct prompts, all misses, without the connector, with it (lookups + saves), with it
+   as ``kv_consumer`` (lookups only) and with it through shared memory, alternated ``--throughput-reps`` times to show
+   the run-to-run spread.
 
 Every phase schedules a whole prompt in one step (``max_num_batched_tokens`` = the longest prompt): ExampleConnector
 only stores what the first step of a request computed, so chunked prefill would leave it nothing to hit.
@@ -37,7 +40,7 @@ from kvpool_connector.testing.engine import EngineRun, EngineSpec, engine_env, r
 from kvpool_connector.testing.mooncake_pool import mooncake_pool
 from kvpool_connector.testing.tiny_model import PRESETS, build_model
 
-THROUGHPUT_PHASES = ("no connector", "connector", "connector, lookups only")
+THROUGHPUT_PHASES = ("no connector", "connector", "connector, lookups only", "connector, shared memory")
 
 
 def _prompts(lengths: list[int], reps: int, seed: int, vocab: int) -> list[list[int]]:
@@ -104,8 +107,14 @@ def main() -> None:
             kv = pool.connector_config()
             runs["pool miss"] = engine("pool miss (saving)", spec(kv, prompts))
             runs["pool hit"] = engine("pool hit (fresh engine)", spec(kv, prompts))
-            lookups_only = pool.connector_config("kv_consumer")
-            configs = {"no connector": None, "connector": kv, "connector, lookups only": lookups_only}
+            kv_shm = pool.connector_config(shared_memory=True)
+            runs["pool hit shm"] = engine("pool hit through shared memory (fresh engine)", spec(kv_shm, prompts))
+            configs = {
+                "no connector": None,
+                "connector": kv,
+                "connector, lookups only": pool.connector_config("kv_consumer"),
+                "connector, shared memory": kv_shm,
+            }
             for rep in range(args.throughput_reps):
                 for i, name in enumerate(THROUGHPUT_PHASES):
                     # new prompts for every run: a batch saved by one run must not hit in the next
@@ -124,20 +133,25 @@ def main() -> None:
         "recompute": _by_length(runs["no connector"], slice(0, None, 2)),
         "local prefix hit": _by_length(runs["no connector"], slice(1, None, 2)),
         "pool hit": _by_length(runs["pool hit"]),
+        "pool hit (shared memory)": _by_length(runs["pool hit shm"]),
         "ExampleConnector hit": _by_length(runs["example hit"]),
         "pool miss (saving)": _by_length(runs["pool miss"]),
     }
     hits = {
-        n: statistics.median(r.num_cached_tokens for r in runs["pool hit"].results if r.prompt_tokens == n)
+        n: [
+            statistics.median(r.num_cached_tokens for r in runs[phase].results if r.prompt_tokens == n)
+            for phase in ("pool hit", "pool hit shm")
+        ]
         for n in args.lengths
     }
     table = Table(title=f"TTFT (median of {args.reps}), vLLM CPU, {args.preset} model, fresh engine per phase")
     table.add_column("prompt tokens", justify="right")
     for name in ttft:
         table.add_column(f"{name} ms", justify="right")
-    table.add_column("pool hit tokens", justify="right")
+    table.add_column("pool hit tokens (TCP / shm)", justify="right")
     for n in args.lengths:
-        table.add_row(str(n), *(f"{ttft[name][n] * 1e3:.1f}" for name in ttft), str(int(hits[n])))
+        hit_tokens = " / ".join(str(int(h)) for h in hits[n])
+        table.add_row(str(n), *(f"{ttft[name][n] * 1e3:.1f}" for name in ttft), hit_tokens)
     console.print(table)
 
     def prefill_s(run: EngineRun) -> float:
@@ -156,13 +170,13 @@ def main() -> None:
     }
     base = statistics.median(prefill_s(r) for r in throughput_runs["no connector"])
     longest = max(args.lengths)
-    ratios = {
-        f"pool hit / local prefix hit @ {longest}": ttft["pool hit"][longest] / ttft["local prefix hit"][longest],
-        f"recompute / pool hit @ {longest}": ttft["recompute"][longest] / ttft["pool hit"][longest],
-        f"pool hit / ExampleConnector hit @ {longest}": ttft["pool hit"][longest]
-        / ttft["ExampleConnector hit"][longest],
-        f"pool miss (saving) / recompute @ {longest}": ttft["pool miss (saving)"][longest] / ttft["recompute"][longest],
-    }
+    ratios = {}
+    at = {name: ttft[name][longest] for name in ttft}
+    for hit in ("pool hit", "pool hit (shared memory)"):
+        ratios[f"{hit} / local prefix hit @ {longest}"] = at[hit] / at["local prefix hit"]
+        ratios[f"recompute / {hit} @ {longest}"] = at["recompute"] / at[hit]
+        ratios[f"{hit} / ExampleConnector hit @ {longest}"] = at[hit] / at["ExampleConnector hit"]
+    ratios[f"pool miss (saving) / recompute @ {longest}"] = at["pool miss (saving)"] / at["recompute"]
     for name in THROUGHPUT_PHASES[1:]:
         ratios[f"all-miss throughput, {name} / no connector"] = base / statistics.median(
             prefill_s(r) for r in throughput_runs[name]
@@ -171,8 +185,8 @@ def main() -> None:
         console.print(f"{name}: {row}")
     for name, value in ratios.items():
         console.print(f"{name}: [bold]{value:.2f}x[/]")
-    outputs_same = runs["pool hit"].outputs == runs["pool miss"].outputs
-    console.print("first tokens identical between pool miss and pool hit:", outputs_same)
+    outputs_same = runs["pool hit"].outputs == runs["pool miss"].outputs == runs["pool hit shm"].outputs
+    console.print("first tokens identical between pool miss and both pool hits:", outputs_same)
     result = {
         "model": args.preset,
         "lengths": args.lengths,
@@ -200,7 +214,7 @@ def _plot(ttft: dict[str, dict[int, float]], lengths: list[int], path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in zip(ttft, ("o-", "s-", "^-", "v--", "x:"), strict=False):
+    for name, style in zip(ttft, ("o-", "s-", "^-", "D-", "v--", "x:"), strict=False):
         ax.plot(lengths, [ttft[name][n] * 1e3 for n in lengths], style, label=name)
     ax.set(
         xscale="log",

@@ -134,6 +134,9 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Upper bound of one scheduler-side existence query; past it the lookup counts as a miss."""
     reconnect_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     """How often an unreachable pool is retried in the background."""
+    startup_wait_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 10.0
+    """How long engine start-up waits for the pool's first connection attempt, so the first requests find it ready;
+    a pool that does not answer by then is connected in the background while vLLM serves without hits."""
     async_save: bool = True
     """Copy new blocks to a staging area at ``wait_for_save`` and put them from a background thread (the forward
     pass waits only for the local copy); ``false`` puts synchronously inside ``wait_for_save``."""

@@ -1,8 +1,9 @@
 """A pool client that is always safe to call: the pool is a cache, its outage costs hits and nothing else.
 
 ``PoolHandle`` wraps one :class:`PoolBackend` and owns its lifecycle:
-1. ``start()`` connects in a background thread (a Mooncake setup against a dead master blocks ~90 s), retrying from
-   ``reconnect_interval_s`` with backoff until it succeeds or the handle is closed; vLLM starts and serves meanwhile.
+1. ``start(wait_s)`` connects in a background thread (a Mooncake setup against a dead master blocks ~90 s), retrying
+   from ``reconnect_interval_s`` with backoff until it succeeds or the handle is closed; start-up waits up to
+   ``wait_s`` for the first attempt, then vLLM serves meanwhile.
 2. ``register_memory()`` records KV regions and (re)registers them whenever a connection is made.
 3. ``exists`` / ``put`` / ``get`` answer "absent"/"unavailable" while disconnected, and turn any exception from the
    pool client into the same, with a rate-limited warning that says why.
@@ -47,6 +48,7 @@ class PoolHandle:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._first_attempt = threading.Event()  # the first connection attempt succeeded or failed
         self._thread: threading.Thread | None = None
         self._lookup_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kvpool-lookup-{label}")
         self._lookup_inflight: concurrent.futures.Future | None = None
@@ -57,9 +59,23 @@ class PoolHandle:
         self.warn = RateLimitedWarning(logger)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, wait_s: float = 0.0) -> bool:
+        """Connect in the background; wait up to ``wait_s`` for the first attempt to end. True if connected.
+
+        vLLM serves its first requests right after start-up: a connection still being made then (a shared-memory
+        attach maps its areas, ~0.3 s here) delays them or costs their hits, so start-up waits for it. A pool that
+        refuses fails the first attempt at once; one that does not answer (a Mooncake setup against a dead master
+        blocks ~90 s) is left to connect in the background once ``wait_s`` is over.
+        """
         self._thread = threading.Thread(target=self._connect_loop, name=f"kvpool-connect-{self.label}", daemon=True)
         self._thread.start()
+        if wait_s > 0 and not self._first_attempt.wait(wait_s):
+            logger.warning(
+                "KV pool (%s) not connected after %.1f s of start-up; serving without it until it connects",
+                self.label,
+                wait_s,
+            )
+        return self.connected
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
@@ -80,9 +96,11 @@ class PoolHandle:
                         backend.register_memory(ptr, size)
                     self._backend = backend
                     self._connected.set()
+                self._first_attempt.set()
                 logger.info("KV pool %s (%s) connected", backend.name, self.label)
                 return
             except (PoolUnavailable, OSError, RuntimeError) as exc:
+                self._first_attempt.set()
                 self.warn(
                     "connect",
                     "KV pool (%s) unavailable, serving without pool hits; retrying in %.0f s: %s",

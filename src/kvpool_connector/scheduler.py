@@ -84,7 +84,7 @@ class PoolScheduler:
                 config.pool.reconnect_interval_s,
                 label=f"lookup/instance {config.pool.instance_id}",
             )
-            self.pool.start()
+            self.pool.start(wait_s=config.pool.startup_wait_s)
         self._answers: dict[str, _LoadAnswer] = {}
         self._asked_tokens: dict[str, int] = {}  # latest lookup per request, counted once it is allocated
         self.stats = StatsCounter()

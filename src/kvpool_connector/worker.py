@@ -98,7 +98,7 @@ class PoolWorker:
             self.saver = StagingSaver(
                 self.pool, self.pages, capacity, copier, self.pages.on_device, self.stats, thread_cpus=helper_cpus
             )
-        self.pool.start()
+        self.pool.start(wait_s=self._config.pool.startup_wait_s)
         logger.info(
             "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
             len(self.pages.layer_names),

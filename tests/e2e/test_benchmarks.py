@@ -33,13 +33,14 @@ def test_bench_copy_quick(tmp_path):
     assert len(data["wait_for_save"]) == 8
 
 
-def test_bench_store_quick(tmp_path):
-    _run(["benchmarks/bench_store.py", "--quick"], tmp_path)
-    data = json.loads((tmp_path / "bench_store_quick.json").read_text())
+@pytest.mark.parametrize(("flags", "name"), [([], "bench_store_quick"), (["--shared-memory"], "bench_store_shm_quick")])
+def test_bench_store_quick(tmp_path, flags, name):
+    _run(["benchmarks/bench_store.py", "--quick", *flags], tmp_path)
+    data = json.loads((tmp_path / f"{name}.json").read_text())
     assert {r["op"] for r in data["data_path"]} == {"save", "load"}
     assert all(r["GB/s"] > 0 for r in data["data_path"])
     assert {r["case"] for r in data["lookup"]} == {"all-hit", "all-miss"}
-    assert (tmp_path / "bench_store_quick.png").stat().st_size > 0
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
 
 
 def test_bench_checksum_quick(tmp_path):

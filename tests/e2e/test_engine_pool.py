@@ -76,12 +76,21 @@ def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, moon
     size = mooncake_client.get_size(keys[0])
     assert size > 0
     noise = np.random.default_rng(1).standard_normal(size // 4).astype(np.float32)
-    mooncake_client.register_buffer(noise.ctypes.data, noise.nbytes)
-    assert mooncake_client.remove(keys[0], True) == 0  # force: lookups hold short leases on the object
-    assert mooncake_client.put_from(keys[0], noise.ctypes.data, noise.nbytes, ReplicateConfig()) == 0
+    original = np.empty_like(noise)
+    for buf in (noise, original):
+        mooncake_client.register_buffer(buf.ctypes.data, buf.nbytes)
+    assert mooncake_client.get_into(keys[0], original.ctypes.data, original.nbytes) == size
 
+    def replace_object(buf: np.ndarray) -> None:
+        assert mooncake_client.remove(keys[0], True) == 0  # force: lookups hold short leases on the object
+        assert mooncake_client.put_from(keys[0], buf.ctypes.data, buf.nbytes, ReplicateConfig()) == 0
+
+    replace_object(noise)
     spec = EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=pool_config(pool.client_config()))
-    tampered = run_engine(spec, tmp_path)
+    try:
+        tampered = run_engine(spec, tmp_path)
+    finally:
+        replace_object(original)  # later tests load this block again
     assert tampered.results[2].num_cached_tokens == 255
     assert tampered.outputs[2] != baseline.outputs[2]
     assert tampered.outputs[:2] == baseline.outputs[:2]
@@ -91,7 +100,7 @@ def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, moon
 def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline, tmp_path):
     """Workers attached to the pool node through shared memory (``real_client_address``): they load what an engine
     with its own transfer engine saved, save new blocks, and a fresh engine loads those; outputs never change."""
-    mooncake = {**pool.client_config(), "real_client_address": f"127.0.0.1:{pool.node_port}"}
+    mooncake = pool.client_config(shared_memory=True)
     fresh = distinct_prompts(2, 2 * 128 + 7, seed=21)
     first = run_engine(
         EngineSpec(model=tiny_model, prompts=fresh, kv_transfer_config=pool_config(mooncake), sequential=True),

@@ -4,6 +4,8 @@ Every data-path test runs twice: with the client's own transfer engine (TCP to t
 node through shared memory (``real_client_address``).
 """
 
+import time
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ from kvpool_connector.testing.processes import free_port
 
 
 def shared_memory_settings(pool, **extra) -> MooncakeSettings:
-    return MooncakeSettings(**pool.client_config(), real_client_address=f"127.0.0.1:{pool.node_port}", **extra)
+    return MooncakeSettings(**pool.client_config(shared_memory=True), **extra)
 
 
 @pytest.fixture(params=["engine", "shared_memory"])
@@ -121,5 +123,15 @@ def test_shared_memory_object_larger_than_the_area_is_refused_with_the_fix(pool)
 
 def test_shared_memory_attach_to_nothing_is_unavailable(pool):
     settings = MooncakeSettings(**pool.client_config(), real_client_address=f"127.0.0.1:{free_port()}")
-    with pytest.raises(PoolUnavailable, match="shared-memory attach"):
+    with pytest.raises(PoolUnavailable, match=r"mooncake_client at .* is not reachable"):
         MooncakeBackend(settings, holds_data=True).connect()
+
+
+def test_absent_master_is_refused_at_once():
+    """Mooncake's setup holds the GIL for ~90 s against an absent master, freezing the whole engine process; the
+    backend must not call it then."""
+    settings = MooncakeSettings(master_server_address=f"127.0.0.1:{free_port()}", global_segment_size=0)
+    began = time.monotonic()
+    with pytest.raises(PoolUnavailable, match=r"mooncake_master at .* is not reachable"):
+        MooncakeBackend(settings, holds_data=True).connect()
+    assert time.monotonic() - began < 5

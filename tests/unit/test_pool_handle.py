@@ -85,3 +85,38 @@ def test_client_exceptions_and_short_answers_are_failures():
     assert short.wait_connected(5)
     assert short.get(["a", "b"], [[1], [2]], [[1], [1]]) == [Outcome.FAILED, Outcome.FAILED]
     short.close()
+
+
+class SlowConnect(ScriptedBackend):
+    def __init__(self, delay_s: float, fail: bool = False):
+        super().__init__()
+        self.delay_s, self.fail = delay_s, fail
+
+    def connect(self):
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise PoolUnavailable("refused")
+
+
+def test_start_waits_for_a_slow_first_connection():
+    handle = PoolHandle(lambda: SlowConnect(0.3), reconnect_interval_s=10, label="t")
+    assert handle.start(wait_s=5)  # connected before start-up goes on: the first requests find it ready
+    handle.close()
+
+
+def test_start_gives_up_waiting_for_a_pool_that_does_not_answer(caplog):
+    handle = PoolHandle(lambda: SlowConnect(30), reconnect_interval_s=10, label="t")
+    began = time.monotonic()
+    assert not handle.start(wait_s=0.3)
+    assert time.monotonic() - began < 2
+    assert "not connected after 0.3 s of start-up" in caplog.text
+    assert handle.exists(["a"]) == [False]
+    handle.close()
+
+
+def test_start_does_not_wait_out_a_refusal():
+    handle = PoolHandle(lambda: SlowConnect(0, fail=True), reconnect_interval_s=10, label="t")
+    began = time.monotonic()
+    assert not handle.start(wait_s=30)
+    assert time.monotonic() - began < 2
+    handle.close()

@@ -13,6 +13,7 @@ Return codes (mooncake-store types.h) are read here and nowhere else.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
@@ -29,6 +30,7 @@ RPC_FAIL = -900  # master unreachable (refused or reset: answered at once, or af
 RPC_TIMEOUT = -901  # master not answering (hung, or a black-holed network): each call waits 30 s
 _MASTER_DOWN = (RPC_FAIL, RPC_TIMEOUT)
 _DUMMY_LOCAL_BUFFER = 16 << 20
+_PROBE_TIMEOUT_S = 2.0
 
 _PUT_CODES = {
     NO_AVAILABLE_HANDLE: Outcome.POOL_FULL,
@@ -44,6 +46,19 @@ _GET_CODES = {
     RPC_FAIL: Outcome.UNAVAILABLE,
     RPC_TIMEOUT: Outcome.UNAVAILABLE,
 }
+
+
+def _check_listening(address: str, what: str) -> None:
+    """Refuse at once when nothing listens at ``address``.
+
+    Mooncake's ``setup`` holds the GIL while it retries an absent master (~90 s, checked here): called from a
+    background thread it would still freeze every thread of the engine process, serving included.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise PoolUnavailable(f"{what} at {address} is not reachable: {exc}") from None
 
 
 def _import_store():
@@ -75,7 +90,9 @@ class MooncakeBackend(PoolBackend):
 
     def connect(self) -> None:
         s = self._settings
+        _check_listening(s.master_server_address, "mooncake_master")
         if self.shared_memory:
+            _check_listening(s.real_client_address, "mooncake_client")
             self._attach(s.real_client_address, s.shared_buffer_bytes)
             return
         segment = s.segment_bytes if self._holds_data else 0

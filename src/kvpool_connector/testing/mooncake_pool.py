@@ -55,9 +55,12 @@ class MooncakePool:
     def master_address(self) -> str:
         return f"127.0.0.1:{self.master_port}"
 
-    def client_config(self, global_segment_size: int | str = 0) -> dict:
-        """Inline ``"mooncake"`` settings: by default engines contribute no memory, objects live on the pool node."""
-        return {
+    def client_config(self, global_segment_size: int | str = 0, shared_memory: bool = False) -> dict:
+        """Inline ``"mooncake"`` settings: by default engines contribute no memory, objects live on the pool node.
+
+        ``shared_memory`` attaches workers to the pool node through shared memory instead of loopback TCP.
+        """
+        config: dict[str, object] = {
             "master_server_address": self.master_address,
             "local_hostname": "127.0.0.1",
             "metadata_server": "P2PHANDSHAKE",
@@ -65,10 +68,15 @@ class MooncakePool:
             "global_segment_size": global_segment_size,
             "local_buffer_size": 0,
         }
+        if shared_memory:
+            config["real_client_address"] = f"127.0.0.1:{self.node_port}"
+        return config
 
-    def connector_config(self, role: str = "kv_both", global_segment_size: int | str = 0, **extra: object) -> dict:
+    def connector_config(
+        self, role: str = "kv_both", global_segment_size: int | str = 0, shared_memory: bool = False, **extra: object
+    ) -> dict:
         """A ``--kv-transfer-config`` naming MemcacheConnectorStoreV1 on this pool; ``extra`` goes to its keys."""
-        return connector_config(self.client_config(global_segment_size), role, **extra)
+        return connector_config(self.client_config(global_segment_size, shared_memory), role, **extra)
 
     def write_config_file(self, path: Path) -> Path:
         """The same settings as a ``MOONCAKE_CONFIG_PATH`` JSON file, the way the seed deploys them."""
