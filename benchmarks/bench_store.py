@@ -34,7 +34,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from kvpool_connector.config import parse_config
-from kvpool_connector.keys import KVLayout
+from kvpool_connector.keys import KVLayout, pool_key
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.worker import PoolWorker
 
@@ -98,6 +98,8 @@ def bench_data_path(
                     load = PoolConnectorMetadata(loads=[BlockTransfer("req", list(range(n, 2 * n)), hashes)])
                     load_s.append(_timed(lambda w=worker, plan=load: w.load(plan)))
                     assert not worker.take_load_errors(), "a load failed: the numbers would be fake"
+                    # free the pool for the next sizes: a shared pool node would otherwise evict under them
+                    worker.pool.remove([pool_key(worker.shard, h) for h in hashes])
                     bar.update(1)
                 ceiling = _memcpy_gbps(nbytes, 3)
                 measured = [("save", save_s)] + ([("load", load_s)] if mode == "async" else [])
