@@ -30,9 +30,12 @@ class SharedArea:
     def __init__(self, base: int, nbytes: int, name: str) -> None:
         self.base, self.nbytes, self.name = base, nbytes, name
 
-    def _chunks(self, object_sizes: Sequence[int]) -> Iterator[range]:
-        """Consecutive index ranges whose objects fit the area together."""
+    def _packed_chunks(self, sizes: Sequence[Sequence[int]]) -> Iterator[tuple[range, list[int], np.ndarray]]:
+        """Consecutive index ranges whose objects fit the area together, with the objects' sizes and slot addresses
+        (packed from the area's base)."""
+        object_sizes = [sum(page_sizes) for page_sizes in sizes]
         start, used = 0, 0
+        bounds = []
         for i, size in enumerate(object_sizes):
             if size > self.nbytes:
                 raise ObjectTooLarge(
@@ -40,15 +43,15 @@ class SharedArea:
                     "raise `shared_buffer_size` in the Mooncake settings"
                 )
             if used + size > self.nbytes:
-                yield range(start, i)
+                bounds.append(range(start, i))
                 start, used = i, 0
             used += size
         if start < len(object_sizes):
-            yield range(start, len(object_sizes))
-
-    def _slots(self, object_sizes: Sequence[int]) -> np.ndarray:
-        """Start address of each object's slot, packed from the area's base."""
-        return self.base + np.concatenate([[0], np.cumsum(object_sizes[:-1], dtype=np.int64)]).astype(np.int64)
+            bounds.append(range(start, len(object_sizes)))
+        for chunk in bounds:
+            chunk_sizes = object_sizes[chunk.start : chunk.stop]
+            offsets = np.concatenate([[0], np.cumsum(chunk_sizes[:-1], dtype=np.int64)]).astype(np.int64)
+            yield chunk, chunk_sizes, self.base + offsets
 
     @staticmethod
     def _page_copies(slots: np.ndarray, sizes: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -63,11 +66,8 @@ class SharedArea:
         self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]], fetch: ContiguousCall
     ) -> list[int]:
         """Fetch each key's object into the area, then scatter those that arrived whole into their pages."""
-        object_sizes = [sum(page_sizes) for page_sizes in sizes]
         codes: list[int] = []
-        for chunk in self._chunks(object_sizes):
-            chunk_sizes = object_sizes[chunk.start : chunk.stop]
-            slots = self._slots(chunk_sizes)
+        for chunk, chunk_sizes, slots in self._packed_chunks(sizes):
             got = fetch(list(keys[chunk.start : chunk.stop]), slots.tolist(), chunk_sizes)
             whole = [i for i, (n, want) in enumerate(zip(got, chunk_sizes, strict=True)) if n == want]
             if whole:
@@ -81,11 +81,8 @@ class SharedArea:
         self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]], store: ContiguousCall
     ) -> list[int]:
         """Gather each key's pages into the area, then store the slots as objects."""
-        object_sizes = [sum(page_sizes) for page_sizes in sizes]
         codes: list[int] = []
-        for chunk in self._chunks(object_sizes):
-            chunk_sizes = object_sizes[chunk.start : chunk.stop]
-            slots = self._slots(chunk_sizes)
+        for chunk, chunk_sizes, slots in self._packed_chunks(sizes):
             dsts, lengths = self._page_copies(slots, sizes[chunk.start : chunk.stop])
             ops.copy_batch(dsts, [a for page_addrs in addrs[chunk.start : chunk.stop] for a in page_addrs], lengths)
             codes.extend(store(list(keys[chunk.start : chunk.stop]), slots.tolist(), chunk_sizes))
