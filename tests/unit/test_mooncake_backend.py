@@ -4,6 +4,7 @@ Every data-path test runs twice: with the client's own transfer engine (TCP to t
 node through shared memory (``real_client_address``).
 """
 
+import signal
 import time
 
 import numpy as np
@@ -13,7 +14,8 @@ from kvpool_connector.backends import Outcome, PoolUnavailable
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.backends.shared_area import ObjectTooLarge
 from kvpool_connector.config import MooncakeSettings
-from kvpool_connector.testing.processes import free_port
+from kvpool_connector.testing.mooncake_pool import mooncake_pool
+from kvpool_connector.testing.processes import free_port, stop_process
 
 
 def shared_memory_settings(pool, **extra) -> MooncakeSettings:
@@ -135,3 +137,23 @@ def test_absent_master_is_refused_at_once():
     with pytest.raises(PoolUnavailable, match=r"mooncake_master at .* is not reachable"):
         MooncakeBackend(settings, holds_data=True).connect()
     assert time.monotonic() - began < 5
+
+
+def test_shared_memory_node_killed_costs_hits_only(tmp_path):
+    """The mooncake_client a worker is attached to dies: a get reports it unavailable at once (so the pool handle
+    opens its outage window), a put fails, a lookup misses; nothing raises."""
+    with mooncake_pool(tmp_path, segment_size="64 MB") as own:
+        b = MooncakeBackend(shared_memory_settings(own), holds_data=True)
+        b.connect()
+        try:
+            page = np.ones(64 << 10, dtype=np.uint8)
+            p = page.ctypes.data
+            assert b.put(["t/gone"], [[p]], [[page.nbytes]]) == [Outcome.OK]
+            stop_process(own.node, signal.SIGKILL)
+            began = time.monotonic()
+            assert b.get(["t/gone"], [[p]], [[page.nbytes]]) == [Outcome.UNAVAILABLE]
+            assert time.monotonic() - began < 1
+            assert b.put(["t/new"], [[p]], [[page.nbytes]]) == [Outcome.UNAVAILABLE]  # ~4 s of client retries
+            assert b.exists(["t/gone"]) == [False]
+        finally:
+            b.close()
