@@ -1,9 +1,10 @@
 """A pool client that is always safe to call: the pool is a cache, its outage costs hits and nothing else.
 
 ``PoolHandle`` wraps one :class:`PoolBackend` and owns its lifecycle:
-1. ``start(wait_s)`` connects in a background thread (a Mooncake setup against a dead master blocks ~90 s), retrying
-   from ``reconnect_interval_s`` with backoff until it succeeds or the handle is closed; start-up waits up to
-   ``wait_s`` for the first attempt, then vLLM serves meanwhile.
+1. ``start(wait_s)`` connects in a background thread, retrying from ``reconnect_interval_s`` with backoff until it
+   succeeds or the handle is closed; start-up waits up to ``wait_s`` for the first attempt, then vLLM serves
+   meanwhile. (A background thread is no shield against a client call that holds the GIL, as Mooncake's setup does
+   while it retries a master: backends must refuse an absent pool before making such a call.)
 2. ``register_memory()`` records KV regions and (re)registers them whenever a connection is made.
 3. ``exists`` / ``put`` / ``get`` answer "absent"/"unavailable" while disconnected, and turn any exception from the
    pool client into the same, with a rate-limited warning that says why.
@@ -64,8 +65,8 @@ class PoolHandle:
 
         vLLM serves its first requests right after start-up: a connection still being made then (a shared-memory
         attach maps its areas, ~0.3 s here) delays them or costs their hits, so start-up waits for it. A pool that
-        refuses fails the first attempt at once; one that does not answer (a Mooncake setup against a dead master
-        blocks ~90 s) is left to connect in the background once ``wait_s`` is over.
+        refuses fails the first attempt at once; one that does not answer is left to connect in the background once
+        ``wait_s`` is over.
         """
         self._thread = threading.Thread(target=self._connect_loop, name=f"kvpool-connect-{self.label}", daemon=True)
         self._thread.start()
