@@ -78,10 +78,17 @@ class PoolWorker:
         self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)
         on_device = self.pages.on_device
         mooncake = self._config.mooncake
-        if on_device and mooncake is not None and mooncake.real_client_address:
+        shared_memory = mooncake is not None and bool(mooncake.real_client_address)
+        if on_device and shared_memory:
             raise ValueError(
                 f"`real_client_address` (Mooncake through shared memory) needs the KV cache in host memory; this "
                 f"worker's is on {self.pages.device}. Remove it: on GPU/NPU hosts the client transfers KV pages itself."
+            )
+        if shared_memory and 2 * self.pages.block_bytes > mooncake.shared_buffer_bytes:
+            raise ValueError(
+                f"`shared_buffer_size` ({mooncake.shared_buffer_size}) must hold two KV block objects of "
+                f"{self.pages.block_bytes} bytes each (a transfer keeps two chunks in flight); set it to at least "
+                f"{2 * self.pages.block_bytes} bytes in the Mooncake settings"
             )
         helper_cpus = compat.helper_thread_cpus() if self.pages.device.type == "cpu" else None
         self.pool = PoolHandle(
