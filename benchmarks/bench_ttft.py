@@ -64,7 +64,7 @@ def _by_length(run: EngineRun, pick: slice | None = None) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[514, 1026, 2050, 4098])
-    parser.add_argument("--reps", type=int, default=2, help="distinct prompts per length (median reported)")
+    parser.add_argument("--reps", type=int, default=4, help="distinct prompts per length (median reported)")
     parser.add_argument("--batch", type=int, default=8, help="prompts in the all-miss throughput batch")
     parser.add_argument("--batch-tokens", type=int, default=2049)
     parser.add_argument("--throughput-reps", type=int, default=2, help="alternated runs of each throughput phase")

@@ -28,6 +28,26 @@ def test_cpu_copy_matches_numpy_reference(sizes, threads, rnd, seed):
     assert np.array_equal(dst, expected)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_batches_stream_around_the_cache_byte_exact(threads):
+    """Batches of 1 MiB and more take the streaming-store path: unaligned ends and pieces on either side of its
+    16 KiB cut-off must land exactly, and nothing outside them may be touched."""
+    sizes = [16383, 16384, 16385, 1, 15, 17, 65537, 262144, 300001, 262139, 4095, 131077] * 3
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 256, sum(sizes) + 4096, dtype=np.uint8)
+    dst = np.full(2 * sum(sizes) + 4096, 0xAB, dtype=np.uint8)
+    expected = dst.copy()
+    dsts, srcs, s, d = [], [], 3, 5  # odd starting offsets on both sides
+    for n in sizes:
+        dsts.append(dst.ctypes.data + d)
+        srcs.append(src.ctypes.data + s)
+        expected[d : d + n] = src[s : s + n]
+        s, d = s + n, d + n + int(rng.integers(1, 64))  # gaps: no two pieces merge on the destination side
+    assert sum(sizes) >= 1 << 20
+    copy_batch(dsts, srcs, sizes, threads=threads)
+    assert np.array_equal(dst, expected)
+
+
 def test_merge_runs_coalesces_only_continuations():
     d, s, n = merge_runs([100, 110, 200, 300, 305], [0, 10, 20, 40, 45], [10, 10, 5, 5, 5])
     assert (d.tolist(), s.tolist(), n.tolist()) == ([100, 200, 300], [0, 20, 40], [20, 5, 10])
