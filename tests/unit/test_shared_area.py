@@ -95,7 +95,7 @@ def test_get_overlaps_chunks_without_overwriting_a_half_in_use(area, monkeypatch
             assert np.array_equal(loaded[off : off + PAGE], np.broadcast_to(want, PAGE)), f"object {i}"
 
 
-def test_put_overlaps_chunks_without_overwriting_a_half_in_use(area, monkeypatch):
+def test_put_stores_every_chunk_whole(area, monkeypatch):
     halves = Halves(area, monkeypatch)
     pages, addrs, sizes = pages_and_objects(30, 2, seed=1)
     landed: dict[str, bytes] = {}

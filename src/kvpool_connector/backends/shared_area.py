@@ -5,12 +5,13 @@ through shared memory that both processes map; that process holds the segment an
 cannot reach vLLM's KV pages, so a batch goes through the area in chunks: a get fills one contiguous slot per object
 and a single batched copy scatters the slots into the pages; a put gathers the pages into slots first.
 
-The two copies of a chunk are serial, but those of neighbouring chunks are not: the area is split in two halves and
-chunks alternate between them, so while the pool client fills (or drains) one half, a helper thread scatters (or the
-caller gathers) the other. Both the Mooncake calls and the native copy release the GIL. The overlap pays only when the
-helper has a core of its own: on vLLM's CPU backend it runs on the cores the forward pass leaves free (measured in
-the engine, 64 MiB loads: 12.5 ms serial, 10.4 ms overlapped there, no faster overlapped on the forward pass's core).
-Slots are packed per chunk, so any mix of object sizes works.
+The two copies of a chunk are serial, but a load overlaps those of neighbouring chunks: the area is split in two
+halves and chunks alternate between them, so while the pool client fills one half, a helper thread scatters the
+other. Both the Mooncake calls and the native copy release the GIL. The overlap pays only when the helper has a core
+of its own: on vLLM's CPU backend it runs on the cores the forward pass leaves free (measured in the engine, 64 MiB
+loads: 12.5 ms serial, 10.4 ms overlapped there, no faster overlapped on the forward pass's core). A save runs in the
+background, off the request's critical path, and is not overlapped (see ``put``). Slots are packed per chunk, so any
+mix of object sizes works.
 
 Codes pass through untouched (the backend reads them): for a get, the bytes read or a negative error; an object is
 scattered only when exactly its expected size arrived.
@@ -138,13 +139,13 @@ class SharedArea:
     def put(
         self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]], store: ContiguousCall
     ) -> list[int]:
-        """Gather each key's pages into the area, then store the slots as objects."""
+        """Gather each chunk's pages into the area, then store its slots as objects; chunk after chunk.
 
-        def gather(c: _Chunk) -> None:
+        Not overlapped: saves run in the background, and overlapping their two copies would only take memory bandwidth
+        and a core from the forward pass (all-miss throughput measured 0.94x with the overlap)."""
+        codes: list[int] = []
+        for c in self._chunks(sizes):
             dsts, lengths = self._page_copies(c.slots, sizes[c.span.start : c.span.stop])
             ops.copy_batch(dsts, [a for page_addrs in addrs[c.span.start : c.span.stop] for a in page_addrs], lengths)
-
-        def store_chunk(c: _Chunk, _: None) -> list[int]:
-            return store(list(keys[c.span.start : c.span.stop]), c.slots.tolist(), c.object_sizes)
-
-        return self._pipelined(self._chunks(sizes), gather, store_chunk)
+            codes.extend(store(list(keys[c.span.start : c.span.stop]), c.slots.tolist(), c.object_sizes))
+        return codes
