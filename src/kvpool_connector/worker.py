@@ -84,11 +84,11 @@ class PoolWorker:
                 f"`real_client_address` (Mooncake through shared memory) needs the KV cache in host memory; this "
                 f"worker's is on {self.pages.device}. Remove it: on GPU/NPU hosts the client transfers KV pages itself."
             )
-        if shared_memory and 2 * self.pages.block_bytes > mooncake.shared_buffer_bytes:
+        if shared_memory and self.pages.block_bytes > mooncake.shared_buffer_bytes:
             raise ValueError(
-                f"`shared_buffer_size` ({mooncake.shared_buffer_size}) must hold two KV block objects of "
-                f"{self.pages.block_bytes} bytes each (a transfer keeps two chunks in flight); set it to at least "
-                f"{2 * self.pages.block_bytes} bytes in the Mooncake settings"
+                f"`shared_buffer_size` ({mooncake.shared_buffer_size}) is smaller than one KV block object "
+                f"({self.pages.block_bytes} bytes), so every transfer would fail; set it to at least "
+                f"{self.pages.block_bytes} bytes in the Mooncake settings"
             )
         helper_cpus = compat.helper_thread_cpus() if self.pages.device.type == "cpu" else None
         self.pool = PoolHandle(

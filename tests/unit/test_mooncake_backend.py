@@ -86,8 +86,7 @@ def test_one_bad_object_in_a_batch_fails_only_itself(backend):
 
 
 def test_shared_memory_batches_larger_than_the_area_go_in_chunks(pool):
-    """24 objects of 3 pages (192 KiB each) through a 1 MiB area: 2 per chunk (half the area), 12 chunks overlapped,
-    any order of hits and misses."""
+    """24 objects of 3 pages (192 KiB each) through a 1 MiB area: 5 per chunk, any order of hits and misses."""
     b = MooncakeBackend(shared_memory_settings(pool, shared_buffer_size="1MB"), holds_data=True)
     b.connect()
     try:

@@ -1,47 +1,14 @@
-"""SharedArea's pipeline on its own: a numpy buffer is the area, plain functions play the pool client's contiguous
-get/put (the real shared-memory client is exercised in test_mooncake_backend)."""
+"""SharedArea on its own: a numpy buffer is the area, plain functions play the pool client's contiguous get/put (the
+real shared-memory client is exercised in test_mooncake_backend)."""
 
 import ctypes
-import threading
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
-from kvpool_connector.backends import shared_area
 from kvpool_connector.backends.shared_area import ObjectTooLarge, SharedArea
 
 PAGE = 4096
-
-
-class Halves:
-    """Watches the area's two halves: the copy and the pool call must never use the same half at once."""
-
-    def __init__(self, area: SharedArea, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.area, self.lock, self.busy, self.copies = area, threading.Lock(), set(), 0
-        real_copy = shared_area.ops.copy_batch
-
-        def watched_copy(dsts, srcs, sizes):
-            with self.using(srcs if self.in_area(srcs) else dsts):
-                real_copy(dsts, srcs, sizes)
-            self.copies += 1
-
-        monkeypatch.setattr(shared_area.ops, "copy_batch", watched_copy)
-
-    def in_area(self, addrs) -> bool:
-        return self.area.base <= min(addrs) < self.area.base + self.area.nbytes
-
-    @contextmanager
-    def using(self, addrs):
-        half = (min(addrs) - self.area.base) // self.area.half
-        with self.lock:
-            assert half not in self.busy, f"half {half} used by both threads at once"
-            self.busy.add(half)
-        time.sleep(0.002)  # widen the window a race would need
-        yield
-        with self.lock:
-            self.busy.discard(half)
 
 
 def pages_and_objects(n: int, pages: int, seed: int):
@@ -51,89 +18,64 @@ def pages_and_objects(n: int, pages: int, seed: int):
     return src, addrs, [[PAGE] * pages] * n
 
 
+def object_bytes(src: np.ndarray, addrs: list[int]) -> bytes:
+    return b"".join(src[a - src.ctypes.data :][:PAGE].tobytes() for a in addrs)
+
+
 @pytest.fixture
 def area():
-    memory = np.zeros(64 * PAGE, dtype=np.uint8)
-    a = SharedArea(memory.ctypes.data, memory.nbytes, "test", chunk_bytes=8 * PAGE)
-    yield a
-    a.close()
+    memory = np.zeros(16 * PAGE, dtype=np.uint8)
+    yield SharedArea(memory.ctypes.data, memory.nbytes, "test")
     del memory
 
 
-def test_get_overlaps_chunks_without_overwriting_a_half_in_use(area, monkeypatch):
-    """40 objects of 3 pages through 8-page chunks: 20 chunks alternate the halves; every byte lands, misses stay
-    untouched, and no fetch writes a half that is still being scattered."""
-    halves = Halves(area, monkeypatch)
+def test_get_scatters_only_whole_objects_chunk_by_chunk(area):
+    """40 objects of 3 pages through a 16-page area (5 per chunk): whole ones land, misses and short reads leave their
+    pages untouched, and every code comes back in order."""
     stored, addrs, sizes = pages_and_objects(40, 3, seed=0)
-    objects = {f"k{i}": np.concatenate([stored[a - stored.ctypes.data :][:PAGE] for a in addrs[i]]) for i in range(40)}
-    missing = {"k5", "k17"}
-    fetched = []
+    missing, short = {"k5", "k17"}, {"k23"}
+    calls = []
 
     def fetch(keys, slots, slot_sizes):
-        fetched.append(len(keys))
+        calls.append(len(keys))
+        assert max(slots) + max(slot_sizes) <= area.base + area.nbytes
         codes = []
-        with halves.using(slots):
-            for key, slot, size in zip(keys, slots, slot_sizes, strict=True):
-                if key in missing:
-                    codes.append(-704)
-                    continue
-                (ctypes.c_uint8 * size).from_address(slot)[:] = objects[key].tobytes()
-                codes.append(size)
+        for key, slot, size in zip(keys, slots, slot_sizes, strict=True):
+            if key in missing:
+                codes.append(-704)
+                continue
+            data = object_bytes(stored, addrs[int(key[1:])])[: size - (key in short)]
+            (ctypes.c_uint8 * len(data)).from_address(slot)[:] = data
+            codes.append(len(data))
         return codes
 
-    loaded = np.zeros_like(stored)
+    loaded = np.full_like(stored, 0xAB)
     dst = [[a - stored.ctypes.data + loaded.ctypes.data for a in object_addrs] for object_addrs in addrs]
     codes = area.get([f"k{i}" for i in range(40)], dst, sizes, fetch)
 
-    assert codes == [-704 if f"k{i}" in missing else 3 * PAGE for i in range(40)]
-    assert fetched == [2] * 20  # 3-page objects, 8-page chunks
-    assert halves.copies == 20
+    assert codes == [-704 if f"k{i}" in missing else 3 * PAGE - (f"k{i}" in short) for i in range(40)]
+    assert calls == [5] * 8
     for i, object_addrs in enumerate(addrs):
-        for a in object_addrs:
-            off = a - stored.ctypes.data
-            want = 0 if f"k{i}" in missing else stored[off : off + PAGE]
-            assert np.array_equal(loaded[off : off + PAGE], np.broadcast_to(want, PAGE)), f"object {i}"
+        got = object_bytes(loaded, [a - stored.ctypes.data + loaded.ctypes.data for a in object_addrs])
+        whole = f"k{i}" not in missing | short
+        assert got == (object_bytes(stored, object_addrs) if whole else b"\xab" * 3 * PAGE), f"object {i}"
 
 
-def test_put_stores_every_chunk_whole(area, monkeypatch):
-    halves = Halves(area, monkeypatch)
+def test_put_stores_every_object_whole(area):
     pages, addrs, sizes = pages_and_objects(30, 2, seed=1)
     landed: dict[str, bytes] = {}
 
     def store(keys, slots, slot_sizes):
-        with halves.using(slots):
-            for key, slot, size in zip(keys, slots, slot_sizes, strict=True):
-                landed[key] = bytes((ctypes.c_uint8 * size).from_address(slot))
+        for key, slot, size in zip(keys, slots, slot_sizes, strict=True):
+            landed[key] = bytes((ctypes.c_uint8 * size).from_address(slot))
         return [0] * len(keys)
 
     assert area.put([f"k{i}" for i in range(30)], addrs, sizes, store) == [0] * 30
-    for i, object_addrs in enumerate(addrs):
-        want = b"".join(pages[a - pages.ctypes.data :][:PAGE].tobytes() for a in object_addrs)
-        assert landed[f"k{i}"] == want, f"object {i}"
+    assert all(landed[f"k{i}"] == object_bytes(pages, object_addrs) for i, object_addrs in enumerate(addrs))
 
 
-def test_a_failing_pool_call_raises_after_the_other_half_is_done(area, monkeypatch):
-    """The pool client raising on chunk 3 surfaces as that error, and nothing still copies when get returns."""
-    halves = Halves(area, monkeypatch)
-    pages, addrs, sizes = pages_and_objects(12, 3, seed=2)  # pages: keeps the scatter's targets alive
-    calls = 0
-
-    def fetch(keys, slots, slot_sizes):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise RuntimeError("pool client went away")
-        return list(slot_sizes)
-
-    with pytest.raises(RuntimeError, match="went away"):
-        area.get([f"k{i}" for i in range(12)], addrs, sizes, lambda *a: fetch(*a))
-    assert halves.copies == 2 and not halves.busy
-    del pages
-
-
-def test_an_object_over_half_the_area_is_refused_before_anything_moves(area):
+def test_an_object_larger_than_the_area_is_refused_before_anything_moves(area):
     moved = []
-    big = [[PAGE] * 33]  # 33 pages: more than half of a 64-page area
-    with pytest.raises(ObjectTooLarge, match=r"half of the 262144-byte shared test area.*shared_buffer_size"):
-        area.put(["small", "big"], [[0], [0] * 33], [[PAGE], *big], lambda *a: moved.append(a) or [0])
+    with pytest.raises(ObjectTooLarge, match=r"does not fit the 65536-byte shared test area.*shared_buffer_size"):
+        area.put(["small", "big"], [[0], [0] * 17], [[PAGE], [PAGE] * 17], lambda *a: moved.append(a) or [0])
     assert moved == []

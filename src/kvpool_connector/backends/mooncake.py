@@ -82,7 +82,6 @@ class MooncakeBackend(PoolBackend):
         store_cls, self._replicate_config_cls = _import_store()
         self._store = store_cls()
         self._replicate_config = self._replicate_config_cls()
-        self._areas: list[SharedArea] = []  # shared-memory mode only: (load, save)
 
     @property
     def shared_memory(self) -> bool:
@@ -111,14 +110,15 @@ class MooncakeBackend(PoolBackend):
         rc = self._store.setup_dummy(2 * area_bytes, _DUMMY_LOCAL_BUFFER, address)
         if rc != 0:
             raise PoolUnavailable(f"Mooncake shared-memory attach to mooncake_client at {address} returned {rc}")
+        areas = []
         for name in ("load", "save"):
             base = self._store.alloc_from_mem_pool(area_bytes)
             if not base:
                 raise PoolUnavailable(f"Mooncake could not allocate a {area_bytes}-byte shared {name} area")
             if (rc := self._store.register_buffer(base, area_bytes)) != 0:
                 raise PoolUnavailable(f"mooncake_client at {address} refused the shared {name} area: {rc}")
-            self._areas.append(SharedArea(base, area_bytes, name))
-        self._load_area, self._save_area = self._areas
+            areas.append(SharedArea(base, area_bytes, name))
+        self._load_area, self._save_area = areas
 
     def register_memory(self, ptr: int, size: int) -> None:
         if self.shared_memory:
@@ -162,6 +162,4 @@ class MooncakeBackend(PoolBackend):
         return [code == 0 for code in self._store.batch_remove(list(keys), True)]
 
     def close(self) -> None:
-        for area in self._areas:
-            area.close()
         self._store.close()
