@@ -201,8 +201,12 @@ def plot(data_rows: list[dict], lookup_rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {("save", "async"): "o-", ("save", "sync"): "s--", ("load", "zero-copy"): "^-"}
-    styles[("load", "shared memory")] = "^-"
+    styles = {
+        ("save", "async"): "o-",
+        ("save", "sync"): "s--",
+        ("load", "zero-copy"): "^-",
+        ("load", "shared memory"): "^-",
+    }
     for (op, mode), style in styles.items():
         for kib in sorted({r["page KiB"] for r in data_rows}):
             pts = [r for r in data_rows if r["op"] == op and r["mode"] == mode and r["page KiB"] == kib]

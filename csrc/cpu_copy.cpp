@@ -41,26 +41,21 @@ void stream_copy(char* dst, const char* src, std::size_t n) {
 }
 #endif
 
-void copy_range(const CopyBatch& b, std::size_t begin, std::size_t end, bool streaming) {
-#if defined(__SSE2__)
-  if (streaming) {
-    for (std::size_t i = begin; i < end; ++i) {
-      auto* dst = reinterpret_cast<char*>(b.dsts[i]);
-      const auto* src = reinterpret_cast<const char*>(b.srcs[i]);
-      if (b.sizes[i] >= kStreamPieceBytes) {
-        stream_copy(dst, src, b.sizes[i]);
-      } else {
-        std::memcpy(dst, src, b.sizes[i]);
-      }
-    }
-    _mm_sfence();  // streamed stores are weakly ordered: visible to every reader before the copy reports done
-    return;
-  }
-#endif
-  (void)streaming;
+void copy_range(const CopyBatch& b, std::size_t begin, std::size_t end, [[maybe_unused]] bool streaming) {
   for (std::size_t i = begin; i < end; ++i) {
-    std::memcpy(reinterpret_cast<void*>(b.dsts[i]), reinterpret_cast<const void*>(b.srcs[i]), b.sizes[i]);
+    auto* dst = reinterpret_cast<char*>(b.dsts[i]);
+    const auto* src = reinterpret_cast<const char*>(b.srcs[i]);
+#if defined(__SSE2__)
+    if (streaming && b.sizes[i] >= kStreamPieceBytes) {
+      stream_copy(dst, src, b.sizes[i]);
+      continue;
+    }
+#endif
+    std::memcpy(dst, src, b.sizes[i]);
   }
+#if defined(__SSE2__)
+  if (streaming) _mm_sfence();  // streamed stores are weakly ordered: visible to every reader before the copy returns
+#endif
 }
 }  // namespace
 
