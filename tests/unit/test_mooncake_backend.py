@@ -4,8 +4,10 @@ Every data-path test runs twice: with the client's own transfer engine (TCP to t
 node through shared memory (``real_client_address``).
 """
 
+import re
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +123,62 @@ def test_shared_memory_object_larger_than_the_area_is_refused_with_the_fix(pool)
             b.put(["t/big"], [[big.ctypes.data]], [[big.nbytes]])
     finally:
         b.close()
+
+
+def node_shared_mappings(pool) -> list[tuple[int, int]]:
+    """(size, resident bytes) of each shared-memory mapping the pool node holds, from its /proc smaps."""
+    entries = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path(f"/proc/{pool.node.pid}/smaps").read_text())
+    found = []
+    for entry in entries:
+        if "memfd:mooncake_shm" in entry.splitlines()[0]:
+            size = re.search(r"^Size:\s+(\d+) kB", entry, re.M)
+            rss = re.search(r"^Rss:\s+(\d+) kB", entry, re.M)
+            assert size and rss
+            found.append((int(size[1]) << 10, int(rss[1]) << 10))
+    return found
+
+
+class RecordingPuts:
+    """Forwards every call to the real Mooncake client, remembering the keys it was asked to store."""
+
+    def __init__(self, store) -> None:
+        self._store, self.put_keys = store, []
+
+    def batch_put_from(self, keys, *args):
+        self.put_keys.extend(keys)
+        return self._store.batch_put_from(keys, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+@pytest.mark.parametrize("segment", ["512 MB", "16 MB"])
+def test_shared_memory_attach_premaps_the_load_area_in_the_node(tmp_path, segment):
+    """The node's first write into a fresh area faults its pages in (first loads 4-5x slower): attaching makes it map
+    the load area up front, through throwaway objects it removes again. A pool too small for all of them maps what
+    fits and still attaches."""
+    with mooncake_pool(tmp_path, segment_size=segment) as own:
+        before = node_shared_mappings(own)
+        b = MooncakeBackend(shared_memory_settings(own, shared_buffer_size="24MB"), holds_data=True)
+        b._store = recorder = RecordingPuts(b._store)
+        b.connect()
+        try:
+            areas = [m for m in node_shared_mappings(own) if m not in before and m[0] == 24 << 20]
+            assert len(areas) == 2, areas  # the load area and the save area
+            save_rss, load_rss = sorted(rss for _, rss in areas)
+            assert save_rss == 0
+            if segment == "512 MB":
+                assert load_rss == 24 << 20
+            else:  # only the first 16 MiB object fit (plus what the node's read-ahead mapped past it)
+                assert 16 << 20 <= load_rss < 24 << 20
+            assert recorder.put_keys and b.exists(recorder.put_keys) == [False] * len(recorder.put_keys)
+            page = np.arange(64 << 10, dtype=np.uint8)
+            back = np.zeros_like(page)
+            assert b.put(["t/premap"], [[page.ctypes.data]], [[page.nbytes]]) == [Outcome.OK]
+            assert b.get(["t/premap"], [[back.ctypes.data]], [[back.nbytes]]) == [Outcome.OK]
+            assert np.array_equal(back, page)
+        finally:
+            b.close()
 
 
 def test_shared_memory_attach_to_nothing_is_unavailable(pool):

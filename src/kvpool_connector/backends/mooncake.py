@@ -14,11 +14,15 @@ Return codes (mooncake-store types.h) are read here and nowhere else.
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
 from kvpool_connector.backends.shared_area import SharedArea
+from kvpool_connector.compat import init_logger
 from kvpool_connector.config import MooncakeSettings
+
+logger = init_logger(__name__)
 
 NO_AVAILABLE_HANDLE = -200  # no space left in any segment
 INVALID_PARAMS = -600  # e.g. our buffer is smaller than the object
@@ -30,6 +34,7 @@ RPC_FAIL = -900  # master unreachable (refused or reset: answered at once, or af
 RPC_TIMEOUT = -901  # master not answering (hung, or a black-holed network): each call waits 30 s
 _MASTER_DOWN = (RPC_FAIL, RPC_TIMEOUT)
 _DUMMY_LOCAL_BUFFER = 16 << 20
+_PREFAULT_OBJECT_BYTES = 16 << 20
 _PROBE_TIMEOUT_S = 2.0
 
 _PUT_CODES = {
@@ -117,8 +122,31 @@ class MooncakeBackend(PoolBackend):
                 raise PoolUnavailable(f"Mooncake could not allocate a {area_bytes}-byte shared {name} area")
             if (rc := self._store.register_buffer(base, area_bytes)) != 0:
                 raise PoolUnavailable(f"mooncake_client at {address} refused the shared {name} area: {rc}")
-            areas.append(SharedArea(base, area_bytes, name))
+            area = SharedArea(base, area_bytes, name)
+            area.fill_zeros()
+            areas.append(area)
         self._load_area, self._save_area = areas
+        self._map_in_node(self._load_area)
+
+    def _map_in_node(self, area: SharedArea) -> None:
+        """Have ``mooncake_client`` map every page of ``area`` now rather than during the first loads.
+
+        Its first write into a fresh area faults each page into its own mapping: a fresh engine's first 64 MiB load
+        took 35 ms instead of 7.5 (measured here). Storing the area once as throwaway objects makes the node read
+        all of it (read faults map pages in batches, and the pages stay writable); the objects are removed at once.
+        Best effort: a full pool only leaves the first loads slower.
+        """
+        offsets = range(0, area.nbytes, _PREFAULT_OBJECT_BYTES)
+        keys = [f"kvpool-prefault/{uuid.uuid4().hex}/{i}" for i in range(len(offsets))]
+        sizes = [min(_PREFAULT_OBJECT_BYTES, area.nbytes - offset) for offset in offsets]
+        codes = self._store.batch_put_from(keys, [area.base + o for o in offsets], sizes, self._replicate_config)
+        if stored := [key for key, code in zip(keys, codes, strict=True) if code == 0]:
+            self._store.batch_remove(stored, True)
+        if len(stored) < len(keys):
+            logger.info(
+                "mooncake_client could not pre-map the shared load area (codes %s): the first loads will be slower",
+                sorted(set(codes)),
+            )
 
     def register_memory(self, ptr: int, size: int) -> None:
         if self.shared_memory:

@@ -17,6 +17,7 @@ scattered only when exactly its expected size arrived.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -34,6 +35,10 @@ class ObjectTooLarge(ValueError):
 class SharedArea:
     def __init__(self, base: int, nbytes: int, name: str) -> None:
         self.base, self.nbytes, self.name = base, nbytes, name
+
+    def fill_zeros(self) -> None:
+        """Allocate and map the area's pages in this process now, not on the first transfers' copies."""
+        np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.base)).fill(0)
 
     def _packed_chunks(self, sizes: Sequence[Sequence[int]]) -> Iterator[tuple[range, list[int], np.ndarray]]:
         """Consecutive index ranges whose objects fit the area together, with the objects' sizes and slot addresses
