@@ -20,7 +20,9 @@ Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ un
 Every phase schedules a whole prompt in one step (``max_num_batched_tokens`` = the longest prompt): ExampleConnector
 only stores what the first step of a request computed, so chunked prefill would leave it nothing to hit.
 
-Run: ``python benchmarks/bench_ttft.py [--lengths 514 1026 2050 4098] [--reps 2] [--out benchmarks/results]``.
+Run: ``python benchmarks/bench_ttft.py [--lengths 514 1026 2050 4098] [--reps 4] [--out benchmarks/results]``;
+``--throughput-reps 0`` measures TTFT only. The JSON lists every prompt's TTFT in run order (``ttft_each_ms``): a hit
+engine's first requests show what a fresh engine's first hits cost.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=4, help="distinct prompts per length (median reported)")
     parser.add_argument("--batch", type=int, default=8, help="prompts in the all-miss throughput batch")
     parser.add_argument("--batch-tokens", type=int, default=2049)
-    parser.add_argument("--throughput-reps", type=int, default=2, help="alternated runs of each throughput phase")
+    parser.add_argument(
+        "--throughput-reps", type=int, default=2, help="alternated runs of each throughput phase (0: TTFT only)"
+    )
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -167,8 +171,8 @@ def main() -> None:
             "engine wall s (each run)": [round(r.wall_s, 1) for r in rs],
         }
         for name, rs in throughput_runs.items()
+        if rs
     }
-    base = statistics.median(prefill_s(r) for r in throughput_runs["no connector"])
     longest = max(args.lengths)
     ratios = {}
     at = {name: ttft[name][longest] for name in ttft}
@@ -177,10 +181,12 @@ def main() -> None:
         ratios[f"recompute / {hit} @ {longest}"] = at["recompute"] / at[hit]
         ratios[f"{hit} / ExampleConnector hit @ {longest}"] = at[hit] / at["ExampleConnector hit"]
     ratios[f"pool miss (saving) / recompute @ {longest}"] = at["pool miss (saving)"] / at["recompute"]
-    for name in THROUGHPUT_PHASES[1:]:
-        ratios[f"all-miss throughput, {name} / no connector"] = base / statistics.median(
-            prefill_s(r) for r in throughput_runs[name]
-        )
+    if batch_rows:
+        base = statistics.median(prefill_s(r) for r in throughput_runs["no connector"])
+        for name in THROUGHPUT_PHASES[1:]:
+            ratios[f"all-miss throughput, {name} / no connector"] = base / statistics.median(
+                prefill_s(r) for r in throughput_runs[name]
+            )
     for name, row in batch_rows.items():
         console.print(f"{name}: {row}")
     for name, value in ratios.items():
@@ -197,6 +203,11 @@ def main() -> None:
             for n in args.lengths
         },
         "ttft_ms": {k: {str(n): round(v * 1e3, 2) for n, v in d.items()} for k, d in ttft.items()},
+        # every prompt in run order: a hit engine's first requests show what a fresh engine's first hits cost
+        "ttft_each_ms": {
+            phase: [(r.prompt_tokens, round(r.ttft_s * 1e3, 2)) for r in runs[phase].results]
+            for phase in ("pool hit", "pool hit shm", "example hit")
+        },
         "pool_hit_tokens": {str(n): hits[n] for n in args.lengths},
         "throughput": batch_rows,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
