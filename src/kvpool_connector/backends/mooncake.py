@@ -134,7 +134,9 @@ class MooncakeBackend(PoolBackend):
         Its first write into a fresh area faults each page into its own mapping: a fresh engine's first 64 MiB load
         took 35 ms instead of 7.5 (measured here). Storing the area once as throwaway objects makes the node read
         all of it (read faults map pages in batches, and the pages stay writable); the objects are removed at once.
-        Best effort: a full pool only leaves the first loads slower.
+        They hold up to the area's size of pool memory for that moment (in a nearly full pool that can hasten
+        Mooncake's eviction of older objects), and go wherever the master places them (another host's segment in a
+        multi-host pool: the same read, plus a transfer). Best effort: a full pool only leaves the first loads slower.
         """
         offsets = range(0, area.nbytes, _PREFAULT_OBJECT_BYTES)
         keys = [f"kvpool-prefault/{uuid.uuid4().hex}/{i}" for i in range(len(offsets))]
