@@ -12,7 +12,10 @@ Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ un
    ``mooncake_client`` pool node, reached over loopback TCP); the second engine is new, so whatever it does not compute
    came from the pool; then ``pool hit (shared memory)``: another fresh engine attached to the same pool node through
    shared memory (``real_client_address``);
-3. ``ExampleConnector miss`` then ``ExampleConnector hit``: vLLM's reference connector (safetensors files);
+3. ``ExampleConnector miss`` then ``ExampleConnector hit``: vLLM's reference connector (safetensors files). The
+   two closest contenders, ``pool hit (shared memory)`` and ``ExampleConnector hit``, each get ``--hit-engines``
+   fresh engines, alternated (shm, Example, shm, Example, ...), so one run shows their spread and who is faster in
+   how many engine pairs; the table reports the median over all their prompts;
 4. throughput: a batch of distinct prompts, all misses, without the connector, with it (lookups + saves), with it
    as ``kv_consumer`` (lookups only) and with it through shared memory, alternated ``--throughput-reps`` times to show
    the run-to-run spread.
@@ -20,7 +23,8 @@ Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ un
 Every phase schedules a whole prompt in one step (``max_num_batched_tokens`` = the longest prompt): ExampleConnector
 only stores what the first step of a request computed, so chunked prefill would leave it nothing to hit.
 
-Run: ``python benchmarks/bench_ttft.py [--lengths 514 1026 2050 4098] [--reps 4] [--out benchmarks/results]``;
+Run: ``python benchmarks/bench_ttft.py [--lengths 514 1026 2050 4098] [--reps 4] [--hit-engines 3]
+[--out benchmarks/results]``;
 ``--throughput-reps 0`` measures TTFT only. The JSON lists every prompt's TTFT in run order (``ttft_each_ms``): a hit
 engine's first requests show what a fresh engine's first hits cost.
 """
@@ -55,12 +59,16 @@ def _cores(run: EngineRun) -> str:
     return ";".join(sorted(set(found))) or "?"
 
 
-def _by_length(run: EngineRun, pick: slice | None = None) -> dict[int, float]:
-    results = run.results if pick is None else run.results[pick]
+def _by_length(*runs: EngineRun, pick: slice | None = None) -> dict[int, float]:
+    """Median TTFT per prompt length over the prompts of ``runs`` (``pick``: a slice of each run's prompts)."""
     out: dict[int, list[float]] = {}
-    for r in results:
+    for r in (r for run in runs for r in (run.results if pick is None else run.results[pick])):
         out.setdefault(r.prompt_tokens, []).append(r.ttft_s)
     return {n: statistics.median(v) for n, v in out.items()}
+
+
+def _each_ms(run: EngineRun) -> list[tuple[int, float]]:
+    return [(r.prompt_tokens, round(r.ttft_s * 1e3, 2)) for r in run.results]
 
 
 def main() -> None:
@@ -72,9 +80,14 @@ def main() -> None:
     parser.add_argument(
         "--throughput-reps", type=int, default=2, help="alternated runs of each throughput phase (0: TTFT only)"
     )
+    parser.add_argument(
+        "--hit-engines", type=int, default=3, help="alternated fresh engines for the shm and ExampleConnector hits"
+    )
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.hit_engines < 1:
+        parser.error("--hit-engines must be at least 1")
     console = Console(width=130)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -104,6 +117,7 @@ def main() -> None:
             return run
 
         runs: dict[str, EngineRun] = {}
+        hit_engines: dict[str, list[EngineRun]] = {"pool hit shm": [], "example hit": []}
         twice = [p for p in prompts for _ in range(2)]
         runs["no connector"] = engine("recompute + local prefix hit", spec(None, twice))
         throughput_runs: dict[str, list[EngineRun]] = {name: [] for name in THROUGHPUT_PHASES}
@@ -112,7 +126,20 @@ def main() -> None:
             runs["pool miss"] = engine("pool miss (saving)", spec(kv, prompts))
             runs["pool hit"] = engine("pool hit (fresh engine)", spec(kv, prompts))
             kv_shm = pool.connector_config(shared_memory=True)
-            runs["pool hit shm"] = engine("pool hit through shared memory (fresh engine)", spec(kv_shm, prompts))
+            example = {
+                "kv_connector": "ExampleConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"shared_storage_path": str(work / "example")},
+            }
+            runs["example miss"] = engine("ExampleConnector miss", spec(example, prompts))
+            for i in range(args.hit_engines):
+                of = f"({i + 1}/{args.hit_engines})"
+                hit_engines["pool hit shm"].append(
+                    engine(f"pool hit through shared memory, fresh engine {of}", spec(kv_shm, prompts))
+                )
+                hit_engines["example hit"].append(
+                    engine(f"ExampleConnector hit, fresh engine {of}", spec(example, prompts))
+                )
             configs = {
                 "no connector": None,
                 "connector": kv,
@@ -125,30 +152,28 @@ def main() -> None:
                     batch = _prompts([args.batch_tokens], args.batch, seed=100 + 10 * rep + i, vocab=vocab)
                     label = f"all-miss batch, {name} ({rep + 1}/{args.throughput_reps})"
                     throughput_runs[name].append(engine(label, spec(configs[name], batch, sequential=False)))
-        example = {
-            "kv_connector": "ExampleConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": str(work / "example")},
-        }
-        runs["example miss"] = engine("ExampleConnector miss", spec(example, prompts))
-        runs["example hit"] = engine("ExampleConnector hit (fresh engine)", spec(example, prompts))
 
     ttft = {
-        "recompute": _by_length(runs["no connector"], slice(0, None, 2)),
-        "local prefix hit": _by_length(runs["no connector"], slice(1, None, 2)),
+        "recompute": _by_length(runs["no connector"], pick=slice(0, None, 2)),
+        "local prefix hit": _by_length(runs["no connector"], pick=slice(1, None, 2)),
         "pool hit": _by_length(runs["pool hit"]),
-        "pool hit (shared memory)": _by_length(runs["pool hit shm"]),
-        "ExampleConnector hit": _by_length(runs["example hit"]),
+        "pool hit (shared memory)": _by_length(*hit_engines["pool hit shm"]),
+        "ExampleConnector hit": _by_length(*hit_engines["example hit"]),
         "pool miss (saving)": _by_length(runs["pool miss"]),
     }
-    hits = {
-        n: [
-            statistics.median(r.num_cached_tokens for r in runs[phase].results if r.prompt_tokens == n)
-            for phase in ("pool hit", "pool hit shm")
-        ]
-        for n in args.lengths
-    }
-    table = Table(title=f"TTFT (median of {args.reps}), vLLM CPU, {args.preset} model, fresh engine per phase")
+
+    def cached_tokens(*phase_runs: EngineRun) -> dict[int, float]:
+        return {
+            n: statistics.median(r.num_cached_tokens for run in phase_runs for r in run.results if r.prompt_tokens == n)
+            for n in args.lengths
+        }
+
+    tcp_hits, shm_hits = cached_tokens(runs["pool hit"]), cached_tokens(*hit_engines["pool hit shm"])
+    hits = {n: [tcp_hits[n], shm_hits[n]] for n in args.lengths}
+    table = Table(
+        title=f"TTFT (median of {args.reps} prompts; shm and ExampleConnector hits: of {args.hit_engines} engines x "
+        f"{args.reps}), vLLM CPU, {args.preset} model, fresh engine per phase"
+    )
     table.add_column("prompt tokens", justify="right")
     for name in ttft:
         table.add_column(f"{name} ms", justify="right")
@@ -187,27 +212,43 @@ def main() -> None:
             ratios[f"all-miss throughput, {name} / no connector"] = base / statistics.median(
                 prefill_s(r) for r in throughput_runs[name]
             )
+    # the two closest contenders, engine by engine (alternated fresh engines): who is faster at the longest prompt
+    pairs = [
+        {
+            "pool hit (shm) ms": round(_by_length(shm)[longest] * 1e3, 2),
+            "ExampleConnector hit ms": round(_by_length(ex)[longest] * 1e3, 2),
+        }
+        for shm, ex in zip(hit_engines["pool hit shm"], hit_engines["example hit"], strict=True)
+    ]
+    faster = sum(p["pool hit (shm) ms"] < p["ExampleConnector hit ms"] for p in pairs)
+    console.print(f"engine pairs @ {longest} tokens (shm vs ExampleConnector): {pairs}")
+    console.print(f"pool hit (shm) faster than ExampleConnector in [bold]{faster} of {len(pairs)}[/] engine pairs")
     for name, row in batch_rows.items():
         console.print(f"{name}: {row}")
     for name, value in ratios.items():
         console.print(f"{name}: [bold]{value:.2f}x[/]")
-    outputs_same = runs["pool hit"].outputs == runs["pool miss"].outputs == runs["pool hit shm"].outputs
+    outputs_same = all(
+        run.outputs == runs["pool miss"].outputs for run in (runs["pool hit"], *hit_engines["pool hit shm"])
+    )
     console.print("first tokens identical between pool miss and both pool hits:", outputs_same)
     result = {
         "model": args.preset,
         "lengths": args.lengths,
         "reps": args.reps,
-        "cores": {k: _cores(v) for k, v in runs.items()},
-        "example_hit_tokens": {
-            str(n): statistics.median(r.num_cached_tokens for r in runs["example hit"].results if r.prompt_tokens == n)
-            for n in args.lengths
+        "cores": {
+            **{k: _cores(v) for k, v in runs.items()},
+            **{f"{k} {i + 1}": _cores(r) for k, rs in hit_engines.items() for i, r in enumerate(rs)},
         },
+        "hit_engines": args.hit_engines,
+        "example_hit_tokens": {str(n): v for n, v in cached_tokens(*hit_engines["example hit"]).items()},
         "ttft_ms": {k: {str(n): round(v * 1e3, 2) for n, v in d.items()} for k, d in ttft.items()},
         # every prompt in run order: a hit engine's first requests show what a fresh engine's first hits cost
         "ttft_each_ms": {
-            phase: [(r.prompt_tokens, round(r.ttft_s * 1e3, 2)) for r in runs[phase].results]
-            for phase in ("pool hit", "pool hit shm", "example hit")
+            "pool hit": _each_ms(runs["pool hit"]),
+            **{phase: [_each_ms(run) for run in phase_runs] for phase, phase_runs in hit_engines.items()},
         },
+        "engine_pairs_at_longest": pairs,
+        "shm_faster_than_example_pairs": f"{faster} of {len(pairs)}",
         "pool_hit_tokens": {str(n): hits[n] for n in args.lengths},
         "throughput": batch_rows,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
