@@ -11,7 +11,9 @@ Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ un
 2. ``pool miss (saving)`` then ``pool hit``: MemcacheConnectorStoreV1 on a local Mooncake Store (objects on a
    ``mooncake_client`` pool node, reached over loopback TCP); the second engine is new, so whatever it does not compute
    came from the pool; then ``pool hit (shared memory)``: another fresh engine attached to the same pool node through
-   shared memory (``real_client_address``);
+   shared memory (``real_client_address``), its KV cache placed in memory the node maps (one copy per load), and
+   ``pool hit (shm, private KV)``: the same with ``kv_cache_in_shared_memory`` false (loads copy through the shared
+   load area: two copies);
 3. ``ExampleConnector miss`` then ``ExampleConnector hit``: vLLM's reference connector (safetensors files). The
    two closest contenders, ``pool hit (shared memory)`` and ``ExampleConnector hit``, each get ``--hit-engines``
    fresh engines, alternated (shm, Example, shm, Example, ...), so one run shows their spread and who is faster in
@@ -43,7 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpool_connector.testing.engine import EngineRun, EngineSpec, engine_env, run_engine
-from kvpool_connector.testing.mooncake_pool import mooncake_pool
+from kvpool_connector.testing.mooncake_pool import connector_config, mooncake_pool
 from kvpool_connector.testing.tiny_model import PRESETS, build_model
 
 THROUGHPUT_PHASES = ("no connector", "connector", "connector, lookups only", "connector, shared memory")
@@ -126,6 +128,10 @@ def main() -> None:
             runs["pool miss"] = engine("pool miss (saving)", spec(kv, prompts))
             runs["pool hit"] = engine("pool hit (fresh engine)", spec(kv, prompts))
             kv_shm = pool.connector_config(shared_memory=True)
+            private = connector_config({**pool.client_config(shared_memory=True), "kv_cache_in_shared_memory": False})
+            runs["pool hit shm private"] = engine(
+                "pool hit through shared memory, KV cache kept private (fresh engine)", spec(private, prompts)
+            )
             example = {
                 "kv_connector": "ExampleConnector",
                 "kv_role": "kv_both",
@@ -158,6 +164,7 @@ def main() -> None:
         "local prefix hit": _by_length(runs["no connector"], pick=slice(1, None, 2)),
         "pool hit": _by_length(runs["pool hit"]),
         "pool hit (shared memory)": _by_length(*hit_engines["pool hit shm"]),
+        "pool hit (shm, private KV)": _by_length(runs["pool hit shm private"]),
         "ExampleConnector hit": _by_length(*hit_engines["example hit"]),
         "pool miss (saving)": _by_length(runs["pool miss"]),
     }
@@ -201,7 +208,7 @@ def main() -> None:
     longest = max(args.lengths)
     ratios = {}
     at = {name: ttft[name][longest] for name in ttft}
-    for hit in ("pool hit", "pool hit (shared memory)"):
+    for hit in ("pool hit", "pool hit (shared memory)", "pool hit (shm, private KV)"):
         ratios[f"{hit} / local prefix hit @ {longest}"] = at[hit] / at["local prefix hit"]
         ratios[f"recompute / {hit} @ {longest}"] = at["recompute"] / at[hit]
         ratios[f"{hit} / ExampleConnector hit @ {longest}"] = at[hit] / at["ExampleConnector hit"]
@@ -228,9 +235,10 @@ def main() -> None:
     for name, value in ratios.items():
         console.print(f"{name}: [bold]{value:.2f}x[/]")
     outputs_same = all(
-        run.outputs == runs["pool miss"].outputs for run in (runs["pool hit"], *hit_engines["pool hit shm"])
+        run.outputs == runs["pool miss"].outputs
+        for run in (runs["pool hit"], runs["pool hit shm private"], *hit_engines["pool hit shm"])
     )
-    console.print("first tokens identical between pool miss and both pool hits:", outputs_same)
+    console.print("first tokens identical between pool miss and every pool hit:", outputs_same)
     result = {
         "model": args.preset,
         "lengths": args.lengths,
@@ -266,7 +274,7 @@ def _plot(ttft: dict[str, dict[int, float]], lengths: list[int], path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in zip(ttft, ("o-", "s-", "^-", "D-", "v--", "x:"), strict=False):
+    for name, style in zip(ttft, ("o-", "s-", "^-", "D-", "P-", "v--", "x:"), strict=True):
         ax.plot(lengths, [ttft[name][n] * 1e3 for n in lengths], style, label=name)
     ax.set(
         xscale="log",

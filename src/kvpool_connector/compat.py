@@ -92,6 +92,19 @@ def kv_cache_layout(kv_cache_config: KVCacheConfig) -> str:
         return "default"
 
 
+def kv_cache_backing_bytes(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes of the one allocation backing every layer's KV cache (vLLM 0.32's ``allocate_kv_cache``); 0 when the
+    config describes several (older vLLM allocates one per tensor), so nothing is placed for it."""
+    sizes = {int(tensor.size) for tensor in kv_cache_config.kv_cache_tensors}
+    return sizes.pop() if len(sizes) == 1 else 0
+
+
+def on_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type == "cpu"
+
+
 def prompt_length(request: Request) -> int:
     return int(request.num_prompt_tokens)
 

@@ -6,6 +6,7 @@ process a :class:`PoolWorker`, and every method delegates to the one its role ha
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from kvpool_connector.compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
@@ -42,6 +43,10 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         return False  # a best-effort cache: a dropped save is a future miss, never a lost hand-off
 
     # -- worker side ------------------------------------------------------------------------------------------
+    def get_mem_pool_context(self) -> AbstractContextManager | None:
+        assert self.connector_worker is not None
+        return self.connector_worker.kv_cache_allocation()
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.connector_worker is not None
         self.connector_worker.register_kv_caches(kv_caches)

@@ -1,6 +1,9 @@
 """Worker side: move planned blocks between this worker's KV cache and the pool.
 
 Calls, in the order vLLM makes them:
+0. ``kv_cache_allocation`` (vLLM's ``get_mem_pool_context``, before it allocates the KV cache): with a Mooncake
+   node attached through shared memory on vLLM's CPU backend, attach now and have the KV cache placed in memory the
+   node maps (``kv_allocation``), so transfers make one copy.
 1. ``register_kv_caches``: derive page geometry from the KV tensors, register their memory with the pool client
    (zero-copy transfers), and connect in the background.
 2. each step, ``load`` (from ``start_load_kv``, before the forward pass): read every planned block of every layer
@@ -14,6 +17,7 @@ Calls, in the order vLLM makes them:
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -21,9 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpool_connector import compat, keys, ops
-from kvpool_connector.backends import Outcome, create_backend
+from kvpool_connector.backends import Outcome, PoolBackend, PoolUnavailable, create_backend
 from kvpool_connector.compat import init_logger
 from kvpool_connector.config import ResolvedConfig
+from kvpool_connector.kv_allocation import KVCacheAt
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, StatsCounter
@@ -46,6 +51,7 @@ class PoolWorker:
         num_blocks: int,
         config: ResolvedConfig,
         device_id: int = 0,
+        kv_cache_bytes: int = 0,
     ) -> None:
         self.layout = layout
         self.shard = shard
@@ -53,6 +59,9 @@ class PoolWorker:
         self.num_blocks = num_blocks
         self._config = config
         self._device_id = device_id
+        self._kv_cache_bytes = kv_cache_bytes
+        self._attached: PoolBackend | None = None  # connected early to place the KV cache; the pool handle takes it
+        self.kv_cache_placement: KVCacheAt | None = None
         self.pages: KVPages | None = None
         self.pool: PoolHandle | None = None
         self.saver: StagingSaver | None = None
@@ -72,7 +81,39 @@ class PoolWorker:
             num_blocks=kv_cache_config.num_blocks,
             config=config,
             device_id=compat.worker_local_rank(),
+            kv_cache_bytes=compat.kv_cache_backing_bytes(kv_cache_config),
         )
+
+    def kv_cache_allocation(self) -> KVCacheAt | None:
+        """Where vLLM should allocate the KV cache: in memory the pool node maps, when this worker attaches to one
+        through shared memory on vLLM's CPU backend and the node answers now; None leaves it to vLLM."""
+        mooncake = self._config.mooncake
+        if mooncake is None or not mooncake.real_client_address or not mooncake.kv_cache_in_shared_memory:
+            return None
+        if not self._kv_cache_bytes:
+            return None
+        if not compat.on_cpu_platform():
+            return None  # refused with the reason at register_kv_caches
+        backend = create_backend(self._config, holds_data=True, kv_cache_bytes=self._kv_cache_bytes)
+        # The client's threads inherit the connecting thread's CPUs: connect from one off the forward pass's cores.
+        with concurrent.futures.ThreadPoolExecutor(
+            1, initializer=compat.pin_current_thread, initargs=(compat.helper_thread_cpus(),)
+        ) as connector:
+            try:
+                connector.submit(backend.connect).result()
+            except (PoolUnavailable, OSError, RuntimeError) as exc:
+                logger.warning(
+                    "KV cache stays in private memory, so transfers copy through the shared areas: the pool node "
+                    "could not be attached at start-up (%s)",
+                    exc,
+                )
+                return None
+        memory = getattr(backend, "kv_cache_memory", None)
+        if memory is None:
+            return None
+        self._attached = backend
+        self.kv_cache_placement = KVCacheAt(memory.base, memory.nbytes)
+        return self.kv_cache_placement
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
         self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)
@@ -91,8 +132,17 @@ class PoolWorker:
                 f"{self.pages.block_bytes} bytes in the Mooncake settings"
             )
         helper_cpus = compat.helper_thread_cpus() if self.pages.device.type == "cpu" else None
+        attached, self._attached = self._attached, None
+
+        def backend() -> PoolBackend:
+            nonlocal attached
+            if attached is not None:  # the client the KV cache was placed with: its memory lives as long as it does
+                early, attached = attached, None
+                return early
+            return create_backend(self._config, holds_data=True, device_id=self._device_id, pages_on_device=on_device)
+
         self.pool = PoolHandle(
-            lambda: create_backend(self._config, holds_data=True, device_id=self._device_id, pages_on_device=on_device),
+            backend,
             self._config.pool.reconnect_interval_s,
             label=f"worker shard {self.shard}",
             thread_cpus=helper_cpus,
@@ -115,6 +165,19 @@ class PoolWorker:
         )
         if helper_cpus:
             logger.info("pool client and save threads on CPUs %s, off the forward pass's", sorted(helper_cpus))
+        if self.kv_cache_placement is not None:
+            if self.kv_cache_placement.served:
+                logger.info(
+                    "KV cache (%.2f GiB) placed in the pool node's shared memory: loads and saves copy once",
+                    self.kv_cache_placement.nbytes / 2**30,
+                )
+            else:
+                logger.warning(
+                    "vLLM did not allocate the KV cache inside the connector's allocation context (a vLLM version "
+                    "that allocates differently): transfers copy through the shared areas, and the %.2f GiB of shared "
+                    "memory set aside for it stay unused",
+                    self.kv_cache_placement.nbytes / 2**30,
+                )
 
     def _keys(self, transfer: BlockTransfer) -> list[str]:
         return [keys.pool_key(self.shard, h) for h in transfer.block_hashes]

@@ -98,8 +98,9 @@ def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, moon
 
 
 def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline, tmp_path):
-    """Workers attached to the pool node through shared memory (``real_client_address``): they load what an engine
-    with its own transfer engine saved, save new blocks, and a fresh engine loads those; outputs never change."""
+    """Workers attached to the pool node through shared memory (``real_client_address``), their KV cache placed in
+    memory the node maps: they load what an engine with its own transfer engine saved, save new blocks, and a fresh
+    engine loads those; outputs never change."""
     mooncake = pool.client_config(shared_memory=True)
     fresh = distinct_prompts(2, 2 * 128 + 7, seed=21)
     first = run_engine(
@@ -114,6 +115,8 @@ def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline,
     assert [r.num_cached_tokens for r in second.results] == [*EXPECTED_HITS, 256, 256]
     assert second.outputs == baseline.outputs + first.outputs
     assert "Traceback" not in first.log + second.log
+    for run in (first, second):  # the KV cache sat in memory the node maps: loads and saves made one copy
+        assert "placed in the pool node's shared memory: loads and saves copy once" in run.log
 
 
 def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):

@@ -4,6 +4,7 @@ Every data-path test runs twice: with the client's own transfer engine (TCP to t
 node through shared memory (``real_client_address``).
 """
 
+import ctypes
 import re
 import signal
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from kvpool_connector.backends import Outcome, PoolUnavailable
 from kvpool_connector.backends.mooncake import MooncakeBackend
-from kvpool_connector.backends.shared_area import ObjectTooLarge
+from kvpool_connector.backends.shared_area import ObjectTooLarge, SharedArea
 from kvpool_connector.config import MooncakeSettings
 from kvpool_connector.testing.mooncake_pool import mooncake_pool
 from kvpool_connector.testing.processes import free_port, stop_process
@@ -215,3 +216,49 @@ def test_shared_memory_node_killed_costs_hits_only(tmp_path):
             assert b.exists(["t/gone"]) == [False]
         finally:
             b.close()
+
+
+def test_kv_cache_memory_is_premapped_and_moves_with_one_copy(tmp_path, monkeypatch):
+    """Asked for KV cache memory, the shared-memory attach hands it out zero-filled and mapped in the node; pages
+    inside it move straight between the node and the pages (the shared areas stay unused), pages elsewhere still go
+    through the areas."""
+    with mooncake_pool(tmp_path, segment_size="512 MB") as own:
+        before = node_shared_mappings(own)
+        settings = shared_memory_settings(own, shared_buffer_size="4MB")
+        b = MooncakeBackend(settings, holds_data=True, kv_cache_bytes=40 << 20)
+        b.connect()
+        try:
+            memory = b.kv_cache_memory
+            assert memory is not None and memory.nbytes == 40 << 20
+            assert [
+                rss for size, rss in node_shared_mappings(own) if (size, rss) not in before and size == 40 << 20
+            ] == [40 << 20]
+            kv = np.ctypeslib.as_array((ctypes.c_uint8 * memory.nbytes).from_address(memory.base))
+            assert not kv.any()
+            page = 256 << 10
+            kv[: 4 * page] = np.random.default_rng(1).integers(0, 255, 4 * page, dtype=np.uint8)
+            base = memory.base
+
+            def no_area(*args, **kwargs):
+                raise AssertionError("pages in the KV cache memory went through a shared area")
+
+            with monkeypatch.context() as patch:
+                patch.setattr(SharedArea, "get", no_area)
+                patch.setattr(SharedArea, "put", no_area)
+                addrs = [[base, base + 2 * page], [base + page, base + 3 * page]]
+                assert b.put(["t/kv/a", "t/kv/b"], addrs, [[page, page]] * 2) == [Outcome.OK, Outcome.OK]
+                far = base + (20 << 20)
+                got = b.get(
+                    ["t/kv/a", "t/kv/b"], [[far, far + page], [far + 2 * page, far + 3 * page]], [[page, page]] * 2
+                )
+                assert got == [Outcome.OK, Outcome.OK]
+            assert np.array_equal(kv[20 << 20 : (20 << 20) + page], kv[:page])
+            assert np.array_equal(kv[(20 << 20) + 3 * page : (20 << 20) + 4 * page], kv[3 * page : 4 * page])
+            private = np.zeros(2 * page, dtype=np.uint8)
+            assert b.get(["t/kv/b"], [[private.ctypes.data, private.ctypes.data + page]], [[page, page]]) == [
+                Outcome.OK
+            ]
+            assert np.array_equal(private[:page], kv[page : 2 * page])
+        finally:
+            b.close()
+        assert b.exists(["t/kv/a"]) == [True]  # close leaves the client attached: the KV cache lives in its memory

@@ -13,18 +13,24 @@ __all__ = ["Outcome", "PoolBackend", "PoolUnavailable", "create_backend"]
 
 
 def create_backend(
-    config: ResolvedConfig, *, holds_data: bool, device_id: int = 0, pages_on_device: bool = False
+    config: ResolvedConfig,
+    *,
+    holds_data: bool,
+    device_id: int = 0,
+    pages_on_device: bool = False,
+    kv_cache_bytes: int = 0,
 ) -> PoolBackend:
     """A not-yet-connected backend for ``config``.
 
     ``holds_data`` is False for the scheduler's lookup client, which contributes no pool memory;
-    ``pages_on_device`` says the KV pages are device (NPU/GPU) memory rather than host DRAM.
+    ``pages_on_device`` says the KV pages are device (NPU/GPU) memory rather than host DRAM; ``kv_cache_bytes`` asks
+    a Mooncake shared-memory client for that much memory to place the KV cache in (see ``kv_allocation``).
     """
     if config.pool.backend == "mooncake":
         from kvpool_connector.backends.mooncake import MooncakeBackend
 
         assert config.mooncake is not None
-        return MooncakeBackend(config.mooncake, holds_data=holds_data)
+        return MooncakeBackend(config.mooncake, holds_data=holds_data, kv_cache_bytes=kv_cache_bytes)
     from kvpool_connector.backends.memcache import MemcacheBackend
 
     assert config.memcache is not None

@@ -6,7 +6,10 @@ own segment when it contributes one (``preferred_segment``), else wherever the m
 
 With ``real_client_address`` the worker instead attaches to a ``mooncake_client`` on the same host as Mooncake's
 shared-memory ("dummy") client: objects move through two shared areas (loads, saves; see ``shared_area``) at memory
-speed, and that process does any network transfer. The scheduler's lookup client is an ordinary client either way.
+speed, and that process does any network transfer. Such a client reaches only memory it handed out itself, so when
+vLLM lets the connector place its KV cache (``kv_cache_bytes``, see ``kv_allocation``) the attach also hands out that
+much memory for it: then the node copies objects straight into and out of the KV pages, one copy instead of two.
+The scheduler's lookup client is an ordinary client either way.
 
 Return codes (mooncake-store types.h) are read here and nowhere else.
 """
@@ -35,6 +38,8 @@ RPC_TIMEOUT = -901  # master not answering (hung, or a black-holed network): eac
 _MASTER_DOWN = (RPC_FAIL, RPC_TIMEOUT)
 _DUMMY_LOCAL_BUFFER = 16 << 20
 _PREFAULT_OBJECT_BYTES = 16 << 20
+_PREFAULT_WINDOW_BYTES = 256 << 20  # pool memory the throwaway objects hold at any one time
+_POOL_ALLOC_SLACK = 2 << 20  # per allocation from the shared pool, for its alignment
 _PROBE_TIMEOUT_S = 2.0
 
 _PUT_CODES = {
@@ -81,12 +86,17 @@ def _import_store():
 class MooncakeBackend(PoolBackend):
     name = "mooncake"
 
-    def __init__(self, settings: MooncakeSettings, *, holds_data: bool) -> None:
+    def __init__(self, settings: MooncakeSettings, *, holds_data: bool, kv_cache_bytes: int = 0) -> None:
         self._settings = settings
         self._holds_data = holds_data
         store_cls, self._replicate_config_cls = _import_store()
         self._store = store_cls()
         self._replicate_config = self._replicate_config_cls()
+        self._kv_cache_bytes = kv_cache_bytes if self.shared_memory else 0
+        self.kv_cache_memory: SharedArea | None = None
+        """Shared memory handed out for vLLM's KV cache at attach (``kv_cache_bytes``); pages inside it move with one
+        copy. It stays mapped as long as this process lives: never closed while the KV cache may be in use."""
+        self._connected = False
 
     @property
     def shared_memory(self) -> bool:
@@ -94,11 +104,14 @@ class MooncakeBackend(PoolBackend):
         return bool(self._settings.real_client_address) and self._holds_data
 
     def connect(self) -> None:
+        if self._connected:  # attached early to place the KV cache (``kv_allocation``)
+            return
         s = self._settings
         _check_listening(s.master_server_address, "mooncake_master")
         if self.shared_memory:
             _check_listening(s.real_client_address, "mooncake_client")
             self._attach(s.real_client_address, s.shared_buffer_bytes)
+            self._connected = True
             return
         segment = s.segment_bytes if self._holds_data else 0
         buffer = s.buffer_bytes if self._holds_data else 0
@@ -109,46 +122,75 @@ class MooncakeBackend(PoolBackend):
             raise PoolUnavailable(f"Mooncake setup against master {s.master_server_address} returned {rc}")
         if segment > 0:
             self._replicate_config.preferred_segment = self._store.get_hostname()
+        self._connected = True
 
     def _attach(self, address: str, area_bytes: int) -> None:
-        # The shared pool holds exactly our two areas; the real client's own buffer for us stays at its minimum.
-        rc = self._store.setup_dummy(2 * area_bytes, _DUMMY_LOCAL_BUFFER, address)
+        # The shared pool holds our two areas and, when asked for, the KV cache; the real client's own buffer for us
+        # stays at its minimum.
+        wanted = {"load": area_bytes, "save": area_bytes}
+        if self._kv_cache_bytes:
+            wanted["KV cache"] = self._kv_cache_bytes
+        pool_bytes = sum(wanted.values()) + len(wanted) * _POOL_ALLOC_SLACK
+        rc = self._store.setup_dummy(pool_bytes, _DUMMY_LOCAL_BUFFER, address)
         if rc != 0:
             raise PoolUnavailable(f"Mooncake shared-memory attach to mooncake_client at {address} returned {rc}")
-        areas = []
-        for name in ("load", "save"):
-            base = self._store.alloc_from_mem_pool(area_bytes)
+        areas = {}
+        for name, nbytes in wanted.items():
+            base = self._store.alloc_from_mem_pool(nbytes)
             if not base:
-                raise PoolUnavailable(f"Mooncake could not allocate a {area_bytes}-byte shared {name} area")
-            if (rc := self._store.register_buffer(base, area_bytes)) != 0:
-                raise PoolUnavailable(f"mooncake_client at {address} refused the shared {name} area: {rc}")
-            area = SharedArea(base, area_bytes, name)
-            area.fill_zeros()
-            areas.append(area)
-        self._load_area, self._save_area = areas
-        self._map_in_node(self._load_area)
+                raise PoolUnavailable(f"Mooncake could not allocate {nbytes} bytes of shared memory for the {name}")
+            if (rc := self._store.register_buffer(base, nbytes)) != 0:
+                raise PoolUnavailable(f"mooncake_client at {address} refused the shared memory for the {name}: {rc}")
+            areas[name] = SharedArea(base, nbytes, name)
+            areas[name].fill_zeros()
+        self._load_area, self._save_area = areas["load"], areas["save"]
+        self.kv_cache_memory = areas.get("KV cache")
+        for area in (self._load_area, self.kv_cache_memory):
+            if area is not None:
+                self._map_in_node(area)
 
     def _map_in_node(self, area: SharedArea) -> None:
-        """Have ``mooncake_client`` map every page of ``area`` now rather than during the first loads.
+        """Have ``mooncake_client`` map every page of ``area`` now rather than during the first transfers.
 
-        Its first write into a fresh area faults each page into its own mapping: a fresh engine's first 64 MiB load
-        took 35 ms instead of 7.5 (measured here). Storing the area once as throwaway objects makes the node read
-        all of it (read faults map pages in batches, and the pages stay writable); the objects are removed at once.
-        They hold up to the area's size of pool memory for that moment (in a nearly full pool that can hasten
-        Mooncake's eviction of older objects), and go wherever the master places them (another host's segment in a
-        multi-host pool: the same read, plus a transfer). Best effort: a full pool only leaves the first loads slower.
+        Its first write into fresh shared memory faults each page into its own mapping: a fresh engine's first 64 MiB
+        load took 35 ms instead of 7.5 (measured here). Storing the area as throwaway objects makes the node read all
+        of it (read faults map pages in batches, and the pages stay writable); each window of objects is removed
+        before the next is stored, so they hold at most ``_PREFAULT_WINDOW_BYTES`` of pool memory at a time (in a
+        nearly full pool that can hasten Mooncake's eviction of older objects). They go wherever the master places
+        them (another host's segment in a multi-host pool: the same read, plus a transfer). Best effort: a full pool
+        only leaves the first transfers slower.
         """
-        offsets = range(0, area.nbytes, _PREFAULT_OBJECT_BYTES)
-        keys = [f"kvpool-prefault/{uuid.uuid4().hex}/{i}" for i in range(len(offsets))]
-        sizes = [min(_PREFAULT_OBJECT_BYTES, area.nbytes - offset) for offset in offsets]
-        codes = self._store.batch_put_from(keys, [area.base + o for o in offsets], sizes, self._replicate_config)
-        if stored := [key for key, code in zip(keys, codes, strict=True) if code == 0]:
-            self._store.batch_remove(stored, True)
-        if len(stored) < len(keys):
+        run = uuid.uuid4().hex
+        offsets = list(range(0, area.nbytes, _PREFAULT_OBJECT_BYTES))
+        per_window = _PREFAULT_WINDOW_BYTES // _PREFAULT_OBJECT_BYTES
+        refused: set[int] = set()
+        for first in range(0, len(offsets), per_window):
+            window = offsets[first : first + per_window]
+            keys = [f"kvpool-prefault/{run}/{first + i}" for i in range(len(window))]
+            sizes = [min(_PREFAULT_OBJECT_BYTES, area.nbytes - offset) for offset in window]
+            codes = self._store.batch_put_from(keys, [area.base + o for o in window], sizes, self._replicate_config)
+            if stored := [key for key, code in zip(keys, codes, strict=True) if code == 0]:
+                self._store.batch_remove(stored, True)
+            refused.update(code for code in codes if code != 0)
+        if refused:
             logger.info(
-                "mooncake_client could not pre-map the shared load area (codes %s): the first loads will be slower",
-                sorted(set(codes)),
+                "mooncake_client could not pre-map the shared %s (codes %s): the first transfers will be slower",
+                area.name,
+                sorted(refused),
             )
+
+    def _in_kv_cache_memory(self, addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> bool:
+        """Every page lies in the shared memory vLLM's KV cache was placed in: the node can reach it directly."""
+        memory = self.kv_cache_memory
+        if memory is None or not addrs:
+            return False
+        low = min(min(page_addrs) for page_addrs in addrs)
+        high = max(
+            a + n
+            for page_addrs, page_sizes in zip(addrs, sizes, strict=True)
+            for a, n in zip(page_addrs, page_sizes, strict=True)
+        )
+        return memory.base <= low and high <= memory.base + memory.nbytes
 
     def register_memory(self, ptr: int, size: int) -> None:
         if self.shared_memory:
@@ -164,14 +206,14 @@ class MooncakeBackend(PoolBackend):
         return [code == 1 for code in codes]
 
     def put(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
-        if self.shared_memory:
+        if self.shared_memory and not self._in_kv_cache_memory(addrs, sizes):
             codes = self._save_area.put(keys, addrs, sizes, self._put_contiguous)
         else:
             codes = self._store.batch_put_from_multi_buffers(list(keys), addrs, sizes, self._replicate_config)
         return [Outcome.OK if code == 0 else _PUT_CODES.get(code, Outcome.FAILED) for code in codes]
 
     def get(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
-        if self.shared_memory:
+        if self.shared_memory and not self._in_kv_cache_memory(addrs, sizes):
             got = self._load_area.get(keys, addrs, sizes, self._store.batch_get_into)
         else:
             got = self._store.batch_get_into_multi_buffers(list(keys), addrs, sizes)
@@ -192,4 +234,9 @@ class MooncakeBackend(PoolBackend):
         return [code == 0 for code in self._store.batch_remove(list(keys), True)]
 
     def close(self) -> None:
+        if self.kv_cache_memory is not None:
+            # Closing would unmap the shared pool, and vLLM's KV cache lives in it until the process exits (the node
+            # drops this client when the process goes).
+            logger.debug("leaving the shared-memory client attached: the KV cache lives in its memory")
+            return
         self._store.close()
