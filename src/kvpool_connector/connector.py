@@ -44,7 +44,8 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
 
     # -- worker side ------------------------------------------------------------------------------------------
     def get_mem_pool_context(self) -> AbstractContextManager | None:
-        assert self.connector_worker is not None
+        if self.connector_worker is None:
+            return None
         return self.connector_worker.kv_cache_allocation()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
