@@ -11,7 +11,9 @@ Starts ``mooncake_master`` and a ``mooncake_client`` pool node on loopback unles
 The worker contributes a segment of its own (a same-node pool, like a vLLM worker with the default
 ``global_segment_size``); ``--remote`` makes it contribute none, so every byte crosses TCP to the pool node;
 ``--shared-memory`` attaches it to the pool node through shared memory (``real_client_address``): the objects live in
-another process on this host, as they do for a fresh engine's pool hit.
+another process on this host, as they do for a fresh engine's pool hit. The KV tensors are allocated the way vLLM's
+CPU worker allocates them (one backing buffer, inside the connector's ``get_mem_pool_context``), so through shared
+memory they sit in memory the node maps and transfers make one copy, as in the engine.
 
 Run: ``python benchmarks/bench_store.py [--quick] [--out benchmarks/results]`` -> table, JSON and PNG.
 """
@@ -23,7 +25,7 @@ import json
 import statistics
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +67,10 @@ def bench_data_path(
 ) -> list[dict]:
     """Rows of save and load GB/s; ``segment_bytes`` is the memory the objects land in (warmed once first)."""
     rows = []
-    load_mode = "shared memory" if mooncake.get("real_client_address") else "zero-copy"
     for kib in page_kib:
         heads, dim = 4, kib * 1024 // (4 * BLOCK * 2 * 4)  # 4 KV heads, fp32, K+V per token
         layout = _layout(heads, dim)
         num_blocks = max(blocks) * 2
-        caches = {
-            f"model.layers.{i}.self_attn.attn": torch.rand(num_blocks, heads, BLOCK, 2 * dim) for i in range(LAYERS)
-        }
         for mode in ("async", "sync"):
             extra = {
                 "backend": "mooncake",
@@ -80,7 +78,19 @@ def bench_data_path(
                 "async_save": mode == "async",
                 "staging_buffer_mb": max(256, 2 * max(blocks) * LAYERS * kib // 1024),
             }
-            worker = PoolWorker(layout, f"bench{kib}{mode}", True, num_blocks, parse_config(extra, env={}))
+            cache_bytes = LAYERS * num_blocks * kib * 1024
+            worker = PoolWorker(
+                layout, f"bench{kib}{mode}", True, num_blocks, parse_config(extra, env={}), kv_cache_bytes=cache_bytes
+            )
+            placement = worker.kv_cache_allocation()  # vLLM asks for it (get_mem_pool_context), then allocates
+            with placement or nullcontext():
+                backing = torch.zeros(cache_bytes, dtype=torch.int8, device=torch.device("cpu"))
+            backing.view(torch.float32).uniform_()
+            per_layer = backing.view(torch.float32).view(LAYERS, num_blocks, heads, BLOCK, 2 * dim)
+            caches = {f"model.layers.{i}.self_attn.attn": per_layer[i] for i in range(LAYERS)}
+            load_mode = "zero-copy"
+            if mooncake.get("real_client_address"):
+                load_mode = "shm, one copy" if placement is not None and placement.served else "shm, via area"
             worker.register_kv_caches(caches)
             assert worker.pool is not None and worker.pool.wait_connected(60), "Mooncake did not connect"
             warm_segment(worker.pool, worker.pages, segment_bytes, worker.shard)
@@ -205,7 +215,8 @@ def plot(data_rows: list[dict], lookup_rows: list[dict], path: Path) -> None:
         ("save", "async"): "o-",
         ("save", "sync"): "s--",
         ("load", "zero-copy"): "^-",
-        ("load", "shared memory"): "^-",
+        ("load", "shm, one copy"): "^-",
+        ("load", "shm, via area"): "v-",
     }
     for (op, mode), style in styles.items():
         for kib in sorted({r["page KiB"] for r in data_rows}):
