@@ -80,7 +80,7 @@ class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     chunks; it must hold at least one KV block object (all layers of one block)."""
     kv_cache_in_shared_memory: bool = True
     """With ``real_client_address``: allocate vLLM's KV cache in shared memory that ``mooncake_client`` maps, so the
-    node copies objects straight into and out of the KV pages (one copy; the node then maps the whole KV cache).
+    node copies loads straight into the KV pages (one copy; the node then maps the whole KV cache).
     ``false`` keeps the KV cache private: every transfer copies through the shared areas (two copies)."""
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Place vLLM's CPU KV cache in shared memory the pool node maps, so loads and saves make one copy, not two.
+"""Place vLLM's CPU KV cache in shared memory the pool node maps, so a load makes one copy, not two.
 
 A Mooncake shared-memory client moves data only through memory it handed out itself, so by default every load
 goes node -> shared area -> KV pages. vLLM lets a connector choose where the KV cache is allocated

@@ -3,7 +3,7 @@
 Calls, in the order vLLM makes them:
 0. ``kv_cache_allocation`` (vLLM's ``get_mem_pool_context``, before it allocates the KV cache): with a Mooncake
    node attached through shared memory on vLLM's CPU backend, attach now and have the KV cache placed in memory the
-   node maps (``kv_allocation``), so transfers make one copy.
+   node maps (``kv_allocation``), so loads make one copy.
 1. ``register_kv_caches``: derive page geometry from the KV tensors, register their memory with the pool client
    (zero-copy transfers), and connect in the background.
 2. each step, ``load`` (from ``start_load_kv``, before the forward pass): read every planned block of every layer
@@ -168,7 +168,7 @@ class PoolWorker:
         if self.kv_cache_placement is not None:
             if self.kv_cache_placement.served:
                 logger.info(
-                    "KV cache (%.2f GiB) placed in the pool node's shared memory: loads and saves copy once",
+                    "KV cache (%.2f GiB) placed in the pool node's shared memory: loads land in its pages in one copy",
                     self.kv_cache_placement.nbytes / 2**30,
                 )
             else:

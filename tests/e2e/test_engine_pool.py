@@ -115,8 +115,8 @@ def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline,
     assert [r.num_cached_tokens for r in second.results] == [*EXPECTED_HITS, 256, 256]
     assert second.outputs == baseline.outputs + first.outputs
     assert "Traceback" not in first.log + second.log
-    for run in (first, second):  # the KV cache sat in memory the node maps: loads and saves made one copy
-        assert "placed in the pool node's shared memory: loads and saves copy once" in run.log
+    for run in (first, second):  # the KV cache sat in memory the node maps: loads made one copy
+        assert "placed in the pool node's shared memory: loads land in its pages in one copy" in run.log
 
 
 def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):

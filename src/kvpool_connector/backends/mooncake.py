@@ -8,7 +8,8 @@ With ``real_client_address`` the worker instead attaches to a ``mooncake_client`
 shared-memory ("dummy") client: objects move through two shared areas (loads, saves; see ``shared_area``) at memory
 speed, and that process does any network transfer. Such a client reaches only memory it handed out itself, so when
 vLLM lets the connector place its KV cache (``kv_cache_bytes``, see ``kv_allocation``) the attach also hands out that
-much memory for it: then the node copies objects straight into and out of the KV pages, one copy instead of two.
+much memory for it: then the node copies objects straight into (and, for synchronous saves, out of) the KV pages,
+one copy instead of two.
 The scheduler's lookup client is an ordinary client either way.
 
 Return codes (mooncake-store types.h) are read here and nowhere else.
@@ -194,7 +195,7 @@ class MooncakeBackend(PoolBackend):
 
     def register_memory(self, ptr: int, size: int) -> None:
         if self.shared_memory:
-            return  # a shared-memory client reaches only its own areas; pages are copied through them
+            return  # a shared-memory client reaches only memory it handed out (areas, KV cache): registered at attach
         rc = self._store.register_buffer(ptr, size)
         if rc != 0:
             raise PoolUnavailable(f"Mooncake register_buffer({size} bytes) returned {rc}")
