@@ -262,3 +262,24 @@ def test_kv_cache_memory_is_premapped_and_moves_with_one_copy(tmp_path, monkeypa
         finally:
             b.close()
         assert b.exists(["t/kv/a"]) == [True]  # close leaves the client attached: the KV cache lives in its memory
+
+
+def test_kv_cache_memory_outlives_a_killed_node(tmp_path):
+    """vLLM's KV cache placed in the shared memory stays readable and writable when the node dies (the client keeps
+    retrying its socket meanwhile); transfers report the pool unavailable, so the engine recomputes instead."""
+    with mooncake_pool(tmp_path, segment_size="64 MB") as own:
+        b = MooncakeBackend(
+            shared_memory_settings(own, shared_buffer_size="4MB"), holds_data=True, kv_cache_bytes=8 << 20
+        )
+        b.connect()
+        memory = b.kv_cache_memory
+        assert memory is not None
+        kv = np.ctypeslib.as_array((ctypes.c_uint8 * memory.nbytes).from_address(memory.base))
+        kv[:] = 7
+        assert b.put(["t/kept"], [[memory.base]], [[1 << 20]]) == [Outcome.OK]
+        stop_process(own.node, signal.SIGKILL)
+        assert b.get(["t/kept"], [[memory.base + (2 << 20)]], [[1 << 20]]) == [Outcome.UNAVAILABLE]
+        time.sleep(5)  # past a few of the client's reconnect attempts (every 2 s)
+        kv[:] += 1
+        assert kv.min() == kv.max() == 8
+        b.close()
