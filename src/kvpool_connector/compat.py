@@ -132,7 +132,7 @@ def helper_thread_cpus() -> set[int] | None:
     """
     from vllm.platforms import current_platform
 
-    if current_platform.device_type != "cpu" or not hasattr(os, "sched_getaffinity"):
+    if not on_cpu_platform() or not hasattr(os, "sched_getaffinity"):
         return None
     numa_nodes = current_platform.discover_numa_topology()
     every = {cpu for node in numa_nodes for cpu in node} or set(range(os.cpu_count() or 1))

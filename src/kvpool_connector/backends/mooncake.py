@@ -9,8 +9,7 @@ shared-memory ("dummy") client: objects move through two shared areas (loads, sa
 speed, and that process does any network transfer. Such a client reaches only memory it handed out itself, so when
 vLLM lets the connector place its KV cache (``kv_cache_bytes``, see ``kv_allocation``) the attach also hands out that
 much memory for it: then the node copies objects straight into (and, for synchronous saves, out of) the KV pages,
-one copy instead of two.
-The scheduler's lookup client is an ordinary client either way.
+one copy instead of two. The scheduler's lookup client is an ordinary client either way.
 
 Return codes (mooncake-store types.h) are read here and nowhere else.
 """
