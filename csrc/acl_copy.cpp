@@ -41,12 +41,12 @@ bool available(const std::string& library, bool* batch) {
 }
 
 void copy_batch(const std::string& library, const CopyBatch& b, Direction direction, std::uint32_t device_id,
-                std::uintptr_t stream, bool synchronize) {
+                std::uintptr_t stream, bool synchronize, bool use_batch) {
   const Runtime& rt = load(library);
   void* s = reinterpret_cast<void*>(stream);
   const std::size_t n = b.n;
   if (n == 0) return;
-  if (rt.memcpy_batch_async != nullptr) {
+  if (use_batch && rt.memcpy_batch_async != nullptr) {
     std::vector<void*> dsts(n), srcs(n);
     std::vector<std::size_t> sizes(b.sizes, b.sizes + n), dest_max(b.sizes, b.sizes + n);
     for (std::size_t i = 0; i < n; ++i) {

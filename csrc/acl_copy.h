@@ -33,9 +33,9 @@ using SynchronizeStreamFn = int (*)(void* stream);
 // True when `library` loads and has the entry points the copy needs; `batch` reports aclrtMemcpyBatchAsync.
 bool available(const std::string& library, bool* batch = nullptr);
 
-// Enqueue every copy on `stream` (aclrtMemcpyBatchAsync when the runtime has it, else an aclrtMemcpyAsync per copy),
-// then synchronize the stream when `synchronize`. Throws CopyError naming the failing copy.
+// Enqueue every copy on `stream` (aclrtMemcpyBatchAsync when the runtime has it and `use_batch`, else an
+// aclrtMemcpyAsync per copy), then synchronize the stream when `synchronize`. Throws CopyError naming the failing copy.
 void copy_batch(const std::string& library, const CopyBatch& batch, Direction direction, std::uint32_t device_id,
-                std::uintptr_t stream, bool synchronize);
+                std::uintptr_t stream, bool synchronize, bool use_batch = true);
 
 }  // namespace kvpool::acl

@@ -56,12 +56,12 @@ bool available(const std::string& library, bool* batch) {
   }
 }
 
-void copy_batch(const std::string& library, const CopyBatch& b, std::uintptr_t stream, bool synchronize) {
+void copy_batch(const std::string& library, const CopyBatch& b, std::uintptr_t stream, bool synchronize, bool use_batch) {
   const Runtime& rt = load(library);
   auto s = reinterpret_cast<CUstream>(stream);
   const std::size_t n = b.n;
   if (n == 0) return;
-  if (rt.batch_12080 != nullptr || rt.batch_13000 != nullptr) {
+  if (use_batch && (rt.batch_12080 != nullptr || rt.batch_13000 != nullptr)) {
     std::vector<CUdeviceptr> dsts(b.dsts, b.dsts + n), srcs(b.srcs, b.srcs + n);
     std::vector<std::size_t> sizes(b.sizes, b.sizes + n);
     MemcpyAttributes attr{};

@@ -41,7 +41,9 @@ using GetProcAddressFn = CUresult (*)(const char* symbol, void** pfn, int cudaVe
 
 bool available(const std::string& library, bool* batch = nullptr);
 
-// Enqueue every copy on `stream`, then synchronize it when `synchronize`. Throws CopyError naming the failing copy.
-void copy_batch(const std::string& library, const CopyBatch& batch, std::uintptr_t stream, bool synchronize);
+// Enqueue every copy on `stream` (cuMemcpyBatchAsync when the driver has it and `use_batch`, else cuMemcpyAsync per
+// copy), then synchronize it when `synchronize`. Throws CopyError naming the failing copy.
+void copy_batch(const std::string& library, const CopyBatch& batch, std::uintptr_t stream, bool synchronize,
+                bool use_batch = true);
 
 }  // namespace kvpool::cuda

@@ -69,14 +69,14 @@ NB_MODULE(_native, m) {
   m.def(
       "acl_copy_batch",
       [](const U64Array& dsts, const U64Array& srcs, const U64Array& sizes, const std::string& direction,
-         std::uint32_t device_id, std::uintptr_t stream, bool synchronize, const std::string& library) {
+         std::uint32_t device_id, std::uintptr_t stream, bool synchronize, bool use_batch, const std::string& library) {
         const auto dir = acl_direction(direction);
         const CopyBatch batch = make_batch(dsts, srcs, sizes);
         nb::gil_scoped_release release;
-        kvpool::acl::copy_batch(library, batch, dir, device_id, stream, synchronize);
+        kvpool::acl::copy_batch(library, batch, dir, device_id, stream, synchronize, use_batch);
       },
       nb::arg("dsts"), nb::arg("srcs"), nb::arg("sizes"), nb::arg("direction"), nb::arg("device_id") = 0,
-      nb::arg("stream") = 0, nb::arg("synchronize") = true, nb::arg("library") = "libascendcl.so",
+      nb::arg("stream") = 0, nb::arg("synchronize") = true, nb::arg("batch") = true, nb::arg("library") = "libascendcl.so",
       "Host<->device copies on an ACL stream; raises CopyError naming the failing copy.");
 
   m.def(
@@ -90,11 +90,11 @@ NB_MODULE(_native, m) {
   m.def(
       "cuda_copy_batch",
       [](const U64Array& dsts, const U64Array& srcs, const U64Array& sizes, std::uintptr_t stream, bool synchronize,
-         const std::string& library) {
+         bool use_batch, const std::string& library) {
         const CopyBatch batch = make_batch(dsts, srcs, sizes);
         nb::gil_scoped_release release;
-        kvpool::cuda::copy_batch(library, batch, stream, synchronize);
+        kvpool::cuda::copy_batch(library, batch, stream, synchronize, use_batch);
       },
       nb::arg("dsts"), nb::arg("srcs"), nb::arg("sizes"), nb::arg("stream") = 0, nb::arg("synchronize") = true,
-      nb::arg("library") = "libcuda.so.1", "Copies on a CUDA stream; raises CopyError naming the failing copy.");
+      nb::arg("batch") = true, nb::arg("library") = "libcuda.so.1", "Copies on a CUDA stream; raises CopyError naming the failing copy.");
 }

@@ -16,7 +16,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401  (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.logger import init_logger as _vllm_init_logger
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -26,11 +25,6 @@ if TYPE_CHECKING:
 # Hash algorithms whose block hashes vLLM seeds deterministically when PYTHONHASHSEED is unset (vLLM >= 0.2x
 # uses a fixed seed for the cryptographic ones; xxhash gets random per-process bytes to keep its seed secret).
 _STABLE_WITHOUT_SEED = frozenset({"sha256", "sha256_cbor"})
-
-
-def init_logger(name: str) -> logging.Logger:
-    """A logger under vLLM's ``vllm`` tree, so our lines get vLLM's handlers, format and level in every process."""
-    return _vllm_init_logger(f"vllm.{name}")
 
 
 def connector_factory() -> Any:
@@ -138,12 +132,3 @@ def helper_thread_cpus() -> set[int] | None:
     every = {cpu for node in numa_nodes for cpu in node} or set(range(os.cpu_count() or 1))
     free = every - os.sched_getaffinity(0)
     return free or None
-
-
-def pin_current_thread(cpus: set[int] | None) -> None:
-    """Bind the calling thread (and the threads it starts later) to ``cpus``; best effort."""
-    if cpus:
-        try:
-            os.sched_setaffinity(0, cpus)
-        except OSError as exc:
-            _vllm_init_logger(__name__).debug("could not bind a helper thread to CPUs %s: %s", sorted(cpus), exc)

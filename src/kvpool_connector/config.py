@@ -27,6 +27,8 @@ MMC_LOCAL_CONFIG_ENV = "MMC_LOCAL_CONFIG_PATH"
 DEFAULT_GLOBAL_SEGMENT_SIZE = 3_355_443_200
 DEFAULT_LOCAL_BUFFER_SIZE = 16 << 20
 DEFAULT_SHARED_BUFFER_SIZE = 128 << 20
+ASCEND_SEGMENT_ALIGN = 1 << 30
+MOONCAKE_MASTER_ENV = "MOONCAKE_MASTER"  # overrides master_server_address, as vllm-ascend and Mooncake's tools do
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -104,7 +106,11 @@ class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     @property
     def segment_bytes(self) -> int:
-        return parse_size(self.global_segment_size, "global_segment_size")
+        size = parse_size(self.global_segment_size, "global_segment_size")
+        if self.protocol == "ascend" and size % ASCEND_SEGMENT_ALIGN:
+            # vllm-ascend's documentation: the segment "needs to be aligned to 1GB" for the ascend transport
+            size += ASCEND_SEGMENT_ALIGN - size % ASCEND_SEGMENT_ALIGN
+        return size
 
     @property
     def buffer_bytes(self) -> int:
@@ -120,8 +126,8 @@ class MemcacheSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     local_config_path: str
     meta_service_url: str
-    device_id: int = 0
-    """Device this worker's memcache client binds (the worker's local rank unless given)."""
+    device_id: int | None = None
+    """Device this worker's memcache client binds (``memcache_device_id``); None: the worker's local rank."""
 
 
 class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -212,6 +218,16 @@ def _read_json_file(path: str, source: str) -> Any:
 
 
 def _mooncake_settings(pool: PoolConfig, env: dict[str, str]) -> MooncakeSettings:
+    settings = _mooncake_settings_as_given(pool, env)
+    if master := env.get(MOONCAKE_MASTER_ENV, "").strip():
+        try:
+            return msgspec.structs.replace(settings, master_server_address=master)
+        except ValueError as exc:
+            raise ConfigError(f"{MOONCAKE_MASTER_ENV}={master!r}: {exc}") from None
+    return settings
+
+
+def _mooncake_settings_as_given(pool: PoolConfig, env: dict[str, str]) -> MooncakeSettings:
     if pool.mooncake is not None:
         return pool.mooncake
     path = pool.mooncake_config_path or env.get(MOONCAKE_CONFIG_ENV)
@@ -258,7 +274,7 @@ def _memcache_settings(pool: PoolConfig, env: dict[str, str]) -> MemcacheSetting
         raise ConfigError(
             f"{source}={path!r}: ock.mmc.meta_service_url must be tcp://host:port, got {url or 'nothing'!r}"
         )
-    return MemcacheSettings(local_config_path=str(path), meta_service_url=url, device_id=pool.memcache_device_id or 0)
+    return MemcacheSettings(local_config_path=str(path), meta_service_url=url, device_id=pool.memcache_device_id)
 
 
 def parse_config(extra_config: dict[str, Any] | None, env: dict[str, str] | None = None) -> ResolvedConfig:
@@ -272,3 +288,20 @@ def parse_config(extra_config: dict[str, Any] | None, env: dict[str, str] | None
     if pool.backend == "mooncake":
         return ResolvedConfig(pool=pool, mooncake=_mooncake_settings(pool, env))
     return ResolvedConfig(pool=pool, memcache=_memcache_settings(pool, env))
+
+
+def check_pool_fits_device(config: ResolvedConfig, device_type: str) -> None:
+    """Refuse, at start-up, pool settings that cannot move KV pages living on ``device_type``."""
+    mooncake = config.mooncake
+    if mooncake is None:
+        return
+    if device_type == "npu" and mooncake.protocol != "ascend":
+        raise ConfigError(
+            f'mooncake `protocol`: KV pages on an Ascend NPU move only over the "ascend" transport, got '
+            f"{mooncake.protocol!r}"
+        )
+    if mooncake.protocol == "ascend" and mooncake.local_hostname in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(
+            'mooncake `local_hostname`: with protocol "ascend" peers on other hosts read this worker\'s segment at '
+            f"that address, and {mooncake.local_hostname!r} is loopback; set this host's IP"
+        )

@@ -4,8 +4,9 @@ Layouts differ by platform and attention backend: the CPU backend gives one tens
 ``(num_blocks, kv_heads, block_size, 2*head_size)`` (a block is one contiguous page), flash-attn gives
 ``(2, num_blocks, block_size, kv_heads, head_size)`` (a block is a K page and a V page), Ascend registers a
 ``(k_cache, v_cache)`` pair per layer. Rather than knowing them all, find the block dimension in each tensor (the
-one of size ``num_blocks`` with contiguous memory below it and at most a K/V split above it) and describe a block as
-the contiguous runs under it; the runs must add up to the KV spec's page size. A block's object in the pool is
+one of size ``num_blocks``, or a multiple of it when vllm-ascend splits blocks into kernel blocks, with contiguous
+memory below it and at most a K/V split above it) and describe a block as the contiguous runs under it; the runs must
+add up to the KV spec's page size. A block's object in the pool is
 the concatenation of those runs over all layers, in layer order.
 """
 
@@ -34,31 +35,49 @@ def _layer_index(name: str) -> tuple[int, str]:
 
 
 def _runs_of(tensor: torch.Tensor, num_blocks: int, name: str) -> list[_Run]:
-    """The runs of one block in ``tensor``: the block dimension has ``num_blocks`` entries, everything after it is
-    contiguous, and at most a K/V split (2) comes before it. Every layout vLLM and vllm-ascend use fits that."""
+    """The runs of one block in ``tensor``: the block dimension has ``num_blocks`` entries (or a multiple: vllm-ascend
+    splits a block into kernel blocks), everything after it is contiguous, and at most a K/V split (2) comes before
+    it. Every layout vLLM and vllm-ascend use fits that."""
     elem = tensor.element_size()
-    candidates = []
+    exact, scaled = [], []
     for dim, size in enumerate(tensor.shape):
         outer = int(np.prod(tensor.shape[:dim])) if dim else 1
-        if size != num_blocks or outer > 2:
+        if size % num_blocks or outer > 2 or not tensor[(0,) * dim].select(0, 0).is_contiguous():
             continue
-        if tensor[(0,) * dim].select(0, 0).is_contiguous():
-            candidates.append(dim)
+        (exact if size == num_blocks else scaled).append(dim)
+    candidates = exact or scaled
     if len(candidates) != 1:
         what = "no dimension" if not candidates else f"dimensions {candidates} all"
         raise ValueError(
             f"KV cache tensor {name} {tuple(tensor.shape)} (stride {tensor.stride()}, {tensor.dtype}): {what} "
-            f"look like the block dimension (size num_blocks={num_blocks}, contiguous below, at most a K/V split "
-            "above); this layout is not supported"
+            f"look like the block dimension (size num_blocks={num_blocks} or a multiple, contiguous below, at most a "
+            "K/V split above); this layout is not supported"
         )
     dim = candidates[0]
+    scale = tensor.shape[dim] // num_blocks  # kernel blocks per vLLM block: adjacent, so they fold into one run
     inner_bytes = (int(np.prod(tensor.shape[dim + 1 :])) if dim + 1 < tensor.dim() else 1) * elem
+    if scale > 1 and tensor.stride(dim) * elem != inner_bytes:
+        raise ValueError(
+            f"KV cache tensor {name} {tuple(tensor.shape)}: {scale} kernel blocks per block are not adjacent in memory "
+            f"(stride {tensor.stride()}); this layout is not supported"
+        )
     outer_ranges = [range(n) for n in tensor.shape[:dim]]
     runs = []
     for index in itertools.product(*outer_ranges):
         offset = sum(i * s for i, s in zip(index, tensor.stride(), strict=False)) * elem
-        runs.append(_Run(tensor.data_ptr() + offset, tensor.stride(dim) * elem, inner_bytes))
+        runs.append(_Run(tensor.data_ptr() + offset, scale * tensor.stride(dim) * elem, scale * inner_bytes))
     return runs
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, end) ranges with overlapping or touching ones merged, as (start, size), in address order."""
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end - start) for start, end in merged]
 
 
 class KVPages:
@@ -71,18 +90,21 @@ class KVPages:
         page_size_bytes: int,
     ) -> None:
         runs: list[_Run] = []
-        regions: dict[int, int] = {}
+        spans: list[tuple[int, int]] = []
         self.layer_names = sorted(kv_caches, key=_layer_index)
         self.device = torch.device("cpu")
         for name in self.layer_names:
             value = kv_caches[name]
             tensors = [value] if isinstance(value, torch.Tensor) else list(value)
             for tensor in tensors:
-                runs.extend(_runs_of(tensor, num_blocks, name))
-                storage = tensor.untyped_storage()
-                regions[storage.data_ptr()] = max(regions.get(storage.data_ptr(), 0), storage.nbytes())
+                tensor_runs = _runs_of(tensor, num_blocks, name)
+                runs.extend(tensor_runs)
+                # From the tensor's first byte to its last block's end, as production registers it: not the raw
+                # storage, whose start vllm-ascend pads for 2 MiB alignment.
+                spans += [(r.base, r.base + (num_blocks - 1) * r.block_stride + r.nbytes) for r in tensor_runs]
                 self.device = tensor.device
-        self.regions: list[tuple[int, int]] = sorted(regions.items())
+        self.regions: list[tuple[int, int]] = _merged(spans)
+        """(start, size) of the memory holding every block: what a pool client registers."""
         self.on_device = self.device.type != "cpu"
         self._bases = np.array([r.base for r in runs], dtype=np.int64)
         self._strides = np.array([r.block_stride for r in runs], dtype=np.int64)

@@ -1,10 +1,17 @@
-"""Rate-limited warnings: a pool outage must be visible in the log without flooding it once per step."""
+"""Logging for every module, vLLM-free: loggers under vLLM's ``vllm`` tree, and rate-limited warnings (a pool outage
+must be visible in the log without flooding it once per step)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+
+
+def init_logger(name: str) -> logging.Logger:
+    """A logger under the ``vllm`` tree, so our lines get vLLM's handlers, format and level in its processes; the data
+    plane uses it without importing vLLM."""
+    return logging.getLogger(f"vllm.{name}")
 
 
 class RateLimitedWarning:

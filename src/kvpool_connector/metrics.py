@@ -13,8 +13,6 @@ Counter names (``data`` keys): ``lookups``, ``lookup_tokens`` (prompt tokens loo
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
@@ -36,35 +34,6 @@ REASON_COUNTERS = (
     ("save_failed", "KV blocks the pool refused to store, by reason."),
     ("save_dropped", "KV blocks not saved (staging full, pool unavailable, shutdown), by reason."),
 )
-
-
-class StatsCounter:
-    """Thread-safe counters with a running total and a "since last taken" window."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._total: Counter[str] = Counter()
-        self._window: Counter[str] = Counter()
-
-    def add(self, name: str, value: float = 1) -> None:
-        if value:
-            with self._lock:
-                self._total[name] += value
-                self._window[name] += value
-
-    def take(self) -> dict[str, float]:
-        """Counts since the previous take."""
-        with self._lock:
-            window, self._window = self._window, Counter()
-        return dict(window)
-
-    def total(self) -> dict[str, float]:
-        with self._lock:
-            return dict(self._total)
-
-    def __getitem__(self, name: str) -> float:
-        with self._lock:
-            return self._total.get(name, 0)
 
 
 class PoolConnectorStats(KVConnectorStats):

@@ -11,7 +11,7 @@ Errors: ``ValueError`` for malformed input, ``BackendUnavailable`` when a device
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -26,7 +26,7 @@ from kvpool_connector._native import (
     cuda_copy_batch,
 )
 
-__all__ = ["BackendUnavailable", "CopyError", "backend_status", "copy_batch", "merge_runs", "page_copier"]
+__all__ = ["BackendUnavailable", "CopyError", "backend_status", "copy_batch", "merge_runs"]
 
 Backend = Literal["cpu", "acl", "cuda"]
 ACL_LIBRARY = "libascendcl.so"
@@ -78,51 +78,22 @@ def copy_batch(
     device_id: int = 0,
     stream: int = 0,
     synchronize: bool = True,
+    batch: bool = True,
     library: str | None = None,
 ) -> None:
     """Copy ``sizes[i]`` bytes from address ``srcs[i]`` to ``dsts[i]`` for every i.
 
     Runs are merged first; a CopyError's copy index counts the merged batch. ``synchronize=False`` leaves device
     copies in flight on ``stream`` (the caller synchronizes); the CPU backend always returns when done.
+    ``batch=False`` makes a device backend issue one runtime call per copy even where a batch call exists (the
+    fallback when the batch call fails).
     """
     d, s, n = merge_runs(dsts, srcs, sizes)
     if backend == "cpu":
         cpu_copy_batch(d, s, n, threads)
     elif backend == "acl":
-        acl_copy_batch(d, s, n, direction, device_id, stream, synchronize, library or ACL_LIBRARY)
+        acl_copy_batch(d, s, n, direction, device_id, stream, synchronize, batch, library or ACL_LIBRARY)
     elif backend == "cuda":
-        cuda_copy_batch(d, s, n, stream, synchronize, library or CUDA_LIBRARY)
+        cuda_copy_batch(d, s, n, stream, synchronize, batch, library or CUDA_LIBRARY)
     else:
         raise ValueError(f"unknown copy backend {backend!r}; use 'cpu', 'acl' or 'cuda'")
-
-
-def page_copier(device_type: str, direction: Literal["h2d", "d2h"], threads: int = 2) -> Callable[..., None]:
-    """A ``(dsts, srcs, sizes)`` copier between KV pages on ``device_type`` and host memory.
-
-    Device copies first wait for the current compute stream, so a page is never read before the forward pass has
-    written it (vllm-ascend #4412), and return only once the copies are done.
-    """
-    import torch
-
-    if device_type == "cpu":
-        return lambda dsts, srcs, sizes: copy_batch(dsts, srcs, sizes, backend="cpu", threads=threads)
-    if device_type == "cuda":
-
-        def cuda_copy(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
-            stream = torch.cuda.current_stream()
-            stream.synchronize()
-            copy_batch(dsts, srcs, sizes, backend="cuda", stream=stream.cuda_stream)
-
-        return cuda_copy
-    if device_type == "npu":
-
-        def acl_copy(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
-            stream = torch.npu.current_stream()  # type: ignore[attr-defined]  (torch_npu)
-            stream.synchronize()
-            device = torch.npu.current_device()  # type: ignore[attr-defined]
-            copy_batch(
-                dsts, srcs, sizes, backend="acl", direction=direction, device_id=device, stream=stream.npu_stream
-            )
-
-        return acl_copy
-    raise ValueError(f"no page copier for device type {device_type!r} (cpu, cuda, npu)")

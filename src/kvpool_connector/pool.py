@@ -24,10 +24,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
-from kvpool_connector.compat import init_logger, pin_current_thread
-from kvpool_connector.logs import RateLimitedWarning
-from kvpool_connector.metrics import StatsCounter
+from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
+from kvpool_connector.counters import StatsCounter
+from kvpool_connector.logs import RateLimitedWarning, init_logger
 
 logger = init_logger(__name__)
 
@@ -38,10 +37,12 @@ class PoolHandle:
         backend_factory: Callable[[], PoolBackend],
         reconnect_interval_s: float,
         label: str,
-        thread_cpus: set[int] | None = None,
+        bind_thread: Callable[[], None] | None = None,
     ) -> None:
         self._factory = backend_factory
-        self._thread_cpus = thread_cpus  # the pool client's own threads inherit the connecting thread's CPUs
+        # Runs first on the connect and lookup threads: the device's context is per thread (ACL, CUDA), and on the CPU
+        # the pool client's own threads inherit the connecting thread's cores.
+        self._bind_thread = bind_thread or (lambda: None)
         self._interval = reconnect_interval_s
         self.label = label
         self._backend: PoolBackend | None = None
@@ -51,7 +52,10 @@ class PoolHandle:
         self._connected = threading.Event()
         self._first_attempt = threading.Event()  # the first connection attempt succeeded or failed
         self._thread: threading.Thread | None = None
-        self._lookup_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kvpool-lookup-{label}")
+        self._lookup_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"kvpool-lookup-{label}", initializer=self._bind_thread
+        )
+        self.refused: RegistrationRefused | None = None  # memory the pool will never take: no reconnect helps
         self._lookup_inflight: concurrent.futures.Future | None = None
         self._outage_lock = threading.Lock()
         self._down_since: float | None = None
@@ -70,7 +74,9 @@ class PoolHandle:
         """
         self._thread = threading.Thread(target=self._connect_loop, name=f"kvpool-connect-{self.label}", daemon=True)
         self._thread.start()
-        if wait_s > 0 and not self._first_attempt.wait(wait_s):
+        if wait_s > 0 and self._first_attempt.wait(wait_s) and self.refused is not None:
+            raise self.refused
+        if wait_s > 0 and not self._first_attempt.is_set():
             logger.warning(
                 "KV pool (%s) not connected after %.1f s of start-up; serving without it until it connects",
                 self.label,
@@ -86,9 +92,10 @@ class PoolHandle:
         return self._connected.is_set()
 
     def _connect_loop(self) -> None:
-        pin_current_thread(self._thread_cpus)
+        self._bind_thread()
         delay = self._interval
         while not self._stop.is_set():
+            backend: PoolBackend | None = None
             try:
                 backend = self._factory()
                 backend.connect()
@@ -100,7 +107,15 @@ class PoolHandle:
                 self._first_attempt.set()
                 logger.info("KV pool %s (%s) connected", backend.name, self.label)
                 return
-            except (PoolUnavailable, OSError, RuntimeError) as exc:
+            except RegistrationRefused as exc:
+                # The pool answered and said no to our memory: retrying would loop forever on the same answer.
+                self.refused = exc
+                logger.error("KV pool (%s) disabled: %s", self.label, exc)
+                _close_quietly(backend)
+                self._first_attempt.set()
+                return
+            except (PoolUnavailable, OSError, RuntimeError, ValueError) as exc:
+                # ValueError: pymmc's init raises it for a bad local-service config, which can be fixed while we wait.
                 self._first_attempt.set()
                 self.warn(
                     "connect",
@@ -120,11 +135,7 @@ class PoolHandle:
         with self._lock:
             backend, self._backend = self._backend, None
             self._connected.clear()
-        if backend is not None:
-            try:
-                backend.close()
-            except Exception:
-                logger.debug("closing the KV pool client failed", exc_info=True)
+        _close_quietly(backend)
 
     # -- outages ------------------------------------------------------------------------------------------
     @property
@@ -283,3 +294,12 @@ class PoolHandle:
         except Exception as exc:  # noqa: BLE001 - a failed removal leaves a cache entry behind, nothing worse
             self.warn("remove", "KV pool remove of %d keys failed: %r", len(keys), exc)
             return [False] * len(keys)
+
+
+def _close_quietly(backend: PoolBackend | None) -> None:
+    if backend is None:
+        return
+    try:
+        backend.close()
+    except Exception:
+        logger.debug("closing the KV pool client failed", exc_info=True)

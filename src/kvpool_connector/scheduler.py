@@ -13,15 +13,18 @@ Calls, in the order vLLM makes them for a request:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvpool_connector import compat, keys
 from kvpool_connector.backends import create_backend
-from kvpool_connector.compat import init_logger
 from kvpool_connector.config import ConfigError, ResolvedConfig
+from kvpool_connector.counters import StatsCounter
+from kvpool_connector.devices import runtime_for
+from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.metrics import PoolConnectorStats, StatsCounter
+from kvpool_connector.metrics import PoolConnectorStats
 from kvpool_connector.pool import PoolHandle
 
 if TYPE_CHECKING:
@@ -32,6 +35,15 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
+
+
+def _lookup_thread_binding(config: ResolvedConfig) -> Callable[[], None] | None:
+    """Mooncake's ``ascend`` transport sets up its memory in the calling thread's ACL context, so even the lookup
+    client, which holds no KV, needs a device there: device 0, as vllm-ascend's scheduler client does. Other pools
+    need no device in the scheduler (and a CUDA context there would cost device memory)."""
+    if config.mooncake is not None and config.mooncake.protocol == "ascend":
+        return runtime_for("npu", 0).bind_thread
+    return None
 
 
 def present_prefix_blocks(found: list[bool], num_shards: int) -> int:
@@ -83,6 +95,7 @@ class PoolScheduler:
                 lambda: create_backend(config, holds_data=False),
                 config.pool.reconnect_interval_s,
                 label=f"lookup/instance {config.pool.instance_id}",
+                bind_thread=_lookup_thread_binding(config),
             )
             self.pool.start(wait_s=config.pool.startup_wait_s)
         self._answers: dict[str, _LoadAnswer] = {}

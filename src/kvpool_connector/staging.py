@@ -1,15 +1,23 @@
 """The asynchronous save path: copy blocks out of the KV cache fast, put them to the pool in the background.
 
-The forward pass waits only for one batched local copy (KV pages -> a registered staging area); the pool put, which
-may cross a network, runs on a background thread. Once a block is copied out, vLLM may free and reuse it: what lands
-in the pool is the staged copy, never a page rewritten by a later request.
+The forward pass waits at most for one batched local copy (KV pages -> a host staging area; on a GPU/NPU it only
+queues it); the pool put, which may cross a network, runs on a background thread. Once a block is copied out, vLLM
+may free and reuse it: what lands in the pool is the staged copy, never a page rewritten by a later request.
+
+Why stage on a GPU/NPU at all, when production (vllm-ascend) puts straight from the KV pages after an event: a put
+from the pages keeps those blocks pinned in device memory until a network transfer ends, so vLLM must delay freeing
+them (``request_finished`` -> delay free) and cannot reuse them meanwhile; a device-to-host copy ends in about a
+millisecond per 64 MiB and releases them at once, and the put then reads host memory (memcache's ``H2G``). With
+``async_save: false`` the worker puts synchronously from the pages instead (``L2G``), after the same event.
 
 Calls, in the order they happen:
-1. ``StagingSaver(pool, pages, capacity_blocks, copier)``: allocate and register the staging area, start the thread;
-2. ``stage(keys, block_ids)`` at ``wait_for_save`` (after the forward pass wrote the blocks): take free slots, copy
-   the blocks in, queue the job. When the area is full the oldest queued (not yet started) jobs are dropped and
-   counted: a dropped save is a future miss, never a stalled forward pass;
-3. the thread: put the keys the pool does not hold yet from their slots (``PoolHandle.put_missing``), free the slots;
+1. ``StagingSaver(pool, pages, capacity_blocks, runtime)``: allocate and register the staging area, start the thread;
+2. ``stage(keys, block_ids, written)`` at ``wait_for_save``, with the event the forward pass's writes complete at:
+   take free slots, queue the copy of the blocks in after that event (``DeviceRuntime.copy_out``), queue the job.
+   When the area is full the oldest queued (not yet started) jobs are dropped and counted: a dropped save is a
+   future miss, never a stalled forward pass. A copy the device refuses drops its blocks (counted), never raises;
+3. the thread: wait for the job's copy, put the keys the pool does not hold yet from their slots
+   (``PoolHandle.put_missing``), free the slots;
 4. ``flush(timeout)`` / ``close(timeout)``: wait for queued puts (shutdown), then stop and join the thread.
 
 The staging area is layer-major (all slots of run 0, then all slots of run 1, ...), so consecutive blocks copied into
@@ -20,26 +28,28 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from kvpool_connector.compat import init_logger, pin_current_thread
+from kvpool_connector.counters import StatsCounter
+from kvpool_connector.devices import DeviceRuntime
 from kvpool_connector.kv_pages import KVPages
-from kvpool_connector.metrics import StatsCounter
+from kvpool_connector.logs import init_logger
+from kvpool_connector.ops import CopyError
 from kvpool_connector.pool import PoolHandle
 
 logger = init_logger(__name__)
-
-Copier = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (dsts, srcs, sizes)
 
 
 @dataclass
 class _SaveJob:
     keys: list[str]
     slots: np.ndarray  # staging slot of each key
+    copied: Any  # the device event the copy into the slots completes at (None on the CPU: already done)
 
 
 class StagingSaver:
@@ -48,19 +58,20 @@ class StagingSaver:
         pool: PoolHandle,
         pages: KVPages,
         capacity_blocks: int,
-        copier: Copier,
-        pin: bool,
+        runtime: DeviceRuntime,
         stats: StatsCounter | None = None,
-        thread_cpus: set[int] | None = None,
     ) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"staging area must hold at least one block ({pages.block_bytes} bytes)")
         self._pool = pool
         self._pages = pages
         self.capacity = capacity_blocks
-        self._copier = copier
-        # zeros, not empty: fault the pages in now rather than on the forward pass of the first saves
-        self._buffer = torch.zeros(capacity_blocks * pages.block_bytes, dtype=torch.uint8, pin_memory=pin)
+        self._runtime = runtime
+        # zeros, not empty: fault the pages in now rather than on the forward pass of the first saves; pinned for
+        # asynchronous device copies
+        self._buffer = torch.zeros(
+            capacity_blocks * pages.block_bytes, dtype=torch.uint8, pin_memory=runtime.kind != "cpu"
+        )
         base = self._buffer.data_ptr()
         sizes = np.asarray(pages.run_sizes, dtype=np.int64)
         self._run_sizes = pages.run_sizes
@@ -75,7 +86,6 @@ class StagingSaver:
         self._paused = threading.Event()
         self._paused.set()
         self.stats = stats if stats is not None else StatsCounter()
-        self._thread_cpus = thread_cpus
         self._thread = threading.Thread(target=self._run, name="kvpool-save", daemon=True)
         self._thread.start()
 
@@ -85,7 +95,8 @@ class StagingSaver:
         return self._run_bases[None, :] + s[:, None] * self._run_strides[None, :]
 
     # -- forward-pass side ---------------------------------------------------------------------------------
-    def stage(self, keys: Sequence[str], block_ids: Sequence[int]) -> None:
+    def stage(self, keys: Sequence[str], block_ids: Sequence[int], written: Any) -> None:
+        """Queue the save of ``block_ids`` under ``keys``; ``written`` is the event their KV is complete at."""
         if not self._pool.available:  # disconnected or in an outage: nothing could take the copy; count it
             self._pool.skip_saves(len(keys), self.stats)
             return
@@ -100,9 +111,16 @@ class StagingSaver:
         src = self._pages.address_array(block_ids)
         dst = self.slot_addresses(slots)
         sizes = np.broadcast_to(self._run_strides[None, :], dst.shape)
-        self._copier(dst.T.ravel(), src.T.ravel(), sizes.T.ravel())
+        try:
+            copied = self._runtime.copy_out(written, dst.T.ravel(), src.T.ravel(), sizes.T.ravel())
+        except CopyError as exc:
+            with self._cond:
+                self._free[slots] = True
+            self.stats.add("save_failed.copy", len(keys))
+            self._pool.warn("copy", "KV pool save: copying %d blocks out of the KV cache failed: %s", len(keys), exc)
+            return
         with self._cond:
-            self._queue.append(_SaveJob(list(keys), slots))
+            self._queue.append(_SaveJob(list(keys), slots, copied))
             self._cond.notify_all()
 
     def _take_slots(self, n: int) -> np.ndarray:
@@ -117,7 +135,7 @@ class StagingSaver:
 
     # -- background side -----------------------------------------------------------------------------------
     def _run(self) -> None:
-        pin_current_thread(self._thread_cpus)
+        self._runtime.bind_thread()
         while True:
             self._paused.wait()
             with self._cond:
@@ -139,6 +157,7 @@ class StagingSaver:
                     self._cond.notify_all()
 
     def _put(self, job: _SaveJob) -> None:
+        self._runtime.wait_on_host(job.copied)
         addrs = self.slot_addresses(job.slots).tolist()
         self._pool.put_missing(job.keys, addrs, [self._run_sizes] * len(job.keys), self.stats)
 

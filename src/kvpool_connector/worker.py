@@ -8,9 +8,12 @@ Calls, in the order vLLM makes them:
    (zero-copy transfers), and connect in the background.
 2. each step, ``load`` (from ``start_load_kv``, before the forward pass): read every planned block of every layer
    straight into the pages vLLM allocated; blocks that did not arrive whole are remembered as load errors.
-3. ``save`` (from ``wait_for_save``, after the forward pass wrote the step's KV): copy the planned full blocks to
-   the staging area and let its thread put those the pool does not hold yet (``async_save``, the default), or put
-   them synchronously. Either way the blocks have been read when the step ends, so vLLM may free or reuse them.
+3. ``save`` (from ``wait_for_save``, after the forward pass queued the step's KV writes): record an event on the
+   compute stream, then queue the copy of the planned full blocks to the staging area after it and let the staging
+   thread put those the pool does not hold yet (``async_save``, the default), or wait for the event and put them
+   synchronously. No page is read before its writes completed (vllm-ascend #4412), and later kernels cannot
+   overwrite a page before the copy read it, so vLLM may free or reuse the blocks when the step ends. Ranks that
+   hold the same KV (MLA) share keys and stripe the step's puts: rank r puts every tp_size-th block.
 4. ``take_load_errors`` (``get_block_ids_with_load_errors``): hands failed blocks to vLLM, which recomputes them.
 5. ``shutdown``.
 """
@@ -24,14 +27,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvpool_connector import compat, keys, ops
-from kvpool_connector.backends import Outcome, PoolBackend, PoolUnavailable, create_backend
-from kvpool_connector.compat import init_logger
-from kvpool_connector.config import ResolvedConfig
+from kvpool_connector import compat, keys
+from kvpool_connector.backends import Outcome, PoolBackend, PoolUnavailable, create_backend, max_buffers_per_object
+from kvpool_connector.config import ResolvedConfig, check_pool_fits_device
+from kvpool_connector.counters import StatsCounter
+from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
 from kvpool_connector.kv_allocation import KVCacheAt
 from kvpool_connector.kv_pages import KVPages
+from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.metrics import PoolConnectorStats, StatsCounter
+from kvpool_connector.metrics import PoolConnectorStats
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.staging import StagingSaver
 
@@ -47,19 +52,23 @@ class PoolWorker:
         self,
         layout: keys.KVLayout,
         shard: str,
-        saves_enabled: bool,
         num_blocks: int,
         config: ResolvedConfig,
+        saves_enabled: bool = True,
         device_id: int = 0,
         kv_cache_bytes: int = 0,
+        stripe: tuple[int, int] = (0, 1),
+        runtime: DeviceRuntime | None = None,
     ) -> None:
         self.layout = layout
         self.shard = shard
-        self.saves_enabled = saves_enabled
         self.num_blocks = num_blocks
+        self.saves_enabled = saves_enabled  # kv_producer / kv_both: the scheduler plans saves only then
         self._config = config
-        self._device_id = device_id
+        self._device_id = device_id  # the device the pool client binds (memcache's init)
         self._kv_cache_bytes = kv_cache_bytes
+        self.stripe_index, self.stripe_count = stripe  # this rank puts the step's blocks stripe_index::stripe_count
+        self.runtime = runtime  # from the KV tensors' device at register_kv_caches unless given
         self._attached: PoolBackend | None = None  # connected early to place the KV cache; the pool handle takes it
         self.kv_cache_placement: KVCacheAt | None = None
         self.pages: KVPages | None = None
@@ -73,15 +82,17 @@ class PoolWorker:
         """The worker of this process's (tp, pp) shard."""
         layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
         tp_rank, pp_rank = compat.worker_parallel_ranks()
+        device_id = config.memcache.device_id if config.memcache and config.memcache.device_id is not None else None
         return cls(
             layout,
             keys.fingerprint(layout, tp_rank, pp_rank),
-            # Ranks that hold identical KV (MLA) share keys: one of them writes.
-            saves_enabled=not layout.shared_across_tp or tp_rank == 0,
             num_blocks=kv_cache_config.num_blocks,
             config=config,
-            device_id=compat.worker_local_rank(),
+            saves_enabled=vllm_config.kv_transfer_config is None or vllm_config.kv_transfer_config.is_kv_producer,
+            device_id=compat.worker_local_rank() if device_id is None else device_id,
             kv_cache_bytes=compat.kv_cache_backing_bytes(kv_cache_config),
+            # Ranks that hold identical KV (MLA) share keys: they split the writes.
+            stripe=(tp_rank, layout.tp_size) if layout.shared_across_tp else (0, 1),
         )
 
     def kv_cache_allocation(self) -> KVCacheAt | None:
@@ -97,7 +108,7 @@ class PoolWorker:
         backend = create_backend(self._config, holds_data=True, kv_cache_bytes=self._kv_cache_bytes)
         # The client's threads inherit the connecting thread's CPUs: connect from one off the forward pass's cores.
         with concurrent.futures.ThreadPoolExecutor(
-            1, initializer=compat.pin_current_thread, initargs=(compat.helper_thread_cpus(),)
+            1, initializer=pin_current_thread, initargs=(compat.helper_thread_cpus(),)
         ) as connector:
             try:
                 connector.submit(backend.connect).result()
@@ -118,6 +129,14 @@ class PoolWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
         self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)
         on_device = self.pages.on_device
+        check_pool_fits_device(self._config, self.pages.device.type)
+        limit = max_buffers_per_object(self._config)
+        if limit is not None and len(self.pages.run_sizes) > limit:
+            raise ValueError(
+                f"backend {self._config.pool.backend!r} stores at most {limit} buffers per object, and one KV block of "
+                f"this worker is {len(self.pages.run_sizes)} page runs ({len(self.pages.layer_names)} layers); use "
+                '"backend": "mooncake", or pipeline parallelism to give each worker fewer layers'
+            )
         mooncake = self._config.mooncake
         shared_memory = mooncake is not None and bool(mooncake.real_client_address)
         if on_device and shared_memory:
@@ -131,7 +150,13 @@ class PoolWorker:
                 f"({self.pages.block_bytes} bytes), so every transfer would fail; set it to at least "
                 f"{self.pages.block_bytes} bytes in the Mooncake settings"
             )
-        helper_cpus = compat.helper_thread_cpus() if self.pages.device.type == "cpu" else None
+        if self.runtime is None:
+            helper_cpus = compat.helper_thread_cpus() if self.pages.device.type == "cpu" else None
+            self.runtime = runtime_for(self.pages.device.type, self.pages.device.index or 0, helper_cpus)
+        runtime = self.runtime
+        if on_device:
+            for ptr, size in self.pages.regions:
+                runtime.add_device_memory(ptr, size)
         attached, self._attached = self._attached, None
 
         def backend() -> PoolBackend:
@@ -139,22 +164,19 @@ class PoolWorker:
             if attached is not None:  # the client the KV cache was placed with: its memory lives as long as it does
                 early, attached = attached, None
                 return early
-            return create_backend(self._config, holds_data=True, device_id=self._device_id, pages_on_device=on_device)
+            return create_backend(self._config, holds_data=True, device_id=self._device_id, runtime=runtime)
 
         self.pool = PoolHandle(
             backend,
             self._config.pool.reconnect_interval_s,
             label=f"worker shard {self.shard}",
-            thread_cpus=helper_cpus,
+            bind_thread=runtime.bind_thread,
         )
         for ptr, size in self.pages.regions:
             self.pool.register_memory(ptr, size)
         if self._config.pool.async_save and self.saves_enabled:
             capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
-            copier = ops.page_copier(self.pages.device.type, "d2h")
-            self.saver = StagingSaver(
-                self.pool, self.pages, capacity, copier, self.pages.on_device, self.stats, thread_cpus=helper_cpus
-            )
+            self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats)
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
         logger.info(
             "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
@@ -163,6 +185,7 @@ class PoolWorker:
             self.pages.block_bytes,
             self.shard,
         )
+        helper_cpus = getattr(runtime, "helper_cpus", None)
         if helper_cpus:
             logger.info("pool client and save threads on CPUs %s, off the forward pass's", sorted(helper_cpus))
         if self.kv_cache_placement is not None:
@@ -211,13 +234,19 @@ class PoolWorker:
     def save(self, meta: PoolConnectorMetadata) -> None:
         if not meta.saves or not self.saves_enabled:
             return
-        assert self.pages is not None and self.pool is not None, "register_kv_caches must run first"
-        if self.saver is not None:
-            for transfer in meta.saves:
-                self.saver.stage(self._keys(transfer), transfer.block_ids)
+        assert self.pages is not None and self.pool is not None and self.runtime is not None, (
+            "register_kv_caches must run first"
+        )
+        mine = slice(self.stripe_index, None, self.stripe_count)
+        block_ids = [b for t in meta.saves for b in t.block_ids][mine]
+        pool_keys = [k for t in meta.saves for k in self._keys(t)][mine]
+        if not block_ids:
             return
-        block_ids = [b for t in meta.saves for b in t.block_ids]
-        pool_keys = [k for t in meta.saves for k in self._keys(t)]
+        written = self.runtime.record_event()  # after every kernel that writes this step's KV
+        if self.saver is not None:
+            self.saver.stage(pool_keys, block_ids, written)
+            return
+        self.runtime.wait_on_host(written)
         addrs, sizes = self.pages.addresses(block_ids)
         self.pool.put_missing(pool_keys, addrs, sizes, self.stats)
 

@@ -18,9 +18,9 @@ import torch
 from kvpool_connector.backends import Outcome
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.config import MooncakeSettings, parse_config
+from kvpool_connector.counters import StatsCounter
 from kvpool_connector.keys import KVLayout, pool_key
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.metrics import StatsCounter
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
 from kvpool_connector.testing.processes import stop_process

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from kvpool_connector import compat
+from kvpool_connector.devices import pin_current_thread
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 
@@ -32,7 +33,7 @@ def test_helper_threads_go_to_the_cores_the_forward_pass_leaves_free():
         cpus = compat.helper_thread_cpus()
 
         def helper():
-            compat.pin_current_thread(cpus)
+            pin_current_thread(cpus)
             return os.sched_getaffinity(0), _in_thread(lambda: os.sched_getaffinity(0))
 
         return cpus, _in_thread(helper)

@@ -21,6 +21,10 @@ class PoolUnavailable(RuntimeError):
     """The pool cannot be reached or set up; the message says why (address, code)."""
 
 
+class RegistrationRefused(PoolUnavailable):
+    """The pool refused memory we must register (names the region): a configuration problem, not an outage."""
+
+
 class Outcome(enum.Enum):
     OK = "ok"
     EXISTS = "exists"  # put of a key already present: the pool keeps the first copy, which is the same block
@@ -46,7 +50,8 @@ class PoolBackend(ABC):
 
     @abstractmethod
     def register_memory(self, ptr: int, size: int) -> None:
-        """Make [ptr, ptr+size) usable for zero-copy transfers; raise PoolUnavailable if the pool refuses."""
+        """Make [ptr, ptr+size) usable for zero-copy transfers; raise RegistrationRefused naming the region if the pool
+        answers no, PoolUnavailable if it cannot be asked."""
 
     @abstractmethod
     def exists(self, keys: Sequence[str]) -> list[bool]:

@@ -1,36 +1,85 @@
 """Huawei memcache backend (``memcache-hybrid``'s pymmc ``DistributedObjectStore``; Ascend NPUs).
 
-One object per KV block through pymmc's ``*_layers`` batch calls, which gather/scatter one page per layer. The copy
-direction tells memcache where our pages live: device HBM (``L2G``/``G2L``) or host DRAM (``H2G``/``G2H``).
+One object per KV block through pymmc's ``*_layers`` batch calls, which gather/scatter one buffer per layer run.
 
-Two client kinds, from pymmc's ``init(device_id, init_bm)``:
-- the scheduler's lookup client uses ``init_bm=False``: it only talks to the meta service (``batch_is_exist``);
-- each worker uses ``init_bm=True``, which starts the local service that holds pool memory and moves data. That
-  needs the Ascend driver and CANN; without them init fails (checked on x86_64: -1, "the current version of ascend
-  driver does not support mf!") and we raise PoolUnavailable so the connector serves with misses only.
-A client whose BM is not up must never be asked to register memory: pymmc then dereferences a null client.
+Facts of pymmc 1.3.0 this module is built on (memcache ``mmcache_store.cpp``, ``mmc.cpp``, ``mmc_types.h``):
+- ``init(device_id, init_bm)`` and ``close()`` act on one client per *process*: once any init succeeded, a later
+  init returns 0 and does nothing (not even start the BM a worker needs), and close tears the client down for every
+  holder. With TP 1 the scheduler's lookup client and the worker's data client live in one process, so both roles
+  share :class:`_ProcessClient`: one init, with the strongest role that joined (``init_bm=True`` when a worker did),
+  closed by the last user.
+- ``init_bm=True`` starts the local service that holds pool memory and moves data; it needs the Ascend driver and
+  CANN (here: -1, "the current version of ascend driver does not support mf!"). The lookup role uses
+  ``init_bm=False``: meta-service calls only. A client without BM must never register memory.
+- The direction of a transfer says where *that call's buffers* live: ``L2G``/``G2L`` for device (HBM) addresses,
+  ``H2G``/``G2H`` for host memory. pymmc treats every buffer of an L2G call as HBM, so a host staging buffer sent
+  as L2G is read as a device address. We ask the device runtime where the first buffer of each object lives.
+- ``register_buffer`` is for device RDMA; host memory is not registered (production never does).
+- Batch calls take at most 16,384 keys (more returns one ``-3000`` for the whole batch), keys of 1..256 bytes and
+  1..255 buffers per key (else every key of the batch gets ``-3000``); a client that is not initialised answers an
+  empty list. A put of a key already present returns 0.
 
-Return codes are read here and nowhere else: ``batch_is_exist`` gives 1/0/-1, data calls 0 on success; -3019 is what
-pymmc answers while its client is not initialised (seen here). The pymmc binding returns an empty list instead of one
-code per key when the client is not initialised, which we treat as a failure of every key.
+Return codes are read here and nowhere else (:func:`_put_outcome`, :func:`_get_outcome`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
+from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
 from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, MemcacheSettings
+from kvpool_connector.devices import CpuRuntime, DeviceRuntime
 
-NOT_INITIALISED = -3019
-
-# pymmc copy directions (memcache_hybrid.L2G ...), as its documentation numbers them.
+# pymmc copy directions (memcache_hybrid.L2G ...).
 L2G, G2L, G2H, H2G = 0, 1, 2, 3
 
+# memcache's limits (mmcache_store.cpp, mmc_def.h)
+MAX_BATCH_KEYS = 16_384
+MAX_BUFFERS_PER_KEY = 255
+MAX_KEY_BYTES = 256
 
-def _import_store():
+# memcache return codes (mmc_types.h)
+MMC_OK = 0
+INVALID_PARAM = -3000
+TIMEOUT = -3004
+DUPLICATED_OBJECT = -3006
+OBJECT_NOT_EXISTS = -3007
+LINK_NOT_FOUND = -3014
+NOT_ENOUGH_MEMORY = -3016
+NOT_CONNECTED_META = -3017
+NOT_CONNECTED_LOCAL = -3018
+CLIENT_NOT_INIT = -3019
+UNMATCHED_KEY = -3102
+_UNAVAILABLE = frozenset({TIMEOUT, LINK_NOT_FOUND, NOT_CONNECTED_META, NOT_CONNECTED_LOCAL, CLIENT_NOT_INIT})
+_INIT_SETTLE_S = 0.1  # pymmc starts its service threads after init returns (production waits as long)
+
+
+def _put_outcome(code: int) -> Outcome:
+    if code in (MMC_OK, DUPLICATED_OBJECT):
+        return Outcome.OK
+    if code == NOT_ENOUGH_MEMORY:
+        return Outcome.POOL_FULL
+    if code in _UNAVAILABLE:
+        return Outcome.UNAVAILABLE
+    return Outcome.FAILED
+
+
+def _get_outcome(code: int) -> Outcome:
+    if code == MMC_OK:
+        return Outcome.OK
+    if code in (OBJECT_NOT_EXISTS, UNMATCHED_KEY):
+        return Outcome.MISSING
+    if code in _UNAVAILABLE:
+        return Outcome.UNAVAILABLE
+    return Outcome.FAILED
+
+
+def _import_store_class() -> type:
     try:
         from memcache_hybrid import DistributedObjectStore
     except ImportError as exc:
@@ -55,75 +104,158 @@ def _point_pymmc_at(path: str) -> None:
     os.environ[MMC_LOCAL_CONFIG_ENV] = path
 
 
-def _codes(result: Sequence[int], n: int) -> list[int]:
-    return list(result) if len(result) == n else [NOT_INITIALISED] * n
+class _ProcessClient:
+    """The one pymmc client of this process, shared by every role in it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of a process that never used pymmc."""
+        self.store: Any = None
+        self.users = 0
+        self.wants_bm = False
+        self.device_id = 0
+        self.initialised = False
+        self.with_bm = False
+
+    def join(self, needs_bm: bool, device_id: int) -> None:
+        """A role will use the client; a worker (``needs_bm``) decides the device and that the BM is started."""
+        with self._lock:
+            if self.store is None:
+                self.store = _import_store_class()()
+            self.users += 1
+            if needs_bm and not self.wants_bm:
+                self.wants_bm, self.device_id = True, device_id
+
+    def init(self, needs_bm: bool, meta_url: str) -> Any:
+        """The initialised store; the first caller initialises it with the strongest role that joined so far."""
+        with self._lock:
+            if self.initialised:
+                if needs_bm and not self.with_bm:
+                    raise PoolUnavailable(
+                        "pymmc was initialised in this process without pool memory (a lookup client that joined "
+                        "before this worker) and initialises only once per process; this worker cannot move data"
+                    )
+                return self.store
+            rc = self.store.init(self.device_id, self.wants_bm)
+            if rc != 0:
+                hint = " (a client holding pool memory needs the Ascend driver and CANN)" if self.wants_bm else ""
+                raise PoolUnavailable(
+                    f"memcache init(device {self.device_id}, init_bm={self.wants_bm}) against {meta_url} "
+                    f"returned {rc}{hint}"
+                )
+            time.sleep(_INIT_SETTLE_S)
+            self.initialised, self.with_bm = True, self.wants_bm
+            return self.store
+
+    def leave(self) -> None:
+        """A role is done; the last one closes the client (pymmc's close ends it for every holder)."""
+        with self._lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            store, initialised = self.store, self.initialised
+            self._reset()
+        if initialised:
+            store.close()
+
+
+_PROCESS_CLIENT = _ProcessClient()
 
 
 class MemcacheBackend(PoolBackend):
     name = "memcache"
 
     def __init__(
-        self, settings: MemcacheSettings, *, holds_data: bool, device_id: int = 0, pages_on_device: bool = False
+        self,
+        settings: MemcacheSettings,
+        *,
+        holds_data: bool,
+        device_id: int = 0,
+        runtime: DeviceRuntime | None = None,
     ) -> None:
         self._settings = settings
         self._holds_data = holds_data
-        self._device_id = device_id
+        self._runtime = runtime or CpuRuntime()
         _point_pymmc_at(settings.local_config_path)
-        self._store = _import_store()()
-        self._bm_ready = False
-        self._pages_on_device = pages_on_device  # NPU pages: copy L2G/G2L; host DRAM pages: H2G/G2H
+        self._client = _PROCESS_CLIENT
+        self._client.join(holds_data, device_id)
+        self._store: Any = None
+        self._joined = True
 
     def connect(self) -> None:
-        rc = self._store.init(self._device_id, self._holds_data)
-        if rc != 0:
-            hint = (
-                " (the worker's memcache client needs the Ascend driver and CANN to hold pool memory)"
-                if self._holds_data
-                else ""
-            )
-            raise PoolUnavailable(
-                f"memcache init(device {self._device_id}) against {self._settings.meta_service_url} returned {rc}"
-                + hint
-            )
-        self._bm_ready = self._holds_data
+        self._store = self._client.init(self._holds_data, self._settings.meta_service_url)
 
     def register_memory(self, ptr: int, size: int) -> None:
-        if not self._bm_ready:
+        if not self._runtime.is_device_address(ptr):
+            return  # host memory moves with H2G/G2H, which read it directly; register_buffer is for device RDMA
+        if not self._client.with_bm:
             raise PoolUnavailable("memcache client holds no pool memory; cannot register buffers")
         rc = self._store.register_buffer(ptr, size)
+        if rc in _UNAVAILABLE:
+            raise PoolUnavailable(f"memcache register_buffer returned {rc}")
         if rc != 0:
-            raise PoolUnavailable(f"memcache register_buffer({size} bytes) returned {rc}")
+            raise RegistrationRefused(
+                f"memcache refused to register the KV region [{ptr:#x}, {ptr + size:#x}) ({size} bytes): code {rc}"
+            )
 
+    # -- data calls ----------------------------------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
-        return [code == 1 for code in _codes(self._store.batch_is_exist(list(keys)), len(keys))]
-
-    def _data_path_ready(self, n: int) -> list[Outcome] | None:
-        return None if self._bm_ready else [Outcome.UNAVAILABLE] * n
+        codes = _batched(self._store.batch_is_exist, list(keys), -1)
+        if down := sorted({c for c in codes if c in _UNAVAILABLE}):
+            raise PoolUnavailable(f"memcache meta service {self._settings.meta_service_url} answered {down}")
+        return [code == 1 for code in codes]
 
     def put(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
-        if (refused := self._data_path_ready(len(keys))) is not None:
-            return refused
-        direct = L2G if self._pages_on_device else H2G
-        codes = _codes(self._store.batch_put_from_layers(list(keys), addrs, sizes, direct), len(keys))
-        return [_outcome(code) for code in codes]
+        return self._transfer(self._store.batch_put_from_layers, (H2G, L2G), _put_outcome, keys, addrs, sizes)
 
     def get(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
-        if (refused := self._data_path_ready(len(keys))) is not None:
-            return refused
-        direct = G2L if self._pages_on_device else G2H
-        codes = _codes(self._store.batch_get_into_layers(list(keys), addrs, sizes, direct), len(keys))
-        return [_outcome(code) for code in codes]
+        return self._transfer(self._store.batch_get_into_layers, (G2H, G2L), _get_outcome, keys, addrs, sizes)
+
+    def _transfer(
+        self,
+        call: Callable[..., list[int]],
+        directions: tuple[int, int],
+        outcome: Callable[[int], Outcome],
+        keys: Sequence[str],
+        addrs: Sequence[Sequence[int]],
+        sizes: Sequence[Sequence[int]],
+    ) -> list[Outcome]:
+        if not self._client.with_bm:
+            return [Outcome.UNAVAILABLE] * len(keys)
+        outcomes = [Outcome.FAILED] * len(keys)
+        # One call per direction: an object's buffers all live where its first one does (KV pages or staging).
+        by_direction: dict[int, list[int]] = {}
+        for i, (key, page_addrs) in enumerate(zip(keys, addrs, strict=True)):
+            if 0 < len(page_addrs) <= MAX_BUFFERS_PER_KEY and 0 < len(key.encode()) <= MAX_KEY_BYTES:
+                on_device = self._runtime.is_device_address(page_addrs[0])
+                by_direction.setdefault(directions[on_device], []).append(i)
+        for direct, todo in by_direction.items():
+            for start in range(0, len(todo), MAX_BATCH_KEYS):
+                chunk = todo[start : start + MAX_BATCH_KEYS]
+                codes = call([keys[i] for i in chunk], [addrs[i] for i in chunk], [sizes[i] for i in chunk], direct)
+                if len(codes) != len(chunk):
+                    continue  # a reply that does not name every key: none of them counts as done
+                for i, code in zip(chunk, codes, strict=True):
+                    outcomes[i] = outcome(code)
+        return outcomes
 
     def remove(self, keys: Sequence[str]) -> list[bool]:
-        return [code == 0 for code in _codes(self._store.remove_batch(list(keys)), len(keys))]
+        return [code == 0 for code in _batched(self._store.remove_batch, list(keys), -1)]
 
     def close(self) -> None:
-        self._store.close()
+        if self._joined:
+            self._joined = False
+            self._client.leave()
 
 
-def _outcome(code: int) -> Outcome:
-    if code == 0:
-        return Outcome.OK
-    if code == NOT_INITIALISED:
-        return Outcome.UNAVAILABLE
-    return Outcome.FAILED
+def _batched(call: Callable[[list[str]], list[int]], keys: list[str], failed: int) -> list[int]:
+    """``call`` over chunks of at most MAX_BATCH_KEYS keys; a chunk whose reply has the wrong length gets ``failed``."""
+    codes: list[int] = []
+    for start in range(0, len(keys), MAX_BATCH_KEYS):
+        chunk = keys[start : start + MAX_BATCH_KEYS]
+        reply = list(call(chunk))
+        codes.extend(reply if len(reply) == len(chunk) else [failed] * len(chunk))
+    return codes

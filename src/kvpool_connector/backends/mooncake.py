@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
 from kvpool_connector.backends.shared_area import SharedArea
-from kvpool_connector.compat import init_logger
 from kvpool_connector.config import MooncakeSettings
+from kvpool_connector.logs import init_logger
 
 logger = init_logger(__name__)
 
