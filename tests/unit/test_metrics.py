@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import prometheus_client
 
-from kvpool_connector.metrics import PoolConnectorStats, PoolPromMetrics, StatsCounter
+from kvpool_connector.counters import StatsCounter
+from kvpool_connector.metrics import PoolConnectorStats, PoolPromMetrics
 
 
 def test_counter_windows_and_totals_across_threads():

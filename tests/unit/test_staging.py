@@ -11,7 +11,7 @@ from kvpool_connector.backends import Outcome
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.config import MooncakeSettings
 from kvpool_connector.kv_pages import KVPages
-from kvpool_connector.ops import page_copier
+from kvpool_connector.devices import CpuRuntime
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.staging import StagingSaver
 
@@ -54,14 +54,14 @@ def read_back(handle, kv):
 
 def test_staged_blocks_land_in_pool(kv, handle, read_back):
     caches, pages = kv
-    saver = StagingSaver(handle, pages, capacity_blocks=4, copier=page_copier("cpu", "d2h"), pin=False)
+    saver = StagingSaver(handle, pages, capacity_blocks=4, runtime=CpuRuntime())
     keys = [f"t/staging/land/{b}" for b in (1, 2, 5)]
-    saver.stage(keys, [1, 2, 5])
+    saver.stage(keys, [1, 2, 5], None)
     assert saver.flush(10)
     for key, block in zip(keys, (1, 2, 5), strict=True):
         assert read_back(key) == _block_bytes(caches, block)
     assert saver.stats["saved_blocks"] == 3
-    saver.stage(keys[:1], [1])  # already in the pool: skipped, not re-put
+    saver.stage(keys[:1], [1], None)  # already in the pool: skipped, not re-put
     assert saver.flush(10)
     assert saver.stats["save_skipped_present"] == 1
     saver.close()
@@ -69,10 +69,10 @@ def test_staged_blocks_land_in_pool(kv, handle, read_back):
 
 def test_block_reused_while_save_in_flight_does_not_corrupt_pool(kv, handle, read_back):
     caches, pages = kv
-    saver = StagingSaver(handle, pages, capacity_blocks=4, copier=page_copier("cpu", "d2h"), pin=False)
+    saver = StagingSaver(handle, pages, capacity_blocks=4, runtime=CpuRuntime())
     original = _block_bytes(caches, 3)
     saver.pause()
-    saver.stage(["t/staging/reuse/3"], [3])
+    saver.stage(["t/staging/reuse/3"], [3], None)
     for tensor in caches.values():  # a new request gets block 3 and writes its own KV there
         tensor[3].fill_(42.0)
     saver.resume()
@@ -83,10 +83,10 @@ def test_block_reused_while_save_in_flight_does_not_corrupt_pool(kv, handle, rea
 
 def test_full_staging_drops_oldest_queued_saves(kv, handle, read_back):
     caches, pages = kv
-    saver = StagingSaver(handle, pages, capacity_blocks=2, copier=page_copier("cpu", "d2h"), pin=False)
+    saver = StagingSaver(handle, pages, capacity_blocks=2, runtime=CpuRuntime())
     saver.pause()
-    saver.stage(["t/staging/full/a0", "t/staging/full/a1"], [0, 1])
-    saver.stage(["t/staging/full/b"], [4])  # no free slot: the queued job "a" is dropped
+    saver.stage(["t/staging/full/a0", "t/staging/full/a1"], [0, 1], None)
+    saver.stage(["t/staging/full/b"], [4], None)  # no free slot: the queued job "a" is dropped
     assert saver.stats["save_dropped.staging_full"] == 2
     saver.resume()
     assert saver.flush(10)
@@ -97,7 +97,7 @@ def test_full_staging_drops_oldest_queued_saves(kv, handle, read_back):
 
 def test_close_with_queued_saves_puts_them(kv, handle):
     _, pages = kv
-    saver = StagingSaver(handle, pages, capacity_blocks=4, copier=page_copier("cpu", "d2h"), pin=False)
-    saver.stage(["t/staging/close/6"], [6])
+    saver = StagingSaver(handle, pages, capacity_blocks=4, runtime=CpuRuntime())
+    saver.stage(["t/staging/close/6"], [6], None)
     saver.close(timeout_s=10)
     assert handle.exists(["t/staging/close/6"]) == [True]
