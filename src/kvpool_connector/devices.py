@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from kvpool_connector.logs import init_logger
 from kvpool_connector.ops import CopyError, copy_batch
@@ -57,6 +58,11 @@ class DeviceRuntime(ABC):
         with self._lock:
             i = bisect.bisect(self._starts, ptr) - 1
             return i >= 0 and ptr < self._ends[i]
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """Zero-filled host memory that device copies can target (zeros, not empty: its pages fault in now rather
+        than on the forward pass of the first saves)."""
+        return torch.zeros(nbytes, dtype=torch.uint8)
 
     # -- threads and ordering ------------------------------------------------------------------------------------
     @abstractmethod
@@ -108,20 +114,28 @@ class StreamRuntime(DeviceRuntime):
     The two differ only in the torch module, the native copy backend and the attribute holding a stream's raw handle.
     """
 
-    def __init__(self, kind: Literal["cuda", "npu"], device_index: int) -> None:
+    def __init__(self, kind: Literal["cuda", "npu"], device_index: int, copy_library: str | None = None) -> None:
         super().__init__()
-        import torch
-
         self.kind = kind
         self.device_index = device_index
-        self._torch = getattr(torch, kind)
         self._copy_backend = "cuda" if kind == "cuda" else "acl"
         self._stream_handle = "cuda_stream" if kind == "cuda" else "npu_stream"
+        self.copy_library = copy_library  # the runtime library the native copy opens (None: the platform's)
         self._copy_stream: Any = None
         self._batch_copies = True  # until the runtime's batch call fails once; then one call per copy
 
+    @property
+    def _torch(self) -> Any:
+        """``torch.cuda``, or ``torch.npu`` (present once torch_npu is imported, as vllm-ascend does)."""
+        import torch
+
+        return getattr(torch, self.kind)
+
     def bind_thread(self) -> None:
         self._torch.set_device(self.device_index)
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)  # asynchronous copies need pinned memory
 
     def record_event(self) -> Any:
         event = self._torch.Event()
@@ -145,7 +159,12 @@ class StreamRuntime(DeviceRuntime):
 
     def _queue_copies(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
         kwargs = dict(
-            backend=self._copy_backend, direction="d2h", device_id=self.device_index, stream=stream, synchronize=False
+            backend=self._copy_backend,
+            direction="d2h",
+            device_id=self.device_index,
+            stream=stream,
+            synchronize=False,
+            library=self.copy_library,
         )
         if self._batch_copies:
             try:

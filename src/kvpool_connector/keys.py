@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvpool_connector import compat
 
@@ -56,23 +56,9 @@ class KVLayout:
                 f"this model has {len(groups)} ({', '.join(type(g.kv_cache_spec).__name__ for g in groups)})"
             )
         spec = groups[0].kv_cache_spec
-        if hasattr(spec, "kv_cache_specs"):  # UniformTypeKVCacheSpecs: layers of one type but different page sizes
-            raise ValueError(
-                "MemcacheConnectorStoreV1 needs one page size for every layer; this model's layers differ "
-                f"({type(spec).__name__}, e.g. separate indexer caches)"
-            )
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
-        context_parallel = {
-            "decode_context_parallel_size": int(getattr(parallel, "decode_context_parallel_size", 1) or 1),
-            "prefill_context_parallel_size": int(getattr(parallel, "prefill_context_parallel_size", 1) or 1),
-        }
-        if wider := {k: v for k, v in context_parallel.items() if v > 1}:
-            raise ValueError(
-                f"MemcacheConnectorStoreV1 does not support context parallelism yet ({wider}): each rank then holds a "
-                "different token shard of a block and a scheduler block spans block_size x cp tokens, which its keys "
-                "and block arithmetic do not cover; run with context parallel size 1"
-            )
+        check_supported(spec, parallel)
         use_mla = bool(getattr(model_config, "use_mla", False))
         return cls(
             model=str(model_config.model),
@@ -91,6 +77,25 @@ class KVLayout:
             tp_size=int(parallel.tensor_parallel_size),
             pp_size=int(parallel.pipeline_parallel_size),
             shared_across_tp=use_mla,
+        )
+
+
+def check_supported(spec: Any, parallel: Any) -> None:
+    """Refuse KV specs and parallel layouts whose blocks these keys and this block arithmetic do not describe."""
+    if hasattr(spec, "kv_cache_specs"):  # UniformTypeKVCacheSpecs: layers of one type, but their own page sizes
+        raise ValueError(
+            "MemcacheConnectorStoreV1 needs one page size for every layer; this model's layers differ "
+            f"({type(spec).__name__}, e.g. separate indexer caches)"
+        )
+    context_parallel = {
+        "decode_context_parallel_size": int(getattr(parallel, "decode_context_parallel_size", 1) or 1),
+        "prefill_context_parallel_size": int(getattr(parallel, "prefill_context_parallel_size", 1) or 1),
+    }
+    if wider := {k: v for k, v in context_parallel.items() if v > 1}:
+        raise ValueError(
+            f"MemcacheConnectorStoreV1 does not support context parallelism yet ({wider}): each rank then holds a "
+            "different token shard of a block and a scheduler block spans block_size x cp tokens, which its keys "
+            "and block arithmetic do not cover; run with context parallel size 1"
         )
 
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime
@@ -67,11 +66,7 @@ class StagingSaver:
         self._pages = pages
         self.capacity = capacity_blocks
         self._runtime = runtime
-        # zeros, not empty: fault the pages in now rather than on the forward pass of the first saves; pinned for
-        # asynchronous device copies
-        self._buffer = torch.zeros(
-            capacity_blocks * pages.block_bytes, dtype=torch.uint8, pin_memory=runtime.kind != "cpu"
-        )
+        self._buffer = runtime.host_buffer(capacity_blocks * pages.block_bytes)
         base = self._buffer.data_ptr()
         sizes = np.asarray(pages.run_sizes, dtype=np.int64)
         self._run_sizes = pages.run_sizes

@@ -3,6 +3,7 @@
  *   FAKE_ACL_FAIL_AT=k     the copy with index k fails with FAKE_ACL_ERROR (default 507011); the batch call sets
  *                          failIndex = k
  *   FAKE_ACL_SYNC_FAIL=1   aclrtSynchronizeStream fails with 507000
+ *   FAKE_ACL_BATCH_FAIL=1  aclrtMemcpyBatchAsync fails at copy 0 (an experimental API a device may refuse)
  * Compile with -DFAKE_ACL_WITH_BATCH to export aclrtMemcpyBatchAsync (CANN 8.5+), without it to test the fallback.
  * fake_acl_calls() reports (batch calls << 32) | per-copy calls, so tests can tell which path ran. */
 #include <stddef.h>
@@ -51,6 +52,8 @@ int aclrtMemcpyBatchAsync(void** dsts, size_t* destMaxs, void** srcs, size_t* si
   if (numAttrs != 1 || attrsIndexes[0] != 0) return 100000;
   /* host<->device only: exactly one side must be the device */
   if (attrs[0].dstLoc.type + attrs[0].srcLoc.type != 1) return 100000;
+  const char* batch_fail = getenv("FAKE_ACL_BATCH_FAIL");
+  if (batch_fail && batch_fail[0] == '1') { *failIndex = 0; return error_code(); }
   long k = fail_at();
   for (size_t i = 0; i < numBatches; ++i) {
     if ((long)i == k || sizes[i] > destMaxs[i]) { *failIndex = i; return error_code(); }

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvpool_connector.devices import StreamRuntime
 from kvpool_connector.ops import CopyError, backend_status, copy_batch
 
 SOURCE = Path(__file__).parents[1] / "native" / "fake_ascendcl.c"
@@ -102,3 +103,21 @@ def test_bad_direction_is_rejected(fake_libs):
             direction="d2d",  # type: ignore[arg-type]
             library=fake_libs["batch"],
         )
+
+
+def test_npu_runtime_falls_back_to_one_copy_per_call_when_the_batch_api_fails(fake_libs, monkeypatch, caplog):
+    """ASCEND_REVIEW 8: CANN marks aclrtMemcpyBatchAsync experimental; its first failure switches the NPU runtime's
+    copy-out to aclrtMemcpyAsync per copy for good, and the copies still land."""
+    monkeypatch.delenv("FAKE_ACL_FAIL_AT", raising=False)
+    monkeypatch.setenv("FAKE_ACL_BATCH_FAIL", "1")
+    lib = fake_libs["batch"]
+    runtime = StreamRuntime("npu", 0, copy_library=lib)
+    for round_ in range(2):
+        src, dst, dsts, srcs, offs = _pages(3, 512)
+        before = _calls(lib)
+        runtime._queue_copies(np.asarray(dsts), np.asarray(srcs), np.full(3, 512), stream=0)
+        for o in offs:
+            assert np.array_equal(dst[o : o + 512], src[o : o + 512])
+        batch, per_copy = (a - b for a, b in zip(_calls(lib), before, strict=True))
+        assert (batch, per_copy) == ((1, 3) if round_ == 0 else (0, 3))  # never the batch call again
+    assert "one copy call per page from now on" in caplog.text

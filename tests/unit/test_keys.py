@@ -72,3 +72,31 @@ def test_block_hashes_from_finer_hash_blocks():
     assert block_hashes(hashes, 128, 32, 5) == [hashes[3], hashes[7]]
     with pytest.raises(ValueError, match="multiple"):
         block_hashes(hashes, 100, 32, 1)
+
+
+def test_context_parallelism_is_refused_until_supported():
+    """ASCEND_REVIEW 5: with DCP/PCP each rank holds another token shard of a block; keys would serve rank 0's."""
+    import torch
+    from vllm.config import ParallelConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvpool_connector.keys import check_supported
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float32)
+    check_supported(spec, ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match=r"context parallelism.*decode_context_parallel_size': 2"):
+        check_supported(spec, ParallelConfig(tensor_parallel_size=2, decode_context_parallel_size=2))
+
+
+def test_layers_with_their_own_page_sizes_are_refused():
+    """ASCEND_REVIEW 6: UniformTypeKVCacheSpecs' page size is already summed over layers (indexer caches...)."""
+    import torch
+    from vllm.config import ParallelConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs
+
+    from kvpool_connector.keys import check_supported
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float32)
+    mixed = UniformTypeKVCacheSpecs(block_size=16, kv_cache_specs={"a": spec, "b": spec})
+    with pytest.raises(ValueError, match=r"one page size for every layer.*UniformTypeKVCacheSpecs"):
+        check_supported(mixed, ParallelConfig())

@@ -99,3 +99,25 @@ def test_addresses_vectorised_over_blocks():
     addrs, sizes = pages.addresses(np.arange(9).tolist())
     assert [a[0] - addrs[0][0] for a in addrs] == [64 * i for i in range(9)]
     assert sizes == [[64]] * 9
+
+
+def test_registered_regions_are_the_tensors_not_their_padded_storage():
+    """ASCEND_REVIEW 4: vllm-ascend allocates size + 2 MiB and slices an aligned start; production registers from the
+    tensor's first byte to its last block's end."""
+    num_blocks, page = 4, 2 * 16 * 16 * 4
+    raw = torch.zeros(num_blocks * page // 4 + 4096)
+    tensor = raw[1000 : 1000 + num_blocks * page // 4].view(num_blocks, 2, 16, 16)
+    pages = KVPages({"layers.0.attn": tensor}, num_blocks, page)
+    assert pages.regions == [(tensor.data_ptr(), num_blocks * page)]
+
+
+def test_kernel_blocks_fold_into_the_block_they_split():
+    """ASCEND_REVIEW 6: vllm-ascend may split each block into kernel blocks (shape[0] = num_blocks * scale)."""
+    num_blocks, scale, kernel_bs, heads, dim = 4, 2, 8, 2, 8
+    k = torch.randn(num_blocks * scale, kernel_bs, heads, dim)
+    v = torch.randn(num_blocks * scale, kernel_bs, heads, dim)
+    page = 2 * scale * kernel_bs * heads * dim * 4
+    pages = KVPages({"layers.0.attn": (k, v)}, num_blocks, page)
+    (addrs,), (sizes,) = pages.addresses([2])
+    got = b"".join(_read(a, s) for a, s in zip(addrs, sizes, strict=True))
+    assert got == k[4:6].numpy().tobytes() + v[4:6].numpy().tobytes()

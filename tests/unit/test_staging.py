@@ -10,8 +10,8 @@ import torch
 from kvpool_connector.backends import Outcome
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.config import MooncakeSettings
-from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.devices import CpuRuntime
+from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.staging import StagingSaver
 

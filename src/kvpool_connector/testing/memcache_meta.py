@@ -44,11 +44,13 @@ def write_local_config(path: Path, meta_port: int, config_store_port: int, dram:
     return path
 
 
-@contextmanager
-def memcache_meta_service(workdir: str | Path) -> Iterator[MemcacheMeta]:
+def start_meta_service(workdir: str | Path, ports: tuple[int, int] | None = None) -> MemcacheMeta:
+    """Start a meta service on loopback (the caller stops ``proc``); ``ports`` (meta, config store) restarts one
+    where an earlier one listened. memcache runs one meta service per machine at a time (a process lock)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    meta_port, store_port, metrics_port = free_port(), free_port(), free_port()
+    meta_port, store_port = ports or (free_port(), free_port())
+    metrics_port = free_port()
     meta_conf = workdir / "mmc-meta.conf"
     meta_conf.write_text(
         "\n".join(
@@ -70,7 +72,17 @@ def memcache_meta_service(workdir: str | Path) -> Iterator[MemcacheMeta]:
     )
     try:
         wait_port(meta_port, proc, 30, "memcache meta service", log)
-        local = write_local_config(workdir / "mmc-local.conf", meta_port, store_port)
-        yield MemcacheMeta(meta_port, store_port, local, proc)
-    finally:
+    except BaseException:
         stop_process(proc)
+        raise
+    local = write_local_config(workdir / "mmc-local.conf", meta_port, store_port)
+    return MemcacheMeta(meta_port, store_port, local, proc)
+
+
+@contextmanager
+def memcache_meta_service(workdir: str | Path) -> Iterator[MemcacheMeta]:
+    running = start_meta_service(workdir)
+    try:
+        yield running
+    finally:
+        stop_process(running.proc)
