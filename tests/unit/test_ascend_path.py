@@ -432,3 +432,32 @@ def test_the_data_plane_imports_without_vllm():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_worker_whose_first_init_failed_still_gets_pool_memory_when_the_lookup_client_inits_first(
+    meta, device, pymmc
+):
+    """Review 7's race: the worker's first init fails (meta service not reachable yet), the scheduler's lookup
+    client then initialises first: it must start the BM the worker needs, or the worker's later init is a no-op."""
+    settings = config(meta).memcache
+    first = MemcacheBackend(settings, holds_data=True, runtime=device)
+    stop_process(meta.proc)
+    try:
+        with pytest.raises(PoolUnavailable):
+            first.connect()
+    finally:
+        meta.proc = start_meta_service(
+            meta.local_config.parent / "again", (meta.meta_port, meta.config_store_port)
+        ).proc
+    lookup = MemcacheBackend(settings, holds_data=False)
+    lookup.connect()
+    retry = MemcacheBackend(settings, holds_data=True, runtime=device)
+    retry.connect()
+    kv = device.alloc(2, 64)
+    retry.register_memory(kv.data_ptr(), kv.numel() * 4)  # pymmc answers -3019 to a client without BM
+    assert [line.split(" ", 1)[1] for line in _init_lines(pymmc)] == [
+        "device=0 init_bm=True failed: meta service unreachable",
+        "device=0 init_bm=True initialised",
+    ]
+    retry.close()
+    lookup.close()

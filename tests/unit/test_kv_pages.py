@@ -121,3 +121,14 @@ def test_kernel_blocks_fold_into_the_block_they_split():
     (addrs,), (sizes,) = pages.addresses([2])
     got = b"".join(_read(a, s) for a, s in zip(addrs, sizes, strict=True))
     assert got == k[4:6].numpy().tobytes() + v[4:6].numpy().tobytes()
+
+
+def test_ascend_mla_nope_and_rope_caches_per_layer():
+    """vllm-ascend's MLA layout: (nope (N, bs, 1, 512), rope (N, bs, 1, 64)) per layer, runs of two sizes."""
+    num_blocks, bs = 5, 16
+    caches = {
+        f"layers.{i}.attn": (torch.randn(num_blocks, bs, 1, 512), torch.randn(num_blocks, bs, 1, 64)) for i in range(2)
+    }
+    pages = KVPages(caches, num_blocks, bs * 576 * 4)
+    assert pages.run_sizes == [bs * 512 * 4, bs * 64 * 4] * 2
+    _check(pages, [t for n in pages.layer_names for t in caches[n]], 0, num_blocks)

@@ -109,14 +109,16 @@ class _ProcessClient:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Sticky for the process: once a worker here needed pool memory, every later init starts it, even after
+        # its client failed to connect and left (the race of a lookup client initialising first, without BM).
+        self.wants_bm = False
+        self.device_id = 0
         self._reset()
 
     def _reset(self) -> None:
-        """The state of a process that never used pymmc."""
+        """No client: the state before the first role joined or after the last one left."""
         self.store: Any = None
         self.users = 0
-        self.wants_bm = False
-        self.device_id = 0
         self.initialised = False
         self.with_bm = False
 
@@ -186,7 +188,11 @@ class MemcacheBackend(PoolBackend):
         self._joined = True
 
     def connect(self) -> None:
-        self._store = self._client.init(self._holds_data, self._settings.meta_service_url)
+        try:
+            self._store = self._client.init(self._holds_data, self._settings.meta_service_url)
+        except PoolUnavailable:
+            self.close()  # the pool handle retries with a new backend, which joins again
+            raise
 
     def register_memory(self, ptr: int, size: int) -> None:
         if not self._runtime.is_device_address(ptr):

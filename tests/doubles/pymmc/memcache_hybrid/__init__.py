@@ -17,7 +17,8 @@ observed behaviour (``../shared/reference/pymmc-1.3.0-api.txt``; memcache's ``mm
   pymmc does) must accept connections: init fails without it, and data calls answer -3017 (``MMC_NOT_CONNET_META``)
   while it is down (existence queries -1).
 Objects live as files under ``MMC_DOUBLE_STORE`` (default: a directory in /dev/shm), so a fresh engine process sees
-what an earlier one stored. Each init call is appended to ``inits.log`` there (pid, device, init_bm, did it act).
+what an earlier one stored. Each init call is appended to ``inits.log`` there (pid, device, init_bm, did it act), and
+each batch put/get to ``ops.log`` (pid, op, keys done, keys failed), so tests count transfers across processes.
 
 Fault injection (tests only), ``MMC_DOUBLE_FAULTS`` as JSON: ``{"get_code_at": [i, code]}`` gives key i of every
 batch get that code; ``{"down_after_calls": n, "down_for_s": s}`` makes the meta service unreachable from the
@@ -195,7 +196,7 @@ class DistributedObjectStore:
             return [MMC_INVALID_PARAM] * len(keys)
         _count_call()
         if not _meta_up():
-            return [MMC_NOT_CONNET_META] * len(keys)
+            return _log_op("put", [MMC_NOT_CONNET_META] * len(keys))
         codes = []
         for key, ptrs, lens in zip(keys, buffer_ptrs, sizes, strict=True):
             if not _with_bm or not self._buffers_ok(ptrs, lens, device=direct == L2G):
@@ -211,7 +212,7 @@ class DistributedObjectStore:
                 tmp.write_bytes(data)
                 os.replace(tmp, path)
             codes.append(MMC_OK)
-        return codes
+        return _log_op("put", codes)
 
     def batch_get_into_layers(
         self, keys: list[str], buffer_ptrs: list[list[int]], sizes: list[list[int]], direct: int = G2H
@@ -222,7 +223,7 @@ class DistributedObjectStore:
             return [MMC_INVALID_PARAM] * len(keys)
         _count_call()
         if not _meta_up():
-            return [MMC_NOT_CONNET_META] * len(keys)
+            return _log_op("get", [MMC_NOT_CONNET_META] * len(keys))
         forced = _FAULTS.get("get_code_at")
         codes = []
         for i, (key, ptrs, lens) in enumerate(zip(keys, buffer_ptrs, sizes, strict=True)):
@@ -245,7 +246,7 @@ class DistributedObjectStore:
                 ctypes.memmove(ptr, data[offset : offset + size], size)
                 offset += size
             codes.append(MMC_OK)
-        return codes
+        return _log_op("get", codes)
 
     def remove_batch(self, keys: list[str]) -> list[int]:
         if (early := _batch_check(keys)) is not None:
@@ -264,3 +265,10 @@ def _log_init(device_id: int, init_bm: bool, what: str) -> None:
     _STORE.mkdir(parents=True, exist_ok=True)
     with (_STORE / "inits.log").open("a") as log:
         log.write(f"{os.getpid()} device={device_id} init_bm={bool(init_bm)} {what}\n")
+
+
+def _log_op(op: str, codes: list[int]) -> list[int]:
+    done = sum(code == MMC_OK for code in codes)
+    with (_STORE / "ops.log").open("a") as log:
+        log.write(f"{os.getpid()} {op} {done} {len(codes) - done}\n")
+    return codes
