@@ -43,7 +43,23 @@ class KVLayout:
     num_layers: int
     tp_size: int
     pp_size: int
-    shared_across_tp: bool  # MLA: every TP rank holds the same latent KV, so ranks share one key
+    kv_replicas: int = 1
+    """TP ranks that hold the same KV: tp_size with MLA (the latent cache is replicated on every rank), tp_size //
+    KV heads when there are fewer KV heads than ranks (vLLM replicates them), else 1. Such ranks share keys and
+    split the writes."""
+
+    @property
+    def kv_shards(self) -> int:
+        """Distinct KV shards across the TP group: one object per block and shard."""
+        return self.tp_size // self.kv_replicas
+
+    def kv_shard(self, tp_rank: int) -> int:
+        """The shard TP rank ``tp_rank`` holds (vLLM gives rank r the heads of shard r // replicas)."""
+        return tp_rank // self.kv_replicas
+
+    def stripe(self, tp_rank: int) -> tuple[int, int]:
+        """(index, count): this rank puts every count-th block of a step, starting at index."""
+        return tp_rank % self.kv_replicas, self.kv_replicas
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> KVLayout:
@@ -60,6 +76,9 @@ class KVLayout:
         parallel = vllm_config.parallel_config
         check_supported(spec, parallel)
         use_mla = bool(getattr(model_config, "use_mla", False))
+        tp_size = int(parallel.tensor_parallel_size)
+        total_kv_heads = 1 if use_mla else int(model_config.get_total_num_kv_heads())
+        replicas = tp_size if use_mla else max(1, tp_size // total_kv_heads)
         return cls(
             model=str(model_config.model),
             model_dtype=str(model_config.dtype),
@@ -74,9 +93,9 @@ class KVLayout:
             num_layers=int(model_config.get_total_num_hidden_layers())
             if hasattr(model_config, "get_total_num_hidden_layers")
             else int(model_config.hf_config.num_hidden_layers),
-            tp_size=int(parallel.tensor_parallel_size),
+            tp_size=tp_size,
             pp_size=int(parallel.pipeline_parallel_size),
-            shared_across_tp=use_mla,
+            kv_replicas=replicas,
         )
 
 
@@ -100,16 +119,27 @@ def check_supported(spec: Any, parallel: Any) -> None:
 
 
 def fingerprint(layout: KVLayout, tp_rank: int, pp_rank: int) -> str:
-    """16 hex digits naming one shard's byte layout; equal inputs give equal output in every process."""
-    shard = {"tp_rank": 0 if layout.shared_across_tp else tp_rank, "pp_rank": pp_rank}
-    blob = json.dumps({"format": KEY_FORMAT, **asdict(layout), **shard}, sort_keys=True).encode()
+    """16 hex digits naming one shard's byte layout; equal inputs give equal output in every process.
+
+    When every TP rank holds all of the KV (MLA's latent cache, or fewer KV heads than ranks), what a block stores
+    does not depend on the TP size: engines at TP 1, 2, 4 then share entries. Otherwise the TP size and the rank's
+    head shard are part of it. The pipeline rank always is (its layers differ).
+    """
+    fields = asdict(layout)
+    if layout.kv_shards == 1:
+        del fields["tp_size"], fields["kv_replicas"]
+    shard = {"kv_shard": layout.kv_shard(tp_rank), "pp_rank": pp_rank}
+    blob = json.dumps({"format": KEY_FORMAT, **fields, **shard}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def shard_fingerprints(layout: KVLayout) -> list[str]:
-    """Fingerprints of every shard whose blocks a lookup must find (one per distinct (tp, pp) rank)."""
-    tp_ranks = range(1) if layout.shared_across_tp else range(layout.tp_size)
-    return [fingerprint(layout, tp, pp) for pp in range(layout.pp_size) for tp in tp_ranks]
+    """Fingerprints of every shard whose blocks a lookup must find (one per distinct (KV shard, pp) pair)."""
+    return [
+        fingerprint(layout, shard * layout.kv_replicas, pp)
+        for pp in range(layout.pp_size)
+        for shard in range(layout.kv_shards)
+    ]
 
 
 def pool_key(shard_fingerprint: str, block_hash: bytes) -> str:

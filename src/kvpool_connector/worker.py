@@ -91,8 +91,8 @@ class PoolWorker:
             saves_enabled=vllm_config.kv_transfer_config is None or vllm_config.kv_transfer_config.is_kv_producer,
             device_id=compat.worker_local_rank() if device_id is None else device_id,
             kv_cache_bytes=compat.kv_cache_backing_bytes(kv_cache_config),
-            # Ranks that hold identical KV (MLA) share keys: they split the writes.
-            stripe=(tp_rank, layout.tp_size) if layout.shared_across_tp else (0, 1),
+            # Ranks that hold identical KV (MLA, replicated KV heads) share keys: they split the writes.
+            stripe=layout.stripe(tp_rank),
         )
 
     def kv_cache_allocation(self) -> KVCacheAt | None:

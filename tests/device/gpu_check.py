@@ -134,7 +134,7 @@ class HostMemoryPool(PoolBackend):
             for d, s, n in zip(dsts, srcs, sizes, strict=True):
                 ctypes.memmove(d, s, n)
 
-    def put(self, keys, addrs, sizes) -> list[Outcome]:  # noqa: ANN001
+    def put(self, keys, addrs, sizes) -> list[Outcome]:
         for key, page_addrs, page_sizes in zip(keys, addrs, sizes, strict=True):
             if key in self.objects:
                 continue
@@ -146,7 +146,7 @@ class HostMemoryPool(PoolBackend):
             self.objects[key] = out.tobytes()
         return [Outcome.OK] * len(keys)
 
-    def get(self, keys, addrs, sizes) -> list[Outcome]:  # noqa: ANN001
+    def get(self, keys, addrs, sizes) -> list[Outcome]:
         outcomes = []
         for key, page_addrs, page_sizes in zip(keys, addrs, sizes, strict=True):
             data = self.objects.get(key)

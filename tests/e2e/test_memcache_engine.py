@@ -76,7 +76,8 @@ def run(model: str, workdir: Path, env: dict[str, str], connector: bool, tp: int
 def transferred(store: Path, op: str) -> tuple[int, int]:
     """(objects done, objects failed) by every engine process's ``op`` ("put" or "get") so far, from the double."""
     done = failed = 0
-    for line in (store / "ops.log").read_text().splitlines():
+    log = store / "ops.log"
+    for line in log.read_text().splitlines() if log.exists() else []:
         _, logged_op, ok, bad = line.split()
         if logged_op == op:
             done, failed = done + int(ok), failed + int(bad)

@@ -77,7 +77,7 @@ def config(meta, **extra):
 LAYOUT = KVLayout(
     model="ascend-double", model_dtype="bfloat16", kv_dtype="float32", device_type="npu", kv_layout="NHD",
     attention="FullAttentionSpec", block_size=BS, num_kv_heads=HEADS, head_size=DIM, page_size_bytes=PAGE,
-    num_layers=LAYERS, tp_size=1, pp_size=1, shared_across_tp=False,
+    num_layers=LAYERS, tp_size=1, pp_size=1, kv_replicas=1,
 )  # fmt: skip
 
 
@@ -376,7 +376,7 @@ def test_an_object_over_the_buffer_limit_fails_alone(meta, pymmc):
 
 # -- review 13: MLA ranks stripe their writes ------------------------------------------------------------------------
 def test_ranks_holding_the_same_kv_split_the_puts_and_write_each_object_once(meta, device):
-    mla = dataclasses.replace(LAYOUT, shared_across_tp=True, tp_size=2)
+    mla = dataclasses.replace(LAYOUT, kv_replicas=2, tp_size=2)
     workers = []
     for rank in range(2):
         caches = npu_kv_caches(device)

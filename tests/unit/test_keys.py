@@ -18,7 +18,7 @@ LAYOUT = KVLayout(
     num_layers=4,
     tp_size=2,
     pp_size=1,
-    shared_across_tp=False,
+    kv_replicas=1,
 )
 
 
@@ -39,8 +39,25 @@ def test_every_layout_input_changes_the_fingerprint(field):
 def test_rank_changes_the_fingerprint_unless_kv_is_shared():
     assert fingerprint(LAYOUT, 0, 0) != fingerprint(LAYOUT, 1, 0)
     assert fingerprint(LAYOUT, 0, 0) != fingerprint(LAYOUT, 0, 1)
-    mla = dataclasses.replace(LAYOUT, shared_across_tp=True)
+    mla = dataclasses.replace(LAYOUT, kv_replicas=LAYOUT.tp_size)
     assert fingerprint(mla, 0, 0) == fingerprint(mla, 1, 0)
+
+
+def test_mla_keys_do_not_depend_on_the_tp_size():
+    """The latent cache is replicated on every rank and computed alike at every TP size: TP 1, 2, 4 share entries."""
+    mla = [dataclasses.replace(LAYOUT, attention="MLAAttentionSpec", tp_size=tp, kv_replicas=tp) for tp in (1, 2, 4)]
+    assert len({fingerprint(layout, rank, 0) for layout in mla for rank in range(layout.tp_size)}) == 1
+    assert fingerprint(mla[1], 0, 0) != fingerprint(mla[1], 0, 1)  # pipeline stages hold other layers
+    assert [layout.stripe(rank) for layout in mla[1:2] for rank in range(2)] == [(0, 2), (1, 2)]
+
+
+def test_replicated_kv_heads_share_keys_between_the_ranks_that_hold_them():
+    """GQA with more TP ranks than KV heads: vLLM gives ranks r and r+1 the same head when tp = 2 x heads."""
+    layout = dataclasses.replace(LAYOUT, tp_size=4, num_kv_heads=1, kv_replicas=2)  # 2 KV heads in all
+    shards = [fingerprint(layout, rank, 0) for rank in range(4)]
+    assert shards[0] == shards[1] != shards[2] == shards[3]
+    assert shard_fingerprints(layout) == [shards[0], shards[2]]
+    assert [layout.stripe(rank) for rank in range(4)] == [(0, 2), (1, 2), (0, 2), (1, 2)]
 
 
 def test_fingerprint_is_stable_text():
@@ -54,7 +71,7 @@ def test_shard_fingerprints_cover_every_rank():
     shards = shard_fingerprints(layout)
     assert shards == [fingerprint(layout, tp, pp) for pp in range(2) for tp in range(2)]
     assert len(set(shards)) == 4
-    assert len(shard_fingerprints(dataclasses.replace(layout, shared_across_tp=True))) == 2
+    assert len(shard_fingerprints(dataclasses.replace(layout, kv_replicas=2))) == 2
 
 
 def test_pool_key_format():

@@ -128,7 +128,7 @@ def worker(own_pool) -> Iterator[tuple[PoolWorker, dict[str, torch.Tensor]]]:
     layout = KVLayout(
         model="faults", model_dtype="float32", kv_dtype="float32", device_type="cpu", kv_layout="NHD",
         attention="FullAttentionSpec", block_size=BS, num_kv_heads=HEADS, head_size=DIM,
-        page_size_bytes=HEADS * BS * DIM * 4, num_layers=LAYERS, tp_size=1, pp_size=1, shared_across_tp=False,
+        page_size_bytes=HEADS * BS * DIM * 4, num_layers=LAYERS, tp_size=1, pp_size=1, kv_replicas=1,
     )  # fmt: skip
     config = parse_config(
         {"backend": "mooncake", "mooncake": own_pool.client_config(), "reconnect_interval_s": PROBE_S}

@@ -1,10 +1,14 @@
-"""Build a deterministic random-weight Llama and a byte-level BPE tokenizer on local disk.
+"""Build deterministic random-weight models (a Llama, a DeepSeek-V2) and a byte-level BPE tokenizer on local disk.
 
 No weights can be downloaded on the machines this project is tested on, and greedy decoding of a random model is
 still a sharp correctness oracle: any wrong KV entry changes the generated tokens. The same seed and sizes give
 byte-identical files, so every process (and every run) sees the same model.
 
-Usage: ``python -m kvpool_connector.testing.tiny_model DIR [--preset tiny|bench]``.
+The DeepSeek-V2 presets have the field's attention and experts at toy width: MLA with ``kv_lora_rank`` 512 and
+``qk_rope_head_dim`` 64 (the 576-wide latent KV vLLM's CPU MLA backend requires), mixture of experts with shared and
+routed experts and a dense first layer, as DeepSeek-V2-Lite.
+
+Usage: ``python -m kvpool_connector.testing.tiny_model DIR [--preset tiny|bench|tiny-mla|bench-mla]``.
 """
 
 from __future__ import annotations
@@ -36,11 +40,38 @@ class ModelPreset:
     init_std: float
 
 
-PRESETS = {
+@dataclass(frozen=True)
+class MLAPreset:
+    """DeepSeek-V2's shape: latent KV (kv_lora_rank + rope) and experts; first_k_dense_replace dense layers."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int
+    vocab_size: int
+    max_position_embeddings: int
+    init_std: float
+    kv_lora_rank: int = 512  # vLLM's CPU MLA backend takes head size 576 only
+    qk_rope_head_dim: int = 64
+
+
+PRESETS: dict[str, ModelPreset | MLAPreset] = {
     # ~4.5 M parameters: builds in seconds, a CPU engine prefills a few thousand tokens per second.
     "tiny": ModelPreset(256, 4, 4, 2, 512, 2048, 8192, 0.05),
     # ~78 M parameters, 16 KiB of fp32 KV per token: prefill dominates, for TTFT benchmarks.
     "bench": ModelPreset(1024, 8, 16, 4, 2816, 8192, 8192, 0.02),
+    # DeepSeek-V2 at toy width: 3 layers (1 dense, 2 MoE with 4 routed + 1 shared experts, top 2), 2.25 KiB of fp32
+    # latent KV per token per layer.
+    "tiny-mla": MLAPreset(256, 3, 4, 32, 32, 512, 128, 4, 1, 2, 1, 2048, 8192, 0.05),
+    # wider, for TTFT benchmarks where prefill dominates
+    "bench-mla": MLAPreset(1024, 8, 16, 64, 64, 2816, 512, 8, 1, 2, 1, 8192, 8192, 0.02),
 }
 
 
@@ -70,7 +101,6 @@ def build_tokenizer(out_dir: Path, vocab_size: int, seed: int = 0) -> None:
 def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write config, safetensors weights and tokenizer to ``out_dir``; a no-op when the same build is there."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     spec = PRESETS[preset]
@@ -80,6 +110,16 @@ def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Pat
         return out
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out, spec.vocab_size, seed)
+    torch.manual_seed(seed)
+    model = _deepseek_v2(spec) if isinstance(spec, MLAPreset) else _llama(spec)
+    model.save_pretrained(out, safe_serialization=True)
+    stamp_file.write_text(json.dumps(stamp))
+    return out
+
+
+def _llama(spec: ModelPreset):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -94,11 +134,38 @@ def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Pat
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out, safe_serialization=True)
-    stamp_file.write_text(json.dumps(stamp))
-    return out
+    return LlamaForCausalLM(config)
+
+
+def _deepseek_v2(spec: MLAPreset):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    config = DeepseekV2Config(
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        kv_lora_rank=spec.kv_lora_rank,
+        q_lora_rank=None,  # as V2-Lite: queries are not compressed
+        qk_nope_head_dim=spec.qk_nope_head_dim,
+        qk_rope_head_dim=spec.qk_rope_head_dim,
+        v_head_dim=spec.v_head_dim,
+        intermediate_size=spec.intermediate_size,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        n_routed_experts=spec.n_routed_experts,
+        n_shared_experts=spec.n_shared_experts,
+        num_experts_per_tok=spec.num_experts_per_tok,
+        first_k_dense_replace=spec.first_k_dense_replace,
+        topk_method="greedy",
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.init_std,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    return DeepseekV2ForCausalLM(config)
 
 
 def main() -> None:
