@@ -9,8 +9,10 @@ fresh engine process reads what an earlier one stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kvpool_connector.testing.engine import EngineRun, EngineSpec, engine_env, run_engine
+from kvpool_connector.testing.inspection import prompt_block_keys
 from kvpool_connector.testing.memcache_meta import memcache_meta_service
 from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
 
@@ -167,23 +170,37 @@ def tp2(tiny_model, meta, tmp_path_factory):
     env = double_env(meta, store, root / "c1", tp=2)
     saved = run_counted(store, tiny_model, root / "save", env, True, tp=2, sequential=True)
     loaded = run_counted(store, tiny_model, root / "load", double_env(meta, store, root / "c2", tp=2), True, tp=2)
-    return baseline, saved, loaded, store
+    # One head shard's object of the second prompt's last block goes missing: that block must be recomputed.
+    shards = sorted(set(re.findall(r"MemcacheConnectorStoreV1 worker: .* shard ([0-9a-f]{16})", saved.engine.log)))
+    assert len(shards) == 2, "each rank logs its own shard"
+    for key in prompt_block_keys(shards[1], PROMPTS[1])[2:]:
+        (store / hashlib.sha256(key.encode()).hexdigest()).unlink()
+    env = double_env(meta, store, root / "c3", tp=2)
+    partial = run_counted(store, tiny_model, root / "partial", env, True, tp=2)
+    return baseline, saved, loaded, store, partial
 
 
 def test_tp2_saves_both_head_shards_and_a_fresh_engine_loads_identical_outputs(tp2):
-    baseline, saved, loaded, _ = tp2
+    baseline, saved, loaded, *_ = tp2
     assert saved.engine.outputs == baseline.outputs and loaded.engine.outputs == baseline.outputs
     assert saved.puts == (10, 0)  # each rank stores its own heads: 5 objects each
     assert [r.num_cached_tokens for r in loaded.engine.results] == EXPECTED_HITS
     assert loaded.gets == (14, 0)  # a lookup hits only when both shards are there; both ranks load
 
 
+def test_tp2_a_block_missing_one_head_shard_is_recomputed(tp2):
+    baseline, *_, partial = tp2
+    assert partial.engine.outputs == baseline.outputs
+    assert [r.num_cached_tokens for r in partial.engine.results] == [256, 256, 255, 0]
+    assert partial.gets == (12, 0)  # per rank 2 + 2 + 2: the block one shard lacks is loaded by neither
+
+
 def test_tp2_each_process_inits_once_and_only_workers_hold_pool_memory(tp2):
-    *_, store = tp2
+    *_, store, _ = tp2
     inits = inits_by_process(store)
     assert all(len(v) == 1 for v in inits.values()), inits
-    # two engines (save, load), each: a lookup client in the engine core, a worker per rank with its device
+    # three engines (save, load, partial), each: a lookup client in the engine core, a worker per rank with its device
     assert sorted(line for per_process in inits.values() for line in per_process) == sorted(
         ["device=0 init_bm=False initialised", "device=0 init_bm=True initialised", "device=1 init_bm=True initialised"]
-        * 2
+        * 3
     )

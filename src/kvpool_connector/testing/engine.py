@@ -29,6 +29,7 @@ class EngineSpec:
     max_model_len: int = 4096
     max_num_batched_tokens: int | None = None
     extra_llm_args: dict[str, Any] = field(default_factory=dict)
+    logprobs: int = 0  # top logprobs per generated token (bf16 models: compare distributions, not just tokens)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PromptResult:
     num_cached_tokens: int
     token_ids: list[int]
     ttft_s: float
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # per generated token: top token id -> logprob
 
 
 @dataclass
@@ -87,6 +89,8 @@ def run_engine(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = Non
         raise RuntimeError(f"engine run failed (exit {proc.returncode}); log {log_file}:\n{text[-6000:]}")
     out = json.loads(out_file.read_text())
     results = [PromptResult(**r) for r in out["results"]]
+    for r in results:  # JSON turned the token ids into strings
+        r.logprobs = [{int(t): lp for t, lp in step.items()} for step in r.logprobs]
     return EngineRun(results=results, log=text, wall_s=time.monotonic() - start, generate_s=out["generate_s"])
 
 
@@ -104,14 +108,16 @@ def _main(spec_path: str, out_path: str) -> None:
         max_model_len=spec.max_model_len,
         enable_prefix_caching=spec.enable_prefix_caching,
         disable_log_stats=False,
-        **spec.extra_llm_args,
     )
+    kwargs.update(spec.extra_llm_args)  # e.g. dtype bfloat16: vLLM's CPU MoE kernels take no float32 weights
     if spec.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.kv_transfer_config is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(**spec.kv_transfer_config)
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True, logprobs=spec.logprobs or None
+    )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec.prompts]
     start = time.perf_counter()
     if spec.sequential:
@@ -130,6 +136,7 @@ def _main(spec_path: str, out_path: str) -> None:
                     num_cached_tokens=int(out.num_cached_tokens or 0),
                     token_ids=list(out.outputs[0].token_ids),
                     ttft_s=ttft,
+                    logprobs=[{t: lp.logprob for t, lp in step.items()} for step in out.outputs[0].logprobs or []],
                 )
             )
         )

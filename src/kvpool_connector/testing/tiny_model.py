@@ -60,6 +60,8 @@ class MLAPreset:
     init_std: float
     kv_lora_rank: int = 512  # vLLM's CPU MLA backend takes head size 576 only
     qk_rope_head_dim: int = 64
+    n_group: int = 1  # expert groups, as V2-Lite (vLLM's CPU router takes grouped top-k only)
+    topk_group: int = 1
 
 
 PRESETS: dict[str, ModelPreset | MLAPreset] = {
@@ -70,6 +72,9 @@ PRESETS: dict[str, ModelPreset | MLAPreset] = {
     # DeepSeek-V2 at toy width: 3 layers (1 dense, 2 MoE with 4 routed + 1 shared experts, top 2), 2.25 KiB of fp32
     # latent KV per token per layer.
     "tiny-mla": MLAPreset(256, 3, 4, 32, 32, 512, 128, 4, 1, 2, 1, 2048, 8192, 0.05),
+    # the same attention with dense layers only: vLLM's CPU MoE kernels take no float32 weights, and float32 keeps
+    # greedy decoding stable enough to compare outputs token for token across TP sizes and prefix hits
+    "tiny-mla-dense": MLAPreset(256, 3, 4, 32, 32, 512, 128, 4, 1, 2, 3, 2048, 8192, 0.05),
     # wider, for TTFT benchmarks where prefill dominates
     "bench-mla": MLAPreset(1024, 8, 16, 64, 64, 2816, 512, 8, 1, 2, 1, 8192, 8192, 0.02),
 }
@@ -157,6 +162,8 @@ def _deepseek_v2(spec: MLAPreset):
         num_experts_per_tok=spec.num_experts_per_tok,
         first_k_dense_replace=spec.first_k_dense_replace,
         topk_method="greedy",
+        n_group=spec.n_group,
+        topk_group=spec.topk_group,
         vocab_size=spec.vocab_size,
         max_position_embeddings=spec.max_position_embeddings,
         initializer_range=spec.init_std,
