@@ -122,14 +122,12 @@ def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Pat
     return out
 
 
-def _llama(spec: ModelPreset):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+def _common(spec: ModelPreset | MLAPreset) -> dict:
+    """Config arguments both architectures take alike."""
+    return dict(
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
         intermediate_size=spec.intermediate_size,
         vocab_size=spec.vocab_size,
         max_position_embeddings=spec.max_position_embeddings,
@@ -139,23 +137,24 @@ def _llama(spec: ModelPreset):
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
-    return LlamaForCausalLM(config)
+
+
+def _llama(spec: ModelPreset):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(num_key_value_heads=spec.num_key_value_heads, **_common(spec)))
 
 
 def _deepseek_v2(spec: MLAPreset):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     config = DeepseekV2Config(
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_attention_heads,
         kv_lora_rank=spec.kv_lora_rank,
         q_lora_rank=None,  # as V2-Lite: queries are not compressed
         qk_nope_head_dim=spec.qk_nope_head_dim,
         qk_rope_head_dim=spec.qk_rope_head_dim,
         v_head_dim=spec.v_head_dim,
-        intermediate_size=spec.intermediate_size,
         moe_intermediate_size=spec.moe_intermediate_size,
         n_routed_experts=spec.n_routed_experts,
         n_shared_experts=spec.n_shared_experts,
@@ -164,13 +163,7 @@ def _deepseek_v2(spec: MLAPreset):
         topk_method="greedy",
         n_group=spec.n_group,
         topk_group=spec.topk_group,
-        vocab_size=spec.vocab_size,
-        max_position_embeddings=spec.max_position_embeddings,
-        initializer_range=spec.init_std,
-        bos_token_id=0,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
+        **_common(spec),
     )
     return DeepseekV2ForCausalLM(config)
 
