@@ -95,8 +95,8 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
 
     from kvpool_connector.backends.mooncake import MooncakeBackend
     from kvpool_connector.config import MooncakeSettings
+    from kvpool_connector.devices import CpuRuntime
     from kvpool_connector.kv_pages import KVPages
-    from kvpool_connector.ops import page_copier
     from kvpool_connector.pool import PoolHandle
     from kvpool_connector.staging import StagingSaver
     from kvpool_connector.testing.mooncake_pool import mooncake_pool
@@ -112,7 +112,7 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
             handle = PoolHandle(lambda s=settings: MooncakeBackend(s, holds_data=True), 1.0, "bench")
             for ptr, size in pages.regions:
                 handle.register_memory(ptr, size)
-            saver = StagingSaver(handle, pages, 64, page_copier("cpu", "d2h"), pin=False)
+            saver = StagingSaver(handle, pages, 64, CpuRuntime())
             handle.start()
             assert handle.wait_connected(30), "Mooncake did not connect"
             warm_segment(handle, pages, settings.segment_bytes or (1 << 30), "bench")
@@ -135,7 +135,7 @@ def _measure(handle, saver, pages, prompt_blocks: int, repeat: int, where: str) 
         assert all(o.ok for o in outcomes), outcomes
         keys = [f"bench/staged/{r}/{b}" for b in block_ids]
         t0 = time.perf_counter()
-        saver.stage(keys, block_ids)
+        saver.stage(keys, block_ids, None)  # on the CPU the forward pass has written them: no event
         staged_ms.append((time.perf_counter() - t0) * 1e3)
         assert saver.flush(60)
     assert saver.stats["saved_blocks"] == repeat * prompt_blocks, saver.stats.total()
