@@ -25,8 +25,13 @@ Phases (each a fresh engine; vLLM's own prefix cache stays on, prompts differ un
 Every phase schedules a whole prompt in one step (``max_num_batched_tokens`` = the longest prompt): ExampleConnector
 only stores what the first step of a request computed, so chunked prefill would leave it nothing to hit.
 
-Run: ``python benchmarks/bench_ttft.py [--lengths 514 1026 2050 4098] [--reps 4] [--hit-engines 3]
-[--out benchmarks/results]``;
+``--model mla``: the ``bench-mla`` DeepSeek-V2 (MLA + MoE, bf16: vLLM's CPU MLA and MoE kernels take no float32)
+in four phases: recompute and vLLM's own prefix hit (no connector, each prompt twice; on CPUs without AMX vLLM turns
+its prefix cache off for MLA and that column is then a recompute too), pool miss (saving), and fresh-engine pool hits
+over loopback TCP and through shared memory. Results in ``bench_ttft_mla.json``.
+
+Run: ``python benchmarks/bench_ttft.py [--model llama|mla] [--lengths 514 1026 2050 4098] [--reps 4]
+[--hit-engines 3] [--out benchmarks/results]``;
 ``--throughput-reps 0`` measures TTFT only. The JSON lists every prompt's TTFT in run order (``ttft_each_ms``): a hit
 engine's first requests show what a fresh engine's first hits cost.
 """
@@ -86,12 +91,16 @@ def main() -> None:
         "--hit-engines", type=int, default=3, help="alternated fresh engines for the shm and ExampleConnector hits"
     )
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"])
+    parser.add_argument("--model", default="llama", choices=["llama", "mla"], help="GQA Llama or MLA DeepSeek-V2")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.hit_engines < 1:
         parser.error("--hit-engines must be at least 1")
     console = Console(width=130)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.model == "mla":
+        _mla(args, console)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -265,6 +274,82 @@ def main() -> None:
     (args.out / "bench_ttft.json").write_text(json.dumps(result, indent=2))
     _plot(ttft, args.lengths, args.out / "bench_ttft.png")
     console.print(f"results: {args.out / 'bench_ttft.json'}, plot: {args.out / 'bench_ttft.png'}")
+
+
+def _mla(args: argparse.Namespace, console: Console) -> None:
+    """Pool hit vs recompute (and vLLM's own prefix hit) for the MLA + MoE model; see the module docstring."""
+    preset = f"{args.preset}-mla"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = str(build_model(work / preset, preset=preset))
+        env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "3"})
+        prompts = _prompts(args.lengths, args.reps, seed=1, vocab=PRESETS[preset].vocab_size)
+        max_len = max(args.lengths) + 64
+
+        def engine(label: str, kv: dict | None, ps: list[list[int]]) -> EngineRun:
+            console.print(f"[bold]{label}[/]: {len(ps)} prompts ...")
+            spec = EngineSpec(
+                model=model,
+                prompts=ps,
+                max_tokens=1,
+                kv_transfer_config=kv,
+                sequential=True,
+                max_model_len=max_len,
+                max_num_batched_tokens=max_len,
+                extra_llm_args={"dtype": "bfloat16"},
+            )
+            run = run_engine(spec, work / "engines", env=env, timeout_s=3000)
+            console.print(f"  done in {run.wall_s:.0f} s, cores {_cores(run)}")
+            return run
+
+        runs = {"no connector": engine("recompute + local prefix hit", None, [p for p in prompts for _ in range(2)])}
+        with mooncake_pool(work / "mooncake", segment_size="4 GB") as pool:
+            runs["pool miss"] = engine("pool miss (saving)", pool.connector_config(), prompts)
+            runs["pool hit"] = engine("pool hit (fresh engine)", pool.connector_config(), prompts)
+            kv_shm = pool.connector_config(shared_memory=True)
+            runs["pool hit shm"] = engine("pool hit through shared memory (fresh engine)", kv_shm, prompts)
+    ttft = {
+        "recompute": _by_length(runs["no connector"], pick=slice(0, None, 2)),
+        "local prefix hit": _by_length(runs["no connector"], pick=slice(1, None, 2)),
+        "pool miss (saving)": _by_length(runs["pool miss"]),
+        "pool hit": _by_length(runs["pool hit"]),
+        "pool hit (shared memory)": _by_length(runs["pool hit shm"]),
+    }
+    local_hits = runs["no connector"].results[1::2]
+    table = Table(title=f"TTFT, MLA + MoE ({preset}, bf16), median of {args.reps} prompts, fresh engine per phase")
+    table.add_column("prompt tokens", justify="right")
+    for name in ttft:
+        table.add_column(f"{name} ms", justify="right")
+    table.add_column("hit tokens (local / pool TCP / pool shm)", justify="right")
+    hit_tokens = {}
+    for n in args.lengths:
+        hit_tokens[n] = [
+            statistics.median(r.num_cached_tokens for r in results if r.prompt_tokens == n)
+            for results in (local_hits, runs["pool hit"].results, runs["pool hit shm"].results)
+        ]
+        table.add_row(str(n), *(f"{ttft[k][n] * 1e3:.1f}" for k in ttft), " / ".join(f"{h:.0f}" for h in hit_tokens[n]))
+    console.print(table)
+    longest = max(args.lengths)
+    ratios = {
+        f"recompute / pool hit @ {longest}": ttft["recompute"][longest] / ttft["pool hit"][longest],
+        f"recompute / pool hit (shared memory) @ {longest}": ttft["recompute"][longest]
+        / ttft["pool hit (shared memory)"][longest],
+        f"pool hit (shared memory) / local prefix hit @ {longest}": ttft["pool hit (shared memory)"][longest]
+        / ttft["local prefix hit"][longest],
+    }
+    for name, value in ratios.items():
+        console.print(f"{name}: [bold]{value:.2f}x[/]")
+    result = {
+        "model": preset,
+        "lengths": args.lengths,
+        "reps": args.reps,
+        "cores": {k: _cores(v) for k, v in runs.items()},
+        "ttft_ms": {k: {str(n): round(v * 1e3, 2) for n, v in d.items()} for k, d in ttft.items()},
+        "hit_tokens_local_tcp_shm": {str(n): v for n, v in hit_tokens.items()},
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+    }
+    (args.out / "bench_ttft_mla.json").write_text(json.dumps(result, indent=2))
+    console.print(f"results: {args.out / 'bench_ttft_mla.json'}")
 
 
 def _plot(ttft: dict[str, dict[int, float]], lengths: list[int], path: Path) -> None:
