@@ -4,7 +4,8 @@
 1. ``start(wait_s)`` connects in a background thread, retrying from ``reconnect_interval_s`` with backoff until it
    succeeds or the handle is closed; start-up waits up to ``wait_s`` for the first attempt, then vLLM serves
    meanwhile. (A background thread is no shield against a client call that holds the GIL, as Mooncake's setup does
-   while it retries a master: backends must refuse an absent pool before making such a call.)
+   while it retries a master: backends must refuse an absent pool before making such a call.) A pool that answers
+   but refuses our memory (``RegistrationRefused``) is not retried: ``start`` raises it, naming the region.
 2. ``register_memory()`` records KV regions and (re)registers them whenever a connection is made.
 3. ``exists`` / ``put`` / ``get`` answer "absent"/"unavailable" while disconnected, and turn any exception from the
    pool client into the same, with a rate-limited warning that says why.

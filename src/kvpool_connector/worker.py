@@ -82,14 +82,14 @@ class PoolWorker:
         """The worker of this process's (tp, pp) shard."""
         layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
         tp_rank, pp_rank = compat.worker_parallel_ranks()
-        device_id = config.memcache.device_id if config.memcache and config.memcache.device_id is not None else None
+        configured_device = config.memcache.device_id if config.memcache is not None else None
         return cls(
             layout,
             keys.fingerprint(layout, tp_rank, pp_rank),
             num_blocks=kv_cache_config.num_blocks,
             config=config,
             saves_enabled=vllm_config.kv_transfer_config is None or vllm_config.kv_transfer_config.is_kv_producer,
-            device_id=compat.worker_local_rank() if device_id is None else device_id,
+            device_id=compat.worker_local_rank() if configured_device is None else configured_device,
             kv_cache_bytes=compat.kv_cache_backing_bytes(kv_cache_config),
             # Ranks that hold identical KV (MLA, replicated KV heads) share keys: they split the writes.
             stripe=layout.stripe(tp_rank),
