@@ -23,6 +23,12 @@ def tiny_model(session_dir: Path) -> str:
     return str(build_model(session_dir / "tiny-llama", preset="tiny", seed=0))
 
 
+@pytest.fixture(scope="session")
+def mla_model(session_dir: Path) -> str:
+    """The tiny DeepSeek-V2 (MLA + MoE); vLLM's CPU MLA and MoE take it in bf16 only."""
+    return str(build_model(session_dir / "tiny-mla", preset="tiny-mla"))
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory):
     """A fresh master + pool node per test module, so modules never see each other's objects."""

@@ -57,8 +57,8 @@ def double_env(meta, store: Path, cache: Path, faults: dict | None = None, tp: i
 
 
 def plain_env(cache: Path, tp: int = 1) -> dict[str, str]:
-    if tp > 1:  # the default thread binding asserts on this one-NUMA-node machine
-        return engine_env(cache, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    if tp > 1:
+        return engine_env(cache, tp=tp)
     # TP 1 in one process, scheduler and worker together, as vllm-ascend runs it (vLLM's CPU platform keeps the
     # in-process executor only without engine multiprocessing)
     return engine_env(cache, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})

@@ -21,30 +21,18 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
+from kvpool_connector.testing.engine import EngineSpec, engine_env, mla_keeps_prefix_cache, run_engine
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.mooncake_pool import connector_config
-from kvpool_connector.testing.tiny_model import build_model
 from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
 
 pytestmark = [
     pytest.mark.e2e,
-    # vLLM's CPU MLA without AMX (CPU_MLA) forces 16-token blocks and turns its own prefix cache off, and that cache's
-    # hits are this module's oracle; with AMX (AMX_MLA, this project's machine) it keeps both.
-    pytest.mark.skipif(not _cpu_has_amx(), reason="a CPU without AMX: vLLM's CPU MLA turns its prefix cache off"),
+    pytest.mark.skipif(not mla_keeps_prefix_cache(), reason="vLLM's CPU MLA turns its prefix cache, the oracle, off"),
 ]
 
 PROMPTS = standard_prompts()[:3]  # the 3-token prompt stores nothing
@@ -52,11 +40,6 @@ SAME_PATH = [0, 1]  # prompts whose local and pool hits cover the same tokens (2
 EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255]: full prompt blocks, the last token recomputed
 STORED = 5  # distinct full blocks: 2 + 3 (2 shared with the first prompt) + 2
 LAYERS, TOKENS_PER_BLOCK, LATENT = 3, 128, 576
-
-
-@pytest.fixture(scope="module")
-def mla_model(session_dir):
-    return str(build_model(session_dir / "tiny-mla", preset="tiny-mla"))
 
 
 def run(model: str, workdir, pool, tp: int, passes: int = 1):
@@ -71,8 +54,7 @@ def run(model: str, workdir, pool, tp: int, passes: int = 1):
         sequential=True,
         extra_llm_args={"tensor_parallel_size": tp, "dtype": "bfloat16"},  # vLLM's CPU MLA/MoE take bf16 only
     )
-    extra = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp > 1 else None  # the default binding asserts here at TP 2
-    return run_engine(spec, workdir, env=engine_env(workdir / "vllm-cache", extra))
+    return run_engine(spec, workdir, env=engine_env(workdir / "vllm-cache", tp=tp))
 
 
 def worker_stats(log: str) -> list[dict[str, float]]:

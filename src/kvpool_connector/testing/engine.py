@@ -53,7 +53,18 @@ class EngineRun:
         return [r.token_ids for r in self.results]
 
 
-def engine_env(cache_root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+def mla_keeps_prefix_cache() -> bool:
+    """Whether vLLM's CPU MLA keeps its own prefix cache here: only on a CPU with AMX (the AMX_MLA backend, 128-token
+    blocks); without it (CPU_MLA) vLLM forces 16-token blocks and turns its prefix cache off."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def engine_env(cache_root: Path, extra: dict[str, str] | None = None, tp: int = 1) -> dict[str, str]:
+    """The environment of a vLLM CPU engine: its own compile cache, offline, a small KV space; at ``tp`` > 1 one
+    OpenMP thread per rank on its own core (vLLM's default binding asserts on this one-NUMA-node machine)."""
     env = dict(os.environ)
     env.update(
         {
@@ -64,6 +75,9 @@ def engine_env(cache_root: Path, extra: dict[str, str] | None = None) -> dict[st
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
+    if tp > 1:
+        cores = os.cpu_count() or 1
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(rank % cores) for rank in range(tp))
     env.update(extra or {})
     return env
 

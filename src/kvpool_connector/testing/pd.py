@@ -1,4 +1,5 @@
-"""A 1P1D deployment on loopback: Mooncake Store, a producer and a consumer vLLM server, and the P/D proxy.
+"""A 1P1D deployment on loopback: Mooncake Store, a producer and a consumer vLLM server, and the P/D proxy; with
+several consumers (at other TP sizes, say), one proxy per consumer, all sharing the producer and the pool.
 
 The producer (kv_producer) computes prompts and saves their full blocks to the pool; the consumer (kv_consumer,
 vLLM's own prefix cache off, as in the seed's decode node) loads them and decodes. The producer saves synchronously
@@ -18,14 +19,41 @@ from pathlib import Path
 from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.mooncake_pool import mooncake_pool
 from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
-from kvpool_connector.testing.server import vllm_server
+from kvpool_connector.testing.server import start_vllm_server, stop_server, wait_healthy
+
+
+@dataclass(frozen=True)
+class Instance:
+    """How one vLLM server of the deployment runs: its tensor-parallel size and weight dtype (vLLM's CPU MLA and MoE
+    take bf16 only)."""
+
+    tp: int = 1
+    dtype: str = "float32"
+
+    def server_args(self) -> list[str]:
+        return ["--tensor-parallel-size", str(self.tp), "--dtype", self.dtype]
+
+
+@dataclass
+class Route:
+    """One decode instance and the proxy that sends prefill to the producer and decode to it."""
+
+    consumer_url: str
+    proxy_url: str
 
 
 @dataclass
 class PDDeployment:
     producer_url: str
-    consumer_url: str
-    proxy_url: str
+    routes: list[Route]
+
+    @property
+    def consumer_url(self) -> str:
+        return self.routes[0].consumer_url
+
+    @property
+    def proxy_url(self) -> str:
+        return self.routes[0].proxy_url
 
 
 def start_proxy(workdir: Path, prefill: str, decode: str, *extra_args: str) -> tuple[subprocess.Popen, str]:
@@ -43,27 +71,42 @@ def start_proxy(workdir: Path, prefill: str, decode: str, *extra_args: str) -> t
 
 
 @contextmanager
-def pd_deployment(model: str, workdir: Path) -> Iterator[PDDeployment]:
+def pd_deployment(
+    model: str,
+    workdir: Path,
+    producer: Instance = Instance(),
+    consumers: tuple[Instance, ...] = (Instance(),),
+    startup_timeout_s: float = 600,
+) -> Iterator[PDDeployment]:
+    """The pool, one producer, each consumer with its own proxy; the servers start side by side."""
     with ExitStack() as stack:
         pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="1 GB"))
-        env = engine_env(workdir / "vllm-cache")
-        producer = stack.enter_context(
-            vllm_server(
+        cache = workdir / "vllm-cache"
+        servers = [
+            start_vllm_server(
                 model,
                 workdir / "producer",
                 pool.connector_config("kv_producer", async_save=False),
-                env=env,
+                [*producer.server_args(), "--enable-prompt-tokens-details"],
+                env=engine_env(cache, tp=producer.tp),
             )
-        )
-        consumer = stack.enter_context(
-            vllm_server(
+        ]
+        stack.callback(stop_server, servers[0])
+        for index, consumer in enumerate(consumers):
+            server = start_vllm_server(
                 model,
-                workdir / "consumer",
+                workdir / f"consumer-{index}",
                 pool.connector_config("kv_consumer"),
-                ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"],
-                env=env,
+                [*consumer.server_args(), "--no-enable-prefix-caching", "--enable-prompt-tokens-details"],
+                env=engine_env(cache, tp=consumer.tp),
             )
-        )
-        proxy, proxy_url = start_proxy(workdir, producer.url, consumer.url)
-        stack.callback(stop_process, proxy)
-        yield PDDeployment(producer.url, consumer.url, proxy_url)
+            stack.callback(stop_server, server)
+            servers.append(server)
+        for server in servers:
+            wait_healthy(server, startup_timeout_s)
+        routes = []
+        for server in servers[1:]:
+            proxy, proxy_url = start_proxy(workdir, servers[0].url, server.url)
+            stack.callback(stop_process, proxy)
+            routes.append(Route(server.url, proxy_url))
+        yield PDDeployment(servers[0].url, routes)
