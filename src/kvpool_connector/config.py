@@ -147,6 +147,16 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     startup_wait_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 10.0
     """How long engine start-up waits for the pool's first connection attempt, so the first requests find it ready;
     a pool that does not answer by then is connected in the background while vLLM serves without hits."""
+    load_async: bool = True
+    """Load hits on a background thread while the rest of the batch runs (the request waits in vLLM's
+    ``WAITING_FOR_REMOTE_KVS``); ``false`` loads before the forward pass, stalling every running request for the
+    load's duration. Measured in BENCHMARKS.md (decode latency while hits arrive)."""
+    lookup_async: bool = True
+    """Ask the pool off the scheduler loop: a new request is skipped for a step or two until the answer arrives
+    (queries of requests arriving together go out as one pool call); ``false`` asks inside the scheduler loop."""
+    producer_wait_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5_000
+    """P/D through the pool: how long a decode request whose prefill instance is still saving its blocks (the
+    producer's ``kv_transfer_params`` say so) waits for them to reach the pool before it computes what is missing."""
     async_save: bool = True
     """Copy new blocks to a staging area at ``wait_for_save`` and put them from a background thread (the forward
     pass waits only for the local copy); ``false`` puts synchronously inside ``wait_for_save``."""

@@ -59,7 +59,7 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         self.connector_worker.load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # whole blocks are loaded before the forward pass (use_layerwise=false)
+        return  # whole blocks are loaded before the forward pass or asynchronously (use_layerwise=false)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole blocks are saved after the forward pass, in wait_for_save
@@ -69,6 +69,10 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, PoolConnectorMetadata)
         self.connector_worker.save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self.connector_worker is not None
+        return None, self.connector_worker.finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.connector_worker is not None

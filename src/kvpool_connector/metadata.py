@@ -19,4 +19,5 @@ class BlockTransfer:
 @dataclass
 class PoolConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)  # before the forward pass
+    async_loads: list[BlockTransfer] = field(default_factory=list)  # on the loader thread; vLLM waits for get_finished
     saves: list[BlockTransfer] = field(default_factory=list)  # after it, once these blocks are written

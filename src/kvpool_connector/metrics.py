@@ -28,6 +28,7 @@ PLAIN_COUNTERS = (
     ("saved_bytes", "Bytes stored in the pool."),
     ("save_seconds", "Seconds spent storing to the pool."),
     ("save_skipped_present", "KV blocks not stored because the pool already held them."),
+    ("producer_wait_expired", "Decode requests whose prefill instance's blocks did not reach the pool in time."),
 )
 REASON_COUNTERS = (
     ("load_failed", "KV blocks whose load failed (recomputed), by reason."),

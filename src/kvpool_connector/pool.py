@@ -57,7 +57,11 @@ class PoolHandle:
             1, thread_name_prefix=f"kvpool-lookup-{label}", initializer=self._bind_thread
         )
         self.refused: RegistrationRefused | None = None  # memory the pool will never take: no reconnect helps
-        self._lookup_inflight: concurrent.futures.Future | None = None
+        self._lookup_inflight: concurrent.futures.Future | None = None  # the lookup thread's current pool call
+        self._lookup_started = 0.0
+        self._batch_lock = threading.Lock()
+        self._batch: list[tuple[list[str], concurrent.futures.Future[list[bool]]]] = []
+        self._batch_queued = False
         self._outage_lock = threading.Lock()
         self._down_since: float | None = None
         self._down_until = 0.0
@@ -204,21 +208,52 @@ class PoolHandle:
 
     def exists_within(self, keys: Sequence[str], timeout_s: float) -> list[bool]:
         """``exists`` bounded by ``timeout_s``; a stuck pool client costs misses, never a stalled scheduler."""
-        if self._backend is None:
-            self.warn("not-connected", "KV pool (%s) not connected yet: counting lookups as misses", self.label)
+        if self._lookup_is_stuck(0.0):
             return [False] * len(keys)
-        if not self.available:
-            return [False] * len(keys)
-        if self._lookup_inflight is not None and not self._lookup_inflight.done():
-            self.warn("lookup-stuck", "an earlier KV pool lookup has not returned; counting lookups as misses")
-            return [False] * len(keys)
-        future = self._lookup_pool.submit(self.exists, keys)
-        self._lookup_inflight = future
         try:
-            return future.result(timeout=timeout_s)
+            return self.exists_async(keys).result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
             self.warn("lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", timeout_s * 1e3)
             return [False] * len(keys)
+
+    def exists_async(self, keys: Sequence[str], stuck_after_s: float = 0.0) -> concurrent.futures.Future[list[bool]]:
+        """``exists`` on the lookup thread. Queries made while one is running go out together in the next pool call
+        (64 prompts arriving at once cost two round trips, not 64). Answered at once with misses while the pool is
+        not connected, inside an outage's back-off, or while a query has been running over ``stuck_after_s``."""
+        future: concurrent.futures.Future[list[bool]] = concurrent.futures.Future()
+        if self._lookup_is_stuck(stuck_after_s):
+            future.set_result([False] * len(keys))
+            return future
+        with self._batch_lock:
+            self._batch.append((list(keys), future))
+            if not self._batch_queued:
+                self._batch_queued = True
+                self._lookup_inflight = self._lookup_pool.submit(self._answer_batch)
+                self._lookup_started = time.monotonic()
+        return future
+
+    def _lookup_is_stuck(self, after_s: float) -> bool:
+        if self._backend is None:
+            self.warn("not-connected", "KV pool (%s) not connected yet: counting lookups as misses", self.label)
+            return True
+        if not self.available:
+            return True
+        inflight = self._lookup_inflight
+        if inflight is not None and not inflight.done() and time.monotonic() - self._lookup_started >= after_s:
+            self.warn("lookup-stuck", "an earlier KV pool lookup has not returned; counting lookups as misses")
+            return True
+        return False
+
+    def _answer_batch(self) -> None:
+        with self._batch_lock:
+            batch, self._batch = self._batch, []
+            self._batch_queued = False
+        batch = [(keys, future) for keys, future in batch if future.set_running_or_notify_cancel()]
+        found = self.exists([key for keys, _ in batch for key in keys])
+        offset = 0
+        for keys, future in batch:
+            future.set_result(found[offset : offset + len(keys)])
+            offset += len(keys)
 
     def skip_saves(self, count: int, stats: StatsCounter) -> None:
         """Saves that cannot happen (not connected yet, or inside an outage's back-off window): counted and warned

@@ -13,9 +13,11 @@ Calls, in the order vLLM makes them for a request:
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvpool_connector import compat, keys
 from kvpool_connector.backends import create_backend
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
+
+SAVING_PARAM = "kvpool_saving"  # the producer's notice in kv_transfer_params: {"blocks": n, "shards": [...]}
 
 
 def _lookup_thread_binding(config: ResolvedConfig) -> Callable[[], None] | None:
@@ -65,6 +69,24 @@ class _LoadAnswer:
     start_block: int
     num_blocks: int
     block_hashes: list[bytes]
+    load_async: bool
+
+
+@dataclass
+class _Lookup:
+    """One request's existence query: asked once per question (first block, blocks), answered once."""
+
+    question: tuple[int, int]
+    future: concurrent.futures.Future[list[bool]]
+    deadline: float  # past it, an unanswered query is a miss
+
+
+@dataclass
+class _ProducerWait:
+    """A decode request whose prefill instance said it is saving ``blocks`` prompt blocks to the pool."""
+
+    blocks: int
+    deadline: float
 
 
 @dataclass
@@ -89,6 +111,9 @@ class PoolScheduler:
         self.loads_enabled = transfer.is_kv_consumer
         self.saves_enabled = transfer.is_kv_producer
         self.lookup_timeout_s = config.pool.lookup_timeout_ms / 1e3
+        self.lookup_async = config.pool.lookup_async
+        self.load_async = config.pool.load_async
+        self.producer_wait_s = config.pool.producer_wait_ms / 1e3
         self.pool: PoolHandle | None = None
         if self.loads_enabled:
             self.pool = PoolHandle(
@@ -103,6 +128,9 @@ class PoolScheduler:
         self.stats = StatsCounter()
         self._requests: dict[str, _RequestState] = {}
         self._step_loads: list[BlockTransfer] = []
+        self._step_async_loads: list[BlockTransfer] = []
+        self._lookups: dict[str, _Lookup] = {}
+        self._waits: dict[str, _ProducerWait] = {}
         logger.info(
             "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d",
             config.pool.backend,
@@ -116,32 +144,84 @@ class PoolScheduler:
         return keys.block_hashes(request.block_hashes, self.block_size, self.hash_block_size, num_blocks)
 
     # -- 1. lookup --------------------------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        self._answers.pop(request.request_id, None)
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Extra tokens the pool holds past the local hit, and whether they load asynchronously; ``None`` while the
+        answer is not in yet (vLLM asks again next step). Asking again changes nothing but the latest answer."""
+        req_id = request.request_id
+        self._answers.pop(req_id, None)
         if self.pool is None:
             return 0, False
         hashes = self._prompt_block_hashes(request, compat.prompt_length(request) // self.block_size)
         start = num_computed_tokens // self.block_size
         if start >= len(hashes):
+            self._forget_lookup(req_id)
             return 0, False
-        self._asked_tokens[request.request_id] = (len(hashes) - start) * self.block_size
-        wanted = [keys.pool_key(shard, h) for h in hashes[start:] for shard in self.shards]
-        found = present_prefix_blocks(self.pool.exists_within(wanted, self.lookup_timeout_s), len(self.shards))
+        found = self._found_blocks(req_id, start, hashes)
+        if found is None:
+            return None, False
+        if (wait := self._producer_wait(request)) is not None and start + found < wait.blocks:
+            if time.monotonic() < wait.deadline:
+                self._forget_lookup(req_id)  # ask again next step: the producer's put may land any moment
+                return None, False
+            self.stats.add("producer_wait_expired")
+            self.pool.warn(
+                "producer-wait",
+                "request %s: its prefill instance's blocks did not reach the pool within %.0f ms; computing them",
+                req_id,
+                self.producer_wait_s * 1e3,
+            )
+        self._forget_lookup(req_id)
+        self._asked_tokens[req_id] = (len(hashes) - start) * self.block_size
         extra = matched_tokens(start, found, self.block_size, request.num_tokens, num_computed_tokens)
-        logger.debug(
-            "pool lookup %s: %d blocks past %d local tokens, %d extra tokens",
-            request.request_id,
-            found,
-            num_computed_tokens,
-            extra,
+        logger.debug("pool lookup %s: %d blocks past %d tokens, %d extra", req_id, found, num_computed_tokens, extra)
+        if extra <= 0:
+            return 0, False
+        self._answers[req_id] = _LoadAnswer(start, found, hashes[start : start + found], self.load_async)
+        return extra, self.load_async
+
+    def _found_blocks(self, req_id: str, start: int, hashes: list[bytes]) -> int | None:
+        """Leading blocks from ``start`` the pool holds on every shard; None while an asynchronous query runs."""
+        wanted = [keys.pool_key(shard, h) for h in hashes[start:] for shard in self.shards]
+        assert self.pool is not None
+        if not self.lookup_async:
+            return present_prefix_blocks(self.pool.exists_within(wanted, self.lookup_timeout_s), len(self.shards))
+        question = (start, len(hashes))
+        lookup = self._lookups.get(req_id)
+        if lookup is None or lookup.question != question:
+            future = self.pool.exists_async(wanted, stuck_after_s=self.lookup_timeout_s)
+            lookup = self._lookups[req_id] = _Lookup(question, future, time.monotonic() + self.lookup_timeout_s)
+        if lookup.future.done():
+            return present_prefix_blocks(lookup.future.result(), len(self.shards))
+        if time.monotonic() < lookup.deadline:
+            return None
+        self.pool.warn(
+            "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.lookup_timeout_s * 1e3
         )
-        if extra > 0:
-            self._answers[request.request_id] = _LoadAnswer(start, found, hashes[start : start + found])
-        return extra, False
+        return 0
+
+    def _forget_lookup(self, req_id: str) -> None:
+        if (lookup := self._lookups.pop(req_id, None)) is not None:
+            lookup.future.cancel()
+
+    def _producer_wait(self, request: Request) -> _ProducerWait | None:
+        """The producer's notice in a decode request's ``kv_transfer_params``, when this engine can use its blocks:
+        same shards (model, layout), and no point-to-point partner delivering the KV instead (MultiConnector)."""
+        req_id = request.request_id
+        if (wait := self._waits.get(req_id)) is not None:
+            return wait
+        params = request.kv_transfer_params or {}
+        notice = params.get(SAVING_PARAM)
+        if not isinstance(notice, dict) or params.get("do_remote_prefill"):
+            return None
+        if notice.get("shards") != self.shards or not isinstance(notice.get("blocks"), int):
+            return None  # another model or parallel layout: its blocks are not ours to wait for
+        wait = self._waits[req_id] = _ProducerWait(notice["blocks"], time.monotonic() + self.producer_wait_s)
+        return wait
 
     # -- 2. after allocation ----------------------------------------------------------------------------------
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         answer = self._answers.pop(request.request_id, None)
+        self._waits.pop(request.request_id, None)
         if (asked := self._asked_tokens.pop(request.request_id, None)) is not None:
             self.stats.add("lookups")
             self.stats.add("lookup_tokens", asked)
@@ -157,15 +237,14 @@ class PoolScheduler:
             return
         count = min(-(-num_external_tokens // self.block_size), answer.num_blocks)
         first = answer.start_block
-        self._step_loads.append(
-            BlockTransfer(request.request_id, block_ids[first : first + count], answer.block_hashes[:count])
-        )
+        transfer = BlockTransfer(request.request_id, block_ids[first : first + count], answer.block_hashes[:count])
+        (self._step_async_loads if answer.load_async else self._step_loads).append(transfer)
         state.loaded = range(first, first + count)
 
     # -- 3. per-step plan -------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PoolConnectorMetadata:
-        meta = PoolConnectorMetadata(loads=self._step_loads)
-        self._step_loads = []
+        meta = PoolConnectorMetadata(loads=self._step_loads, async_loads=self._step_async_loads)
+        self._step_loads, self._step_async_loads = [], []
         if not self.saves_enabled:
             return meta
         scheduled = scheduler_output.num_scheduled_tokens
@@ -199,11 +278,19 @@ class PoolScheduler:
             )
 
     # -- 4. finish --------------------------------------------------------------------------------------------
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, None]:
-        self._requests.pop(request.request_id, None)
-        self._answers.pop(request.request_id, None)
-        self._asked_tokens.pop(request.request_id, None)
-        return False, None
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Forgets the request. A prefill for a remote decode (the P/D proxy's ``do_remote_decode``) answers with a
+        notice of the prompt blocks it is saving, so the decode instance can wait for a put still in flight."""
+        req_id = request.request_id
+        self._requests.pop(req_id, None)
+        self._answers.pop(req_id, None)
+        self._asked_tokens.pop(req_id, None)
+        self._waits.pop(req_id, None)
+        self._forget_lookup(req_id)
+        if not self.saves_enabled or not (request.kv_transfer_params or {}).get("do_remote_decode"):
+            return False, None
+        blocks = compat.prompt_length(request) // self.block_size
+        return False, {SAVING_PARAM: {"blocks": blocks, "shards": self.shards}}
 
     def take_stats(self) -> PoolConnectorStats | None:
         window = self.stats.take()

@@ -6,8 +6,9 @@ Calls, in the order vLLM makes them:
    node maps (``kv_allocation``), so loads make one copy.
 1. ``register_kv_caches``: derive page geometry from the KV tensors, register their memory with the pool client
    (zero-copy transfers), and connect in the background.
-2. each step, ``load`` (from ``start_load_kv``, before the forward pass): read every planned block of every layer
-   straight into the pages vLLM allocated; blocks that did not arrive whole are remembered as load errors.
+2. each step, ``load`` (from ``start_load_kv``): read every planned block of every layer straight into the pages vLLM
+   allocated, before the forward pass (synchronous loads) or on the loader thread (asynchronous loads, reported
+   through ``finished_loads``); blocks that did not arrive whole become load errors (``loading``).
 3. ``save`` (from ``wait_for_save``, after the forward pass queued the step's KV writes): record an event on the
    compute stream, then queue the copy of the planned full blocks to the staging area after it and let the staging
    thread put those the pool does not hold yet (``async_save``, the default), or wait for the event and put them
@@ -21,21 +22,21 @@ Calls, in the order vLLM makes them:
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvpool_connector import compat, keys
-from kvpool_connector.backends import Outcome, PoolBackend, PoolUnavailable, create_backend, max_buffers_per_object
+from kvpool_connector.backends import PoolBackend, PoolUnavailable, create_backend, max_buffers_per_object
 from kvpool_connector.config import ResolvedConfig, check_pool_fits_device
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
 from kvpool_connector.kv_allocation import KVCacheAt
 from kvpool_connector.kv_pages import KVPages
+from kvpool_connector.loading import BlockLoader
 from kvpool_connector.logs import init_logger
-from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
+from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.staging import StagingSaver
@@ -74,7 +75,7 @@ class PoolWorker:
         self.pages: KVPages | None = None
         self.pool: PoolHandle | None = None
         self.saver: StagingSaver | None = None
-        self._load_errors: set[int] = set()
+        self.loader: BlockLoader | None = None
         self.stats = StatsCounter()
 
     @classmethod
@@ -174,6 +175,7 @@ class PoolWorker:
         )
         for ptr, size in self.pages.regions:
             self.pool.register_memory(ptr, size)
+        self.loader = BlockLoader(self.pool, self.pages, self.shard, self.stats, bind_thread=runtime.bind_thread)
         if self._config.pool.async_save and self.saves_enabled:
             capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
             self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats)
@@ -202,34 +204,19 @@ class PoolWorker:
                     self.kv_cache_placement.nbytes / 2**30,
                 )
 
-    def _keys(self, transfer: BlockTransfer) -> list[str]:
-        return [keys.pool_key(self.shard, h) for h in transfer.block_hashes]
-
     def load(self, meta: PoolConnectorMetadata) -> None:
-        if not meta.loads:
+        """Synchronous loads now (the forward pass reads them next); asynchronous ones queued on the loader thread."""
+        if not meta.loads and not meta.async_loads:
             return
-        assert self.pages is not None and self.pool is not None, "register_kv_caches must run first"
+        assert self.loader is not None, "register_kv_caches must run first"
         for transfer in meta.loads:
-            addrs, sizes = self.pages.addresses(transfer.block_ids)
-            start = time.perf_counter()
-            outcomes = self.pool.get(self._keys(transfer), addrs, sizes)
-            self.stats.add("load_seconds", time.perf_counter() - start)
-            failed = [b for b, o in zip(transfer.block_ids, outcomes, strict=True) if o is not Outcome.OK]
-            self.stats.add("loaded_blocks", len(outcomes) - len(failed))
-            self.stats.add("loaded_bytes", (len(outcomes) - len(failed)) * self.pages.block_bytes)
-            if failed:
-                self._load_errors.update(failed)
-                for outcome in outcomes:
-                    if outcome is not Outcome.OK:
-                        self.stats.add(f"load_failed.{outcome.value}")
-                self.pool.warn(
-                    "load",
-                    "KV pool load of request %s: %d of %d blocks failed (%s); vLLM recomputes them",
-                    transfer.req_id,
-                    len(failed),
-                    len(outcomes),
-                    ", ".join(sorted({o.value for o in outcomes if o is not Outcome.OK})),
-                )
+            self.loader.load_now(transfer)
+        for transfer in meta.async_loads:
+            self.loader.submit(transfer)
+
+    def finished_loads(self) -> set[str]:
+        """Requests whose asynchronous loads ended (their failed blocks are in the load errors by now)."""
+        return self.loader.take_finished() if self.loader is not None else set()
 
     def save(self, meta: PoolConnectorMetadata) -> None:
         if not meta.saves or not self.saves_enabled:
@@ -239,7 +226,7 @@ class PoolWorker:
         )
         mine = slice(self.stripe_index, None, self.stripe_count)
         block_ids = [b for t in meta.saves for b in t.block_ids][mine]
-        pool_keys = [k for t in meta.saves for k in self._keys(t)][mine]
+        pool_keys = [keys.pool_key(self.shard, h) for t in meta.saves for h in t.block_hashes][mine]
         if not block_ids:
             return
         written = self.runtime.record_event()  # after every kernel that writes this step's KV
@@ -255,10 +242,11 @@ class PoolWorker:
         return PoolConnectorStats(data=window) if window else None
 
     def take_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self.loader.take_load_errors() if self.loader is not None else set()
 
     def shutdown(self) -> None:
+        if self.loader is not None:
+            self.loader.close(timeout_s=10.0)  # their blocks belong to requests vLLM still holds
         if self.saver is not None:
             self.saver.close(timeout_s=10.0)  # let queued saves reach the pool before the process goes
         totals = {k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(self.stats.total().items())}
