@@ -1,5 +1,7 @@
 """1P1D with real processes: answers through the proxy equal a single instance's, and the decode node took the
-prompt's KV from the pool (its /metrics show the hit).
+prompt's KV from the pool (its /metrics show the hit). The producer saves asynchronously (the default): its answer
+carries a notice of the blocks it is saving, and a consumer request waits for them (up to ``producer_wait_ms``). The
+late put is made by hand: the producer's objects are read, removed, and put back while the consumer waits.
 
 Two deployments: the seed's GQA Llama at TP 1 (fp32), and the field's model class, a DeepSeek-V2 (MLA + MoE, bf16)
 with the producer and one consumer at TP 2 and a second consumer at TP 1. "A single instance's answer" is the
@@ -12,16 +14,24 @@ the load (every full block, on its one rank) and not the tokens.
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
+
+import numpy as np
 import pytest
 
 from kvpool_connector.testing.client import cached_tokens, complete, server_metrics
 from kvpool_connector.testing.engine import mla_keeps_prefix_cache
+from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.pd import Instance, pd_deployment
-from kvpool_connector.testing.workloads import SEED_REQUESTS
+from kvpool_connector.testing.workloads import SEED_REQUESTS, distinct_prompts
 
 pytestmark = pytest.mark.e2e
 
 BLOCK = 128
+WAIT_MS = 4000  # the consumers' producer_wait_ms
+PROMPTS = distinct_prompts(2, 3 * BLOCK + 20, seed=21)
+REMOTE_DECODE = {"kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
 
 
 def text(answer: dict) -> str:
@@ -32,16 +42,79 @@ def full_blocks(answer: dict) -> int:
     return answer["usage"]["prompt_tokens"] // BLOCK * BLOCK
 
 
-def test_1p1d_through_the_pool(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def gqa(tiny_model, tmp_path_factory):
+    with pd_deployment(
+        tiny_model, tmp_path_factory.mktemp("pd"), consumer_config={"producer_wait_ms": WAIT_MS}
+    ) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def store(gqa):
+    from mooncake.store import MooncakeDistributedStore
+
+    client = MooncakeDistributedStore()
+    assert client.setup("127.0.0.1", "P2PHANDSHAKE", 0, 64 << 20, "tcp", "", gqa.pool.master_address) == 0
+    yield client
+    client.close()
+
+
+def test_1p1d_through_the_pool(gqa, tiny_model):
     prompt, max_tokens = SEED_REQUESTS[1]  # the long seed request: several full blocks
-    with pd_deployment(tiny_model, tmp_path) as pd:
-        via = complete(pd.proxy_url, tiny_model, prompt, max_tokens)
-        single = complete(pd.producer_url, tiny_model, prompt, max_tokens)
-        metrics = server_metrics(pd.consumer_url)
+    via = complete(gqa.proxy_url, tiny_model, prompt, max_tokens)
+    single = complete(gqa.producer_url, tiny_model, prompt, max_tokens)
+    metrics = server_metrics(gqa.consumer_url)
     assert text(via) == text(single)
     cached = cached_tokens(via)
     assert cached == full_blocks(via) > 0  # every full block came from the pool
     assert metrics.get("vllm:kvpool_hit_tokens_total") == cached
+    assert not metrics.get("vllm:kvpool_producer_wait_expired_total")
+
+
+def prefill_then_take_back(gqa, store, model: str, prompt: list[int]) -> tuple[dict, dict[str, np.ndarray]]:
+    """The producer's prefill answer (with its saving notice) and its saved objects, removed from the pool again: as
+    if its puts had not landed yet."""
+    answer = complete(gqa.producer_url, model, prompt, 1, **REMOTE_DECODE)
+    shard = worker_shard(gqa.producer_log.read_text())
+    keys = prompt_block_keys(shard, prompt)
+    deadline = time.monotonic() + 20
+    while store.batch_is_exist(keys) != [1] * len(keys):
+        assert time.monotonic() < deadline, "the producer's saves did not land"
+        time.sleep(0.2)
+    objects = {key: np.frombuffer(store.get(key), dtype=np.uint8).copy() for key in keys}
+    assert store.batch_remove(keys, True) == [0] * len(keys)
+    return answer, objects
+
+
+def test_a_consumer_waits_for_the_producers_puts_then_loads_them(gqa, store, tiny_model):
+    notice, objects = prefill_then_take_back(gqa, store, tiny_model, PROMPTS[0])
+    assert notice["kv_transfer_params"]["kvpool_saving"]["blocks"] == 3
+    params = {"kv_transfer_params": notice["kv_transfer_params"], "return_token_ids": True}
+    with concurrent.futures.ThreadPoolExecutor(1) as background:
+        decoding = background.submit(complete, gqa.consumer_url, tiny_model, PROMPTS[0], 8, **params)
+        time.sleep(1.0)
+        assert not decoding.done(), "the consumer did not wait for the producer's blocks"
+        for key, data in objects.items():
+            assert store.put(key, data.tobytes()) == 0
+        answer = decoding.result(timeout=60)
+    assert cached_tokens(answer) == 3 * BLOCK  # every promised block, loaded once it landed
+    single = complete(gqa.producer_url, tiny_model, PROMPTS[0], 8, return_token_ids=True)
+    assert answer["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]
+
+
+def test_a_consumer_computes_the_prompt_when_the_producers_puts_never_land(gqa, store, tiny_model):
+    expired = server_metrics(gqa.consumer_url).get("vllm:kvpool_producer_wait_expired_total", 0)
+    notice, _ = prefill_then_take_back(gqa, store, tiny_model, PROMPTS[1])
+    start = time.monotonic()
+    params = {"kv_transfer_params": notice["kv_transfer_params"], "return_token_ids": True}
+    answer = complete(gqa.consumer_url, tiny_model, PROMPTS[1], 8, **params)
+    waited = time.monotonic() - start
+    assert cached_tokens(answer) == 0
+    assert WAIT_MS / 1e3 <= waited < WAIT_MS / 1e3 + 10, waited
+    assert server_metrics(gqa.consumer_url)["vllm:kvpool_producer_wait_expired_total"] == expired + 1
+    single = complete(gqa.producer_url, tiny_model, PROMPTS[1], 8, return_token_ids=True)
+    assert answer["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]
 
 
 @pytest.mark.skipif(not mla_keeps_prefix_cache(), reason="vLLM's CPU MLA turns its prefix cache, the oracle, off")

@@ -1,10 +1,10 @@
 """A 1P1D deployment on loopback: Mooncake Store, a producer and a consumer vLLM server, and the P/D proxy; with
 several consumers (at other TP sizes, say), one proxy per consumer, all sharing the producer and the pool.
 
-The producer (kv_producer) computes prompts and saves their full blocks to the pool; the consumer (kv_consumer,
-vLLM's own prefix cache off, as in the seed's decode node) loads them and decodes. The producer saves synchronously
-(``async_save: false``) so the prefill answer returns only once its KV is in the pool, and the decode request that
-follows finds it. Everything is stopped by PID on exit.
+The producer (kv_producer) computes prompts and saves their full blocks to the pool in the background; its answer
+carries a notice of the blocks it is saving, which the proxy hands to the consumer (kv_consumer, vLLM's own prefix
+cache off, as in the seed's decode node), so the consumer waits for puts still in flight, then loads and decodes.
+Everything is stopped by PID on exit.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.mooncake_pool import mooncake_pool
+from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
 from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
 from kvpool_connector.testing.server import start_vllm_server, stop_server, wait_healthy
 
@@ -46,6 +46,8 @@ class Route:
 class PDDeployment:
     producer_url: str
     routes: list[Route]
+    pool: MooncakePool
+    producer_log: Path
 
     @property
     def consumer_url(self) -> str:
@@ -76,9 +78,11 @@ def pd_deployment(
     workdir: Path,
     producer: Instance = Instance(),
     consumers: tuple[Instance, ...] = (Instance(),),
+    consumer_config: dict | None = None,
     startup_timeout_s: float = 600,
 ) -> Iterator[PDDeployment]:
-    """The pool, one producer, each consumer with its own proxy; the servers start side by side."""
+    """The pool, one producer, each consumer with its own proxy; the servers start side by side. ``consumer_config``:
+    more connector keys for the consumers (``producer_wait_ms``, say)."""
     with ExitStack() as stack:
         pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="1 GB"))
         cache = workdir / "vllm-cache"
@@ -86,7 +90,7 @@ def pd_deployment(
             start_vllm_server(
                 model,
                 workdir / "producer",
-                pool.connector_config("kv_producer", async_save=False),
+                pool.connector_config("kv_producer"),
                 [*producer.server_args(), "--enable-prompt-tokens-details"],
                 env=engine_env(cache, tp=producer.tp),
             )
@@ -96,7 +100,7 @@ def pd_deployment(
             server = start_vllm_server(
                 model,
                 workdir / f"consumer-{index}",
-                pool.connector_config("kv_consumer"),
+                pool.connector_config("kv_consumer", **(consumer_config or {})),
                 [*consumer.server_args(), "--no-enable-prefix-caching", "--enable-prompt-tokens-details"],
                 env=engine_env(cache, tp=consumer.tp),
             )
@@ -109,4 +113,4 @@ def pd_deployment(
             proxy, proxy_url = start_proxy(workdir, servers[0].url, server.url)
             stack.callback(stop_process, proxy)
             routes.append(Route(server.url, proxy_url))
-        yield PDDeployment(servers[0].url, routes)
+        yield PDDeployment(servers[0].url, routes, pool, servers[0].log)
