@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
@@ -72,7 +73,9 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self.connector_worker is not None
-        return None, self.connector_worker.finished_loads() or None
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        idle_step = isinstance(meta, PoolConnectorMetadata) and meta.idle_step
+        return None, self.connector_worker.finished_loads(idle_step) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.connector_worker is not None
@@ -116,6 +119,10 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self.connector_scheduler is not None
+        self.connector_scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.connector_scheduler is not None

@@ -20,4 +20,5 @@ class BlockTransfer:
 class PoolConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)  # before the forward pass
     async_loads: list[BlockTransfer] = field(default_factory=list)  # on the loader thread; vLLM waits for get_finished
+    idle_step: bool = False  # nothing scheduled to compute: vLLM is only waiting (for loads, say)
     saves: list[BlockTransfer] = field(default_factory=list)  # after it, once these blocks are written

@@ -1,14 +1,20 @@
 """Scheduler side: how much of a prompt the pool holds, and the per-step load/save plans for the workers.
 
 Calls, in the order vLLM makes them for a request:
-1. ``get_num_new_matched_tokens``: one batched, time-bounded existence query for the prompt's full blocks past the
-   local prefix hit, across every (tp, pp) shard; returns the extra tokens the pool can supply. Repeatable: it only
-   remembers its latest answer for step 2.
+1. ``get_num_new_matched_tokens``: one batched existence query for the prompt's full blocks past the local prefix
+   hit, across every (tp, pp) shard; returns the extra tokens the pool can supply and whether they load
+   asynchronously (``load_async``). With ``lookup_async`` the query runs on the pool handle's lookup thread (queries
+   of requests arriving together share a pool call) and the answer is ``None`` ("ask again") until it is in or its
+   deadline passed (a miss); otherwise it is asked inline, bounded by ``lookup_timeout_ms``. A decode request whose
+   prefill instance is still saving (its notice in ``kv_transfer_params``) is answered ``None`` until those blocks
+   are in the pool or ``producer_wait_ms`` passed. Repeatable: only the latest answer is kept, for step 2.
 2. ``update_state_after_alloc``: now that vLLM allocated blocks, turns that answer into a load of those blocks.
-3. ``build_connector_meta`` (once per step): hands out the loads, and plans saves of prompt blocks that become full
-   in this step (computed tokens after the step), skipping blocks that came from the pool.
-4. ``request_finished``: forgets the request. Saves run synchronously inside the step that planned them, so the
-   blocks have been read by then and vLLM may free them at once.
+3. ``build_connector_meta`` (once per step): hands out the loads (synchronous ones before the forward pass,
+   asynchronous ones to the loader thread), and plans saves of prompt blocks that become full in this step
+   (computed tokens after the step), skipping blocks that came from the pool.
+4. ``update_connector_output`` (each step): notes asynchronous loads that failed, so a retry computes the prompt.
+5. ``request_finished``: forgets the request; a prefill for a remote decode answers with its saving notice. Saves
+   leave the KV cache inside the step that planned them, so vLLM may free the blocks at once.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
@@ -131,6 +138,8 @@ class PoolScheduler:
         self._step_async_loads: list[BlockTransfer] = []
         self._lookups: dict[str, _Lookup] = {}
         self._waits: dict[str, _ProducerWait] = {}
+        self._loading: dict[str, set[int]] = {}  # asynchronous loads in flight: their blocks
+        self._failed_loads: set[str] = set()  # requests whose asynchronous load failed: no second try
         logger.info(
             "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d",
             config.pool.backend,
@@ -156,6 +165,8 @@ class PoolScheduler:
         if start >= len(hashes):
             self._forget_lookup(req_id)
             return 0, False
+        if req_id in self._failed_loads:
+            return 0, False  # its load just failed: vLLM asks again only when the first block did; compute it
         found = self._found_blocks(req_id, start, hashes)
         if found is None:
             return None, False
@@ -238,12 +249,31 @@ class PoolScheduler:
         count = min(-(-num_external_tokens // self.block_size), answer.num_blocks)
         first = answer.start_block
         transfer = BlockTransfer(request.request_id, block_ids[first : first + count], answer.block_hashes[:count])
-        (self._step_async_loads if answer.load_async else self._step_loads).append(transfer)
+        if answer.load_async:
+            self._step_async_loads.append(transfer)
+            self._loading[request.request_id] = set(transfer.block_ids)
+        else:
+            self._step_loads.append(transfer)
         state.loaded = range(first, first + count)
+
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        """Notes asynchronous loads that failed: when a request's first block fails, vLLM frees its blocks and asks
+        for the prompt again, and the pool, which still lists the objects (a node just died, say), would offer the
+        same failing hit again and again."""
+        if output.invalid_block_ids:
+            for req_id, blocks in self._loading.items():
+                if blocks & output.invalid_block_ids:
+                    self._failed_loads.add(req_id)
+        for req_id in output.finished_recving or ():
+            self._loading.pop(req_id, None)
 
     # -- 3. per-step plan -------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PoolConnectorMetadata:
-        meta = PoolConnectorMetadata(loads=self._step_loads, async_loads=self._step_async_loads)
+        meta = PoolConnectorMetadata(
+            loads=self._step_loads,
+            async_loads=self._step_async_loads,
+            idle_step=scheduler_output.total_num_scheduled_tokens == 0,
+        )
         self._step_loads, self._step_async_loads = [], []
         if not self.saves_enabled:
             return meta
@@ -286,6 +316,8 @@ class PoolScheduler:
         self._answers.pop(req_id, None)
         self._asked_tokens.pop(req_id, None)
         self._waits.pop(req_id, None)
+        self._loading.pop(req_id, None)
+        self._failed_loads.discard(req_id)
         self._forget_lookup(req_id)
         if not self.saves_enabled or not (request.kv_transfer_params or {}).get("do_remote_decode"):
             return False, None

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+IDLE_STEP_WAIT_S = 0.005  # longest wait for a load to end in a step with nothing to compute
+
 
 class PoolWorker:
     def __init__(
@@ -214,9 +216,12 @@ class PoolWorker:
         for transfer in meta.async_loads:
             self.loader.submit(transfer)
 
-    def finished_loads(self) -> set[str]:
-        """Requests whose asynchronous loads ended (their failed blocks are in the load errors by now)."""
-        return self.loader.take_finished() if self.loader is not None else set()
+    def finished_loads(self, idle_step: bool) -> set[str]:
+        """Requests whose asynchronous loads ended (their failed blocks are in the load errors by now). In a step
+        with nothing to compute, wait a little for one: vLLM is only waiting for loads then (``loading``)."""
+        if self.loader is None:
+            return set()
+        return self.loader.take_finished(IDLE_STEP_WAIT_S if idle_step else 0.0)
 
     def save(self, meta: PoolConnectorMetadata) -> None:
         if not meta.saves or not self.saves_enabled:

@@ -19,7 +19,7 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 import pytest
 
-from kvpool_connector.testing.client import cached_tokens, complete, server_metrics
+from kvpool_connector.testing.client import CheckedClient, cached_tokens, complete, server_metrics, wait_for
 from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_block_bytes, worker_shard
 from kvpool_connector.testing.processes import stop_process
@@ -64,43 +64,13 @@ def server(tiny_model, pool, tmp_path_factory):
         yield running
 
 
-class Client:
-    """Greedy requests for PROMPTS[i], checked against the no-connector baseline."""
-
-    def __init__(self, server, model: str, baseline: list[list[int]]) -> None:
-        self.server, self.model, self.baseline = server, model, baseline
-
-    def ask(self, i: int, **extra) -> tuple[int, float]:
-        """(cached tokens, seconds) of one request; its tokens must equal the baseline's."""
-        start = time.monotonic()
-        answer = complete(self.server.url, self.model, PROMPTS[i], MAX_TOKENS, return_token_ids=True, **extra)
-        took = time.monotonic() - start
-        assert answer["choices"][0]["token_ids"] == self.baseline[i], f"prompt {i}: output differs from baseline"
-        return cached_tokens(answer), took
-
-    def until_hit(self, i: int, timeout_s: float) -> float:
-        """Ask for PROMPTS[i] until the pool serves all its full blocks; seconds it took."""
-        start = time.monotonic()
-        while self.ask(i)[0] != FULL_HIT:
-            assert time.monotonic() - start < timeout_s, f"prompt {i}: no pool hit within {timeout_s} s"
-            time.sleep(0.5)
-        return time.monotonic() - start
-
-
 @pytest.fixture(scope="module")
-def client(server, tiny_model, baseline) -> Client:
-    return Client(server, tiny_model, baseline)
+def client(server, tiny_model, baseline) -> CheckedClient:
+    return CheckedClient(server.url, tiny_model, PROMPTS, baseline, MAX_TOKENS, FULL_HIT)
 
 
 def metric(server, name: str) -> float:
     return server_metrics(server.url).get(name, 0.0)
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not seen within {timeout_s} s"
-        time.sleep(0.5)
 
 
 def wait_for_one_segment(pool) -> None:

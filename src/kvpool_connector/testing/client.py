@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -37,3 +39,37 @@ def prometheus_samples(text: str) -> dict[str, float]:
 
 def server_metrics(url: str) -> dict[str, float]:
     return prometheus_samples(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not seen within {timeout_s} s"
+        time.sleep(0.5)
+
+
+class CheckedClient:
+    """Greedy requests for ``prompts[i]`` against one server, each answer checked token for token against
+    ``baseline[i]`` (a no-connector run's output for the same prompt)."""
+
+    def __init__(
+        self, url: str, model: str, prompts: list[list[int]], baseline: list[list[int]], max_tokens: int, full_hit: int
+    ) -> None:
+        self.url, self.model, self.prompts, self.baseline = url, model, prompts, baseline
+        self.max_tokens, self.full_hit = max_tokens, full_hit
+
+    def ask(self, i: int, **extra: Any) -> tuple[int, float]:
+        """(cached tokens, seconds) of one request; its tokens must equal the baseline's."""
+        start = time.monotonic()
+        answer = complete(self.url, self.model, self.prompts[i], self.max_tokens, return_token_ids=True, **extra)
+        took = time.monotonic() - start
+        assert answer["choices"][0]["token_ids"] == self.baseline[i], f"prompt {i}: output differs from baseline"
+        return cached_tokens(answer), took
+
+    def until_hit(self, i: int, timeout_s: float) -> float:
+        """Ask for ``prompts[i]`` until the pool serves all its full blocks; seconds it took."""
+        start = time.monotonic()
+        while self.ask(i)[0] != self.full_hit:
+            assert time.monotonic() - start < timeout_s, f"prompt {i}: no pool hit within {timeout_s} s"
+            time.sleep(0.5)
+        return time.monotonic() - start

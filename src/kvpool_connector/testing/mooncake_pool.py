@@ -45,6 +45,7 @@ class MooncakePool:
 
     workdir: Path
     segment_size: str = "1 GB"
+    client_ttl_s: int = 10  # the master's --client_ttl: a node silent that long is dropped with its objects
     master_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     node_port: int = field(default_factory=free_port)
@@ -94,6 +95,7 @@ class MooncakePool:
                 f"--metrics_port={self.metrics_port}",
                 "--enable_http_metadata_server=false",
                 "--default_kv_lease_ttl=5000",
+                f"--client_ttl={self.client_ttl_s}",
                 "--logtostderr=true",
             ],
             log,
@@ -132,9 +134,9 @@ class MooncakePool:
 
 
 @contextmanager
-def mooncake_pool(workdir: str | Path, segment_size: str = "1 GB") -> Iterator[MooncakePool]:
+def mooncake_pool(workdir: str | Path, segment_size: str = "1 GB", client_ttl_s: int = 10) -> Iterator[MooncakePool]:
     """Start master and pool node on free loopback ports; stop both on exit."""
-    pool = MooncakePool(Path(workdir), segment_size=segment_size)
+    pool = MooncakePool(Path(workdir), segment_size=segment_size, client_ttl_s=client_ttl_s)
     pool.workdir.mkdir(parents=True, exist_ok=True)
     try:
         pool.start_master()

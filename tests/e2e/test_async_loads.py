@@ -1,0 +1,175 @@
+"""Asynchronous loads on a real vLLM CPU server with a real Mooncake Store: a hit's request waits in vLLM's
+``WAITING_FOR_REMOTE_KVS`` while its blocks load on the worker's loader thread, and the rest of the batch runs.
+
+One server (vLLM's own prefix cache off, so every cached token is the pool's; a 12-block KV cache, so requests
+compete for blocks) lives through the phases, in file order. Every answer is compared token for token with a
+no-connector engine's. Loads are held in flight by stopping the pool node (SIGSTOP): the lookup (the master) answers,
+the transfer (the node) waits. Checked: hits and partial hits; preemption of running requests while loads are in
+flight; a request aborted mid-load (its blocks stay reserved until the load is over, then the server serves on);
+an object removed between the lookup and its load (that block and the rest are recomputed); synchronous loads
+(``load_async: false``) in a fresh engine; and the node killed mid-load (the load fails, the prompt is recomputed).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import httpx
+import pytest
+
+from kvpool_connector.testing.client import CheckedClient, server_metrics, wait_for
+from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
+from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
+from kvpool_connector.testing.mooncake_pool import mooncake_pool
+from kvpool_connector.testing.processes import stop_process
+from kvpool_connector.testing.server import vllm_server
+from kvpool_connector.testing.workloads import distinct_prompts
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 128
+PROMPTS = distinct_prompts(14, 3 * BLOCK + 120, seed=31)  # 504 tokens: 4 blocks, a 5th from the 9th token decoded
+MAX_TOKENS = 64
+FULL_HIT = 3 * BLOCK
+KV_BLOCKS = 12  # three such requests fill the KV cache, and each needs a fifth block as it decodes
+SERVER_ARGS = [
+    "--no-enable-prefix-caching",
+    "--enable-prompt-tokens-details",
+    "--num-gpu-blocks-override",
+    str(KV_BLOCKS),
+    "--max-model-len",
+    "1024",
+]
+HELD_S = 2.0  # how long a phase keeps a load in flight before acting on it
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """Phases stop the pool node for seconds to hold loads in flight: the master keeps a silent node for 60 s."""
+    with mooncake_pool(tmp_path_factory.mktemp("mooncake"), segment_size="512 MB", client_ttl_s=60) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model, tmp_path_factory) -> list[list[int]]:
+    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, max_tokens=MAX_TOKENS, sequential=True)
+    return run_engine(spec, tmp_path_factory.mktemp("baseline")).outputs
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, pool, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("async-server")
+    # load_async and lookup_async: the defaults. Eight requests decoding on this 2-core host can starve the lookup
+    # thread past the default 500-ms deadline (a miss: correct, but not the hit these phases need).
+    config = pool.connector_config(reconnect_interval_s=1.0, lookup_timeout_ms=5000)
+    with vllm_server(tiny_model, workdir, config, SERVER_ARGS, env=engine_env(workdir / "cache")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server, tiny_model, baseline) -> CheckedClient:
+    return CheckedClient(server.url, tiny_model, PROMPTS, baseline, MAX_TOKENS, FULL_HIT)
+
+
+@pytest.fixture(scope="module")
+def keys_of(server):
+    return lambda i: prompt_block_keys(worker_shard(server.log_text()), PROMPTS[i])
+
+
+def metric(server, name: str) -> float:
+    return server_metrics(server.url).get(name, 0.0)
+
+
+class NodeStopped:
+    """The pool node stopped: lookups (the master) answer, transfers (the node) wait until it continues."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> NodeStopped:
+        self.pool.node.send_signal(signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool.node.poll() is None:
+            self.pool.node.send_signal(signal.SIGCONT)
+
+
+def test_hits_and_partial_hits_load_asynchronously(client, server, mooncake_client, keys_of):
+    for i in range(4):
+        client.until_hit(i, 20)
+    assert mooncake_client.remove(keys_of(1)[2], True) == 0  # prompt 1 keeps its first two blocks only
+    assert client.ask(1)[0] == 2 * BLOCK
+    assert client.ask(0)[0] == FULL_HIT
+    log = server.log_text()
+    assert "Traceback" not in log
+
+
+def test_running_requests_are_preempted_while_loads_are_in_flight(client, server):
+    batch = range(4, 12)
+    for i in batch:
+        client.until_hit(i, 20)
+    preempted = metric(server, "vllm:num_preemptions_total")
+    with concurrent.futures.ThreadPoolExecutor(len(batch)) as threads:
+        cached = list(threads.map(lambda i: client.ask(i)[0], batch))  # each answer checked against the baseline
+    assert cached == [FULL_HIT] * len(batch)
+    # 8 requests of 5 blocks each into 12: decodes run out of blocks while loads hold theirs
+    assert metric(server, "vllm:num_preemptions_total") > preempted
+
+
+def test_a_request_aborted_mid_load_releases_its_blocks_once_the_load_is_over(client, server, pool, tiny_model):
+    with NodeStopped(pool), pytest.raises(httpx.TimeoutException):
+        body = {"model": tiny_model, "prompt": PROMPTS[4], "max_tokens": MAX_TOKENS, "temperature": 0.0}
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=HELD_S)  # the client gives up: vLLM aborts
+    wait_for(lambda: metric(server, "vllm:num_requests_waiting") == 0, 30, "the aborted request gone")
+    # its blocks went back to vLLM only after the load ended; every block is usable again
+    with concurrent.futures.ThreadPoolExecutor(4) as threads:
+        assert list(threads.map(lambda i: client.ask(i)[0], range(4, 8))) == [FULL_HIT] * 4
+    assert "Traceback" not in server.log_text()
+
+
+def test_an_object_removed_between_lookup_and_load_is_recomputed(client, server, pool, mooncake_client, keys_of):
+    """The second request's lookup finds all three blocks; its load, queued behind the first's, finds one gone.
+    (A request's ``cached_tokens`` is what vLLM admitted it with, so the recompute shows in the counters.)"""
+    missing = metric(server, "vllm:kvpool_load_failed_total[missing]")
+    lookups = metric(server, "vllm:kvpool_lookups_total")
+
+    def looked_up(count: int) -> None:
+        wait_for(lambda: metric(server, "vllm:kvpool_lookups_total") >= lookups + count, 30, f"{count} lookups")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        with NodeStopped(pool):
+            first = threads.submit(client.ask, 0)  # its load holds the loader thread
+            looked_up(1)
+            second = threads.submit(client.ask, 2)  # looked up (a hit), its load queued behind the first
+            looked_up(2)
+            assert mooncake_client.remove(keys_of(2)[1], True) == 0
+        for answer in (first, second):
+            answer.result(timeout=60)  # each checked against the baseline
+    assert metric(server, "vllm:kvpool_load_failed_total[missing]") == missing + 1
+
+
+def test_synchronous_loads_answer_alike(tiny_model, pool, baseline, tmp_path):
+    """A fresh engine with ``load_async: false`` and ``lookup_async: false`` on what the server saved."""
+    config = pool.connector_config(reconnect_interval_s=1.0, load_async=False, lookup_async=False)
+    prompts = [PROMPTS[i] for i in (12, 13)]
+    spec = EngineSpec(model=tiny_model, prompts=prompts, max_tokens=MAX_TOKENS, kv_transfer_config=config)
+    first = run_engine(spec, tmp_path / "save", env=engine_env(tmp_path / "cache"))
+    second = run_engine(spec, tmp_path / "load", env=engine_env(tmp_path / "cache"))
+    assert [r.num_cached_tokens for r in first.results] == [0, 0]
+    assert [r.num_cached_tokens for r in second.results] == [FULL_HIT, FULL_HIT]
+    assert first.outputs == second.outputs == [baseline[12], baseline[13]]
+
+
+def test_the_pool_node_killed_mid_load_costs_the_hit_only(client, server, pool):
+    failed = metric(server, "vllm:kvpool_load_failed_total")
+    with concurrent.futures.ThreadPoolExecutor(1) as threads:
+        with NodeStopped(pool):
+            asked = threads.submit(client.ask, 3)
+            time.sleep(HELD_S)
+            stop_process(pool.node, signal.SIGKILL)
+        asked.result(timeout=60)  # every block failed to load: recomputed, the same answer
+    assert metric(server, "vllm:kvpool_load_failed_total") == failed + 3
+    pool.start_node()

@@ -1,0 +1,183 @@
+"""Scheduler-side lookups against a real Mooncake Store, on real vLLM ``Request`` objects: non-blocking lookups
+(``None`` until the answer is in, nothing asked twice, a deadline), lookups of many arrivals sharing pool calls, the
+asynchronous-load answer, and the P/D producer's saving notice and the consumer's bounded wait for it."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from kvpool_connector import keys
+from kvpool_connector.scheduler import SAVING_PARAM
+from kvpool_connector.testing.scheduler_side import BLOCK, Requests, pool_scheduler
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 2000) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def requests() -> Requests:
+    return Requests()
+
+
+@pytest.fixture(scope="module")
+def marker():
+    return np.zeros(64, dtype=np.uint8)
+
+
+def make_scheduler(tiny_model, pool, marker, **extra):
+    config = {"backend": "mooncake", "mooncake": pool.client_config(), "lookup_timeout_ms": 300, **extra}
+    scheduler = pool_scheduler(tiny_model, config)
+    assert scheduler.pool is not None and scheduler.pool.wait_connected(30)
+    scheduler.pool.register_memory(marker.ctypes.data, marker.nbytes)
+    return scheduler
+
+
+def store_blocks(scheduler, request, blocks: int, marker) -> None:
+    """A small marker object under each of the request's first ``blocks`` keys: existence is all a lookup asks."""
+    hashes = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, blocks)
+    wanted = [keys.pool_key(s, h) for h in hashes for s in scheduler.shards]
+    assert all(o.ok for o in scheduler.pool.put(wanted, [[marker.ctypes.data]] * len(wanted), [[64]] * len(wanted)))
+
+
+def count_exists_calls(scheduler) -> list[int]:
+    """Wrap the pool client's ``exists``: the list grows by the number of keys of each pool call."""
+    calls: list[int] = []
+    backend = scheduler.pool._backend
+    original = backend.exists
+
+    def counted(wanted):
+        calls.append(len(wanted))
+        return original(wanted)
+
+    backend.exists = counted
+    return calls
+
+
+def answer_when_ready(scheduler, request, computed: int = 0, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while (answer := scheduler.get_num_new_matched_tokens(request, computed))[0] is None:
+        assert time.monotonic() < deadline, "no lookup answer"
+        time.sleep(0.005)
+    return answer
+
+
+def test_a_non_blocking_lookup_answers_none_until_in_then_the_same_answer(tiny_model, pool, marker, requests):
+    scheduler = make_scheduler(tiny_model, pool, marker)
+    try:
+        request = requests.make("r1", tokens(3 * BLOCK + 20, seed=1))
+        store_blocks(scheduler, request, 2, marker)
+        calls = count_exists_calls(scheduler)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # asked, not waited for
+        assert answer_when_ready(scheduler, request) == (2 * BLOCK, True)  # loads asynchronously by default
+        assert calls == [3]  # asked once, however often vLLM called
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # a new call is a new question
+    finally:
+        scheduler.shutdown()
+
+
+def test_lookups_of_requests_arriving_together_share_pool_calls(tiny_model, pool, marker, requests):
+    scheduler = make_scheduler(tiny_model, pool, marker)
+    try:
+        batch = [requests.make(f"a{i}", tokens(2 * BLOCK + 5, seed=100 + i)) for i in range(64)]
+        for request in batch[::2]:
+            store_blocks(scheduler, request, 2, marker)
+        calls = count_exists_calls(scheduler)
+        assert all(scheduler.get_num_new_matched_tokens(r, 0) == (None, False) for r in batch)
+        answers = [answer_when_ready(scheduler, r) for r in batch]
+        assert answers == [(2 * BLOCK, True), (0, False)] * 32
+        assert sum(calls) == 64 * 2 and len(calls) <= 3, calls  # 64 questions, at most a few pool calls
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_hung_pool_answers_a_miss_at_the_deadline_and_never_stalls(tiny_model, pool, marker, requests):
+    scheduler = make_scheduler(tiny_model, pool, marker)
+    request = requests.make("hung", tokens(2 * BLOCK + 5, seed=3))
+    store_blocks(scheduler, request, 2, marker)
+    pool.master.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        calls = []
+        while (answer := scheduler.get_num_new_matched_tokens(request, 0))[0] is None:
+            calls.append(time.monotonic())
+            time.sleep(0.01)
+        assert answer == (0, False)
+        assert 0.3 <= time.monotonic() - start < 1.5
+        assert max(b - a for a, b in zip([start, *calls], calls, strict=False)) < 0.1  # every call returned at once
+        other = requests.make("while-hung", tokens(2 * BLOCK + 5, seed=4))
+        assert scheduler.get_num_new_matched_tokens(other, 0) == (0, False)  # the stuck query: a miss at once
+    finally:
+        pool.master.send_signal(signal.SIGCONT)
+        scheduler.shutdown()
+
+
+def test_synchronous_lookups_and_loads_when_configured(tiny_model, pool, marker, requests):
+    scheduler = make_scheduler(tiny_model, pool, marker, lookup_async=False, load_async=False)
+    try:
+        request = requests.make("sync", tokens(3 * BLOCK, seed=5))
+        store_blocks(scheduler, request, 3, marker)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK - 1, False)
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_prefill_for_remote_decode_answers_with_what_it_saves(tiny_model, pool, marker, requests):
+    scheduler = make_scheduler(tiny_model, pool, marker)
+    try:
+        prompt = tokens(3 * BLOCK + 20, seed=6)
+        remote = requests.make("p", prompt, {"do_remote_decode": True})
+        assert scheduler.request_finished(remote, []) == (
+            False,
+            {SAVING_PARAM: {"blocks": 3, "shards": scheduler.shards}},
+        )
+        assert scheduler.request_finished(requests.make("plain", prompt), []) == (False, None)
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_consumer_waits_for_the_producers_blocks_until_they_land_or_the_deadline(tiny_model, pool, marker, requests):
+    scheduler = make_scheduler(tiny_model, pool, marker, producer_wait_ms=800)
+    try:
+        prompt = tokens(3 * BLOCK + 20, seed=7)
+        notice = {SAVING_PARAM: {"blocks": 3, "shards": scheduler.shards}}
+        waiting = requests.make("d1", prompt, notice)
+        store_blocks(scheduler, waiting, 1, marker)  # one of three blocks landed so far
+        for _ in range(5):
+            assert scheduler.get_num_new_matched_tokens(waiting, 0) == (None, False)
+            time.sleep(0.02)
+        store_blocks(scheduler, waiting, 3, marker)  # the rest of the producer's puts land
+        assert answer_when_ready(scheduler, waiting) == (3 * BLOCK, True)
+
+        never = requests.make("d2", tokens(3 * BLOCK + 20, seed=8), notice)
+        start = time.monotonic()
+        assert answer_when_ready(scheduler, never) == (0, False)
+        assert 0.8 <= time.monotonic() - start < 2.0
+        assert scheduler.stats["producer_wait_expired"] == 1
+    finally:
+        scheduler.shutdown()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"do_remote_prefill": True, "remote_engine_id": "p2p"},  # a point-to-point partner delivers (MultiConnector)
+        {"shards": ["0123456789abcdef"]},  # another model or parallel layout: its blocks are not this engine's
+    ],
+    ids=["p2p-partner", "other-layout"],
+)
+def test_a_consumer_does_not_wait_for_blocks_it_cannot_use(tiny_model, pool, marker, requests, params):
+    scheduler = make_scheduler(tiny_model, pool, marker, producer_wait_ms=60_000)
+    try:
+        notice = {"blocks": 3, "shards": scheduler.shards} | {k: v for k, v in params.items() if k == "shards"}
+        transfer = {SAVING_PARAM: notice} | {k: v for k, v in params.items() if k != "shards"}
+        request = requests.make("d", tokens(3 * BLOCK + 20, seed=9), transfer)
+        assert answer_when_ready(scheduler, request, timeout_s=2.0) == (0, False)
+    finally:
+        scheduler.shutdown()
