@@ -179,3 +179,24 @@ def test_holder_of_the_objects_exits(worker, own_pool):
     failed = {k: v for k, v in w.stats.total().items() if k.startswith(("save_failed", "save_dropped"))}
     assert sum(failed.values()) >= 1, w.stats.total()
     wait_until(lambda: w.pool.exists(keys) == [False, False], 30)  # the master forgets the dead node's objects
+
+
+def test_an_async_load_reports_finished_only_after_its_blocks_landed_with_its_errors(worker, own_pool):
+    """The load runs on the loader thread; while the node holding the objects is stopped it cannot end, and the
+    request is not reported; once it ends, the request is reported together with the block that failed."""
+    w, caches = worker
+    hashes = [bytes([7, i]) * 16 for i in range(3)]
+    _save_blocks(w, hashes, [0, 1, 2])
+    assert w.pool.remove([pool_key("faultshard", hashes[2])]) == [True]
+    before = {name: t[:2].clone() for name, t in caches.items()}
+    own_pool.node.send_signal(signal.SIGSTOP)
+    try:
+        w.load(PoolConnectorMetadata(async_loads=[BlockTransfer("r-async", [4, 5, 6], hashes)]))
+        time.sleep(1.0)
+        assert w.finished_loads(idle_step=True) == set()  # waited its few ms, then answered: still loading
+    finally:
+        own_pool.node.send_signal(signal.SIGCONT)
+    wait_until(lambda: bool(finished := w.finished_loads(idle_step=True)) and finished == {"r-async"}, 15)
+    assert w.take_load_errors() == {6}
+    for name, t in caches.items():
+        assert torch.equal(t[4:6], before[name])
