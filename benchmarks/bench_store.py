@@ -4,8 +4,8 @@ Data path: a :class:`PoolWorker` (the object vLLM's worker process runs) registe
 handed save and load plans, exactly as ``wait_for_save`` / ``start_load_kv`` hand them; save and load GB/s for
 several page sizes and blocks per request, beside the memcpy ceiling for the same bytes.
 
-Lookup: a :class:`PoolScheduler` (built from a real VllmConfig) answers ``get_num_new_matched_tokens`` for real vLLM
-``Request`` objects of 1k to 32k tokens, all-hit and all-miss; p50/p99 latency.
+Lookup: a :class:`PoolScheduler` (built from a real VllmConfig, asking inline) answers ``get_num_new_matched_tokens``
+for real vLLM ``Request`` objects of 1k to 32k tokens, all-hit and all-miss; p50/p99 latency.
 
 Starts ``mooncake_master`` and a ``mooncake_client`` pool node on loopback unless ``--master host:port`` is given.
 The worker contributes a segment of its own (a same-node pool, like a vLLM worker with the default
@@ -135,45 +135,21 @@ def bench_data_path(
 
 
 def bench_lookup(mooncake: dict, model_dir: str, lengths: list[int], repeat: int, bar: tqdm) -> list[dict]:
-    from vllm.config import KVTransferConfig
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.sampling_params import SamplingParams
-    from vllm.utils.hashing import sha256
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.request import Request
-
     from kvpool_connector import keys
-    from kvpool_connector.scheduler import PoolScheduler
+    from kvpool_connector.testing.scheduler_side import Requests, pool_scheduler
 
-    transfer = KVTransferConfig(
-        kv_connector="MemcacheConnectorStoreV1",
-        kv_role="kv_both",
-        kv_connector_extra_config={"backend": "mooncake", "mooncake": mooncake},
-    )
-    vllm_config = EngineArgs(
-        model=model_dir, dtype="float32", enforce_eager=True, max_model_len=1024, kv_transfer_config=transfer
-    ).create_engine_config()
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
-        num_blocks=64,
-        kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in range(4)], spec)],
-    )
-    extra = parse_config(transfer.kv_connector_extra_config, env={})
-    scheduler = PoolScheduler(vllm_config, kv_cache_config, extra)
+    # the inline lookup's own latency (bench_async.py measures lookups off the scheduler loop)
+    scheduler = pool_scheduler(model_dir, {"backend": "mooncake", "mooncake": mooncake, "lookup_async": False})
     assert scheduler.pool is not None and scheduler.pool.wait_connected(60)
-    init_none_hash(sha256)
-    hasher = get_request_block_hasher(BLOCK, sha256)
+    requests = Requests()
     rng = np.random.default_rng(0)
     marker = np.zeros(64, dtype=np.uint8)
     scheduler.pool.register_memory(marker.ctypes.data, marker.nbytes)
-    params = SamplingParams(max_tokens=1)
     rows = []
     for n in lengths:
         for case in ("all-hit", "all-miss"):
             tokens = rng.integers(3, 2000, n).tolist()
-            req = Request(f"{case}-{n}", tokens, params, None, block_hasher=hasher)
+            req = requests.make(f"{case}-{n}", tokens)
             if case == "all-hit":  # existence is all a lookup asks: store a small marker under every key
                 wanted = [
                     keys.pool_key(s, h)

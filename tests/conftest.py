@@ -30,6 +30,17 @@ def mla_model(session_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
+def baseline_outputs(request: pytest.FixtureRequest, tiny_model: str, tmp_path_factory) -> list[list[int]]:
+    """A no-connector engine's greedy outputs for the requesting module's ``PROMPTS`` (one at a time, ``MAX_TOKENS``
+    each): the oracle the module's answers are compared with, token for token."""
+    from kvpool_connector.testing.engine import EngineSpec, run_engine
+
+    module = request.module
+    spec = EngineSpec(model=tiny_model, prompts=module.PROMPTS, max_tokens=module.MAX_TOKENS, sequential=True)
+    return run_engine(spec, tmp_path_factory.mktemp("baseline")).outputs
+
+
+@pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory):
     """A fresh master + pool node per test module, so modules never see each other's objects."""
     with mooncake_pool(tmp_path_factory.mktemp("mooncake"), segment_size="512 MB") as running:

@@ -13,8 +13,9 @@
    ``reconnect_interval_s``: calls inside it fail fast instead of each waiting out the client's RPC retries (~4 s for
    a dead master, 30 s for a hung one); the first call after it probes the pool again. Mooncake's client reconnects
    to a restarted master by itself, so a probe that succeeds ends the outage and hits resume.
-5. ``exists_within(keys, timeout_s)`` bounds the scheduler's lookup: past the timeout, or while an earlier lookup is
-   still stuck in the pool client, the answer is a miss.
+5. Lookups run on one lookup thread: ``exists_async(keys)`` answers a future (queries made while a pool call is
+   running go out together in the next one), ``exists_within(keys, timeout_s)`` waits for it with a bound. Past the
+   timeout, or while an earlier lookup is still stuck in the pool client, the answer is a miss.
 6. ``close()`` stops the connector thread and closes the client.
 """
 

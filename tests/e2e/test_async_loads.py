@@ -53,12 +53,6 @@ def pool(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model, tmp_path_factory) -> list[list[int]]:
-    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, max_tokens=MAX_TOKENS, sequential=True)
-    return run_engine(spec, tmp_path_factory.mktemp("baseline")).outputs
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model, pool, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("async-server")
     # load_async and lookup_async: the defaults. Eight requests decoding on this 2-core host can starve the lookup
@@ -69,8 +63,8 @@ def server(tiny_model, pool, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server, tiny_model, baseline) -> CheckedClient:
-    return CheckedClient(server.url, tiny_model, PROMPTS, baseline, MAX_TOKENS, FULL_HIT)
+def client(server, tiny_model, baseline_outputs) -> CheckedClient:
+    return CheckedClient(server.url, tiny_model, PROMPTS, baseline_outputs, MAX_TOKENS, FULL_HIT)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +145,7 @@ def test_an_object_removed_between_lookup_and_load_is_recomputed(client, server,
     assert metric(server, "vllm:kvpool_load_failed_total[missing]") == missing + 1
 
 
-def test_synchronous_loads_answer_alike(tiny_model, pool, baseline, tmp_path):
+def test_synchronous_loads_answer_alike(tiny_model, pool, baseline_outputs, tmp_path):
     """A fresh engine with ``load_async: false`` and ``lookup_async: false`` on what the server saved."""
     config = pool.connector_config(reconnect_interval_s=1.0, load_async=False, lookup_async=False)
     prompts = [PROMPTS[i] for i in (12, 13)]
@@ -160,7 +154,7 @@ def test_synchronous_loads_answer_alike(tiny_model, pool, baseline, tmp_path):
     second = run_engine(spec, tmp_path / "load", env=engine_env(tmp_path / "cache"))
     assert [r.num_cached_tokens for r in first.results] == [0, 0]
     assert [r.num_cached_tokens for r in second.results] == [FULL_HIT, FULL_HIT]
-    assert first.outputs == second.outputs == [baseline[12], baseline[13]]
+    assert first.outputs == second.outputs == [baseline_outputs[12], baseline_outputs[13]]
 
 
 def test_the_pool_node_killed_mid_load_costs_the_hit_only(client, server, pool):

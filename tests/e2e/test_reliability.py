@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from kvpool_connector.testing.client import CheckedClient, cached_tokens, complete, server_metrics, wait_for
-from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
+from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_block_bytes, worker_shard
 from kvpool_connector.testing.processes import stop_process
 from kvpool_connector.testing.server import start_vllm_server, stop_server, vllm_server, wait_healthy
@@ -50,12 +50,6 @@ SOAK_CONCURRENCY = 64
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model, tmp_path_factory) -> list[list[int]]:
-    spec = EngineSpec(model=tiny_model, prompts=PROMPTS, max_tokens=MAX_TOKENS, sequential=True)
-    return run_engine(spec, tmp_path_factory.mktemp("baseline")).outputs
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model, pool, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reliability-server")
     config = pool.connector_config(reconnect_interval_s=1.0)
@@ -65,8 +59,8 @@ def server(tiny_model, pool, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server, tiny_model, baseline) -> CheckedClient:
-    return CheckedClient(server.url, tiny_model, PROMPTS, baseline, MAX_TOKENS, FULL_HIT)
+def client(server, tiny_model, baseline_outputs) -> CheckedClient:
+    return CheckedClient(server.url, tiny_model, PROMPTS, baseline_outputs, MAX_TOKENS, FULL_HIT)
 
 
 def metric(server, name: str) -> float:

@@ -79,10 +79,14 @@ def pd_deployment(
     producer: Instance = Instance(),
     consumers: tuple[Instance, ...] = (Instance(),),
     consumer_config: dict | None = None,
+    producer_config: dict | None = None,
+    server_args: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
     startup_timeout_s: float = 600,
 ) -> Iterator[PDDeployment]:
-    """The pool, one producer, each consumer with its own proxy; the servers start side by side. ``consumer_config``:
-    more connector keys for the consumers (``producer_wait_ms``, say)."""
+    """The pool, one producer, each consumer with its own proxy; the servers start side by side. ``consumer_config`` /
+    ``producer_config``: more connector keys (``producer_wait_ms``, ``async_save``); ``server_args`` and
+    ``env_extra`` go to every server."""
     with ExitStack() as stack:
         pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="1 GB"))
         cache = workdir / "vllm-cache"
@@ -90,9 +94,9 @@ def pd_deployment(
             start_vllm_server(
                 model,
                 workdir / "producer",
-                pool.connector_config("kv_producer"),
-                [*producer.server_args(), "--enable-prompt-tokens-details"],
-                env=engine_env(cache, tp=producer.tp),
+                pool.connector_config("kv_producer", **(producer_config or {})),
+                [*producer.server_args(), "--enable-prompt-tokens-details", *server_args],
+                env=engine_env(cache, env_extra, tp=producer.tp),
             )
         ]
         stack.callback(stop_server, servers[0])
@@ -101,8 +105,8 @@ def pd_deployment(
                 model,
                 workdir / f"consumer-{index}",
                 pool.connector_config("kv_consumer", **(consumer_config or {})),
-                [*consumer.server_args(), "--no-enable-prefix-caching", "--enable-prompt-tokens-details"],
-                env=engine_env(cache, tp=consumer.tp),
+                [*consumer.server_args(), "--no-enable-prefix-caching", "--enable-prompt-tokens-details", *server_args],
+                env=engine_env(cache, env_extra, tp=consumer.tp),
             )
             stack.callback(stop_server, server)
             servers.append(server)
