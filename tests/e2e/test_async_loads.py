@@ -19,11 +19,11 @@ import time
 import httpx
 import pytest
 
+from kvpool_connector.processes import stop_process
 from kvpool_connector.testing.client import CheckedClient, server_metrics, wait_for
 from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.mooncake_pool import mooncake_pool
-from kvpool_connector.testing.processes import stop_process
 from kvpool_connector.testing.server import vllm_server
 from kvpool_connector.testing.workloads import distinct_prompts
 

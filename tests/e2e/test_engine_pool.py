@@ -11,10 +11,10 @@ import re
 import numpy as np
 import pytest
 
+from kvpool_connector.processes import free_port
 from kvpool_connector.testing.engine import EngineSpec, run_engine
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.mooncake_pool import connector_config
-from kvpool_connector.testing.processes import free_port
 from kvpool_connector.testing.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e

@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
+from kvpool_connector.processes import free_port, stop_process
 from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.pd import start_proxy
-from kvpool_connector.testing.processes import free_port, stop_process
 from kvpool_connector.testing.server import vllm_server
 from kvpool_connector.testing.workloads import SEED_LONG_PROMPT
 

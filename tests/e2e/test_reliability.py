@@ -27,10 +27,10 @@ import numpy as np
 import psutil
 import pytest
 
+from kvpool_connector.processes import stop_process
 from kvpool_connector.testing.client import CheckedClient, cached_tokens, complete, server_metrics, wait_for
 from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_block_bytes, worker_shard
-from kvpool_connector.testing.processes import stop_process
 from kvpool_connector.testing.server import start_vllm_server, stop_server, vllm_server, wait_healthy
 from kvpool_connector.testing.tiny_model import build_model
 from kvpool_connector.testing.workloads import distinct_prompts, shared_prefix_prompts

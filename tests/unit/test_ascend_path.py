@@ -27,8 +27,8 @@ from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, parse_config
 from kvpool_connector.keys import KVLayout, pool_key
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.pool import PoolHandle
+from kvpool_connector.processes import stop_process
 from kvpool_connector.testing.memcache_meta import memcache_meta_service, start_meta_service
-from kvpool_connector.testing.processes import stop_process
 from kvpool_connector.worker import PoolWorker
 
 DOUBLE = Path(__file__).parents[1] / "doubles" / "pymmc" / "memcache_hybrid" / "__init__.py"

@@ -10,7 +10,7 @@ import torch
 from kvpool_connector.config import parse_config
 from kvpool_connector.keys import KVLayout
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.testing.processes import free_port
+from kvpool_connector.processes import free_port
 from kvpool_connector.worker import PoolWorker
 
 BLOCK, HEADS, DIM, LAYERS, BLOCKS = 16, 4, 64, 2, 8  # fp32, K+V: 32 KiB per layer page

@@ -17,8 +17,8 @@ from kvpool_connector.backends import Outcome, PoolUnavailable
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.backends.shared_area import ObjectTooLarge, SharedArea
 from kvpool_connector.config import MooncakeSettings
+from kvpool_connector.processes import free_port, stop_process
 from kvpool_connector.testing.mooncake_pool import mooncake_pool
-from kvpool_connector.testing.processes import free_port, stop_process
 
 
 def shared_memory_settings(pool, **extra) -> MooncakeSettings:

@@ -22,8 +22,8 @@ from kvpool_connector.counters import StatsCounter
 from kvpool_connector.keys import KVLayout, pool_key
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.pool import PoolHandle
+from kvpool_connector.processes import stop_process
 from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
-from kvpool_connector.testing.processes import stop_process
 from kvpool_connector.worker import PoolWorker
 
 NUM_BLOCKS, HEADS, BS, DIM, LAYERS = 8, 2, 16, 32, 3

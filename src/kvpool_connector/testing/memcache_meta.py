@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
+from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
 
 
 @dataclass

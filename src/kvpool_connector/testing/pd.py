@@ -16,9 +16,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
 from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
-from kvpool_connector.testing.processes import free_port, spawn, stop_process, wait_port
 from kvpool_connector.testing.server import start_vllm_server, stop_server, wait_healthy
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from kvpool_connector.testing.processes import free_port, spawn, stop_process
+from kvpool_connector.processes import free_port, spawn, stop_process
 
 
 @dataclass

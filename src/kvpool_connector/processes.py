@@ -1,4 +1,5 @@
-"""Background processes for tests, the demo and benchmarks: start in their own session, wait for a port, stop by PID."""
+"""Background processes (the pool service; tests, the demo, benchmarks): start in their own session, wait for a
+port, stop by PID."""
 
 from __future__ import annotations
 
@@ -21,16 +22,18 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     return subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
+def wait_port(
+    port: int, proc: subprocess.Popen, timeout_s: float, what: str, log: Path, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.1)
-    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s} s; see {log}")
+    raise TimeoutError(f"{what} did not listen on {host}:{port} within {timeout_s} s; see {log}")
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:

@@ -1,0 +1,228 @@
+"""A standalone KV pool in one command: a Mooncake ``mooncake_master`` and one ``mooncake_client`` pool node.
+
+Why a standalone pool: with Mooncake's defaults every vLLM worker adds a segment of its own memory to the pool
+(``global_segment_size``), so the KV it caches lives in the vLLM process and is gone when that process exits; a
+restarted or second engine then finds only what other live engines hold. A pool node is a process of its own: what
+it holds outlives every engine. Engines then contribute no memory (``global_segment_size: 0``) and reach the node over
+TCP, or through shared memory from the same host (``real_client_address``).
+
+``kvpool-pool`` (or ``python -m kvpool_connector.pool_service``) starts both binaries (they ship in the ``mooncake``
+Python package), prints the ``kv_connector_extra_config`` engines should use (and writes it as a
+``MOONCAKE_CONFIG_PATH`` file with ``--config-out``), reports the pool's health every ``--health-interval`` seconds
+(objects, bytes used, live clients, segments), and stops both on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpool_connector.processes import spawn, stop_process, wait_port
+
+
+def mooncake_bin(name: str) -> Path:
+    import mooncake
+
+    path = Path(mooncake.__file__).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in the mooncake package at {path.parent}")
+    return path
+
+
+def connector_config(mooncake: dict, role: str = "kv_both", **extra: object) -> dict:
+    """A ``--kv-transfer-config`` naming MemcacheConnectorStoreV1 with inline Mooncake settings."""
+    return {
+        "kv_connector": "MemcacheConnectorStoreV1",
+        "kv_role": role,
+        "kv_connector_extra_config": {"backend": "mooncake", "mooncake": mooncake, **extra},
+    }
+
+
+@dataclass
+class MooncakePool:
+    """A master and one pool node holding ``segment_size`` of DRAM; ``client_config`` is what engines need."""
+
+    workdir: Path
+    segment_size: str = "4 GB"
+    client_ttl_s: int = 10  # the master's --client_ttl: a node silent that long is dropped with its objects
+    master_port: int = 50051
+    metrics_port: int = 9003
+    node_port: int = 50052
+    host: str = "127.0.0.1"  # the address both listen on and engines reach them at
+    master: subprocess.Popen | None = None
+    node: subprocess.Popen | None = None
+
+    @property
+    def master_address(self) -> str:
+        return f"{self.host}:{self.master_port}"
+
+    def client_config(
+        self, global_segment_size: int | str = 0, shared_memory: bool = False, local_hostname: str | None = None
+    ) -> dict:
+        """Inline ``"mooncake"`` settings: by default engines contribute no memory, objects live on the pool node.
+
+        ``shared_memory`` attaches workers to the pool node through shared memory (engines on the node's host);
+        ``local_hostname``: the engine host's own address (default: the pool's, right when they share a host).
+        """
+        config: dict[str, object] = {
+            "master_server_address": self.master_address,
+            "local_hostname": local_hostname or self.host,
+            "metadata_server": "P2PHANDSHAKE",
+            "protocol": "tcp",
+            "global_segment_size": global_segment_size,
+            "local_buffer_size": 0,
+        }
+        if shared_memory:
+            config["real_client_address"] = f"{self.host}:{self.node_port}"
+        return config
+
+    def connector_config(
+        self, role: str = "kv_both", global_segment_size: int | str = 0, shared_memory: bool = False, **extra: object
+    ) -> dict:
+        """A ``--kv-transfer-config`` naming MemcacheConnectorStoreV1 on this pool; ``extra`` goes to its keys."""
+        return connector_config(self.client_config(global_segment_size, shared_memory), role, **extra)
+
+    def write_config_file(self, path: Path) -> Path:
+        """The settings as a ``MOONCAKE_CONFIG_PATH`` JSON file, the way the seed deploys them."""
+        path.write_text(json.dumps(self.client_config(), indent=2))
+        return path
+
+    def start_master(self) -> None:
+        log = self.workdir / "mooncake_master.log"
+        self.master = spawn(
+            [
+                str(mooncake_bin("mooncake_master")),
+                f"--rpc_address={self.host}",
+                f"--rpc_port={self.master_port}",
+                f"--metrics_host={self.host}",
+                f"--metrics_port={self.metrics_port}",
+                "--enable_http_metadata_server=false",
+                "--default_kv_lease_ttl=5000",
+                f"--client_ttl={self.client_ttl_s}",
+                "--logtostderr=true",
+            ],
+            log,
+        )
+        wait_port(self.master_port, self.master, 30, "mooncake_master", log, host=self.host)
+
+    def start_node(self) -> None:
+        log = self.workdir / "mooncake_client.log"
+        self.node = spawn(
+            [
+                str(mooncake_bin("mooncake_client")),
+                f"--host={self.host}",
+                f"--port={self.node_port}",
+                f"--master_server_address={self.master_address}",
+                "--metadata_server=P2PHANDSHAKE",
+                f"--global_segment_size={self.segment_size}",
+                "--local_buffer_size=16 MB",
+                "--protocol=tcp",
+            ],
+            log,
+        )
+        wait_port(self.node_port, self.node, 30, "mooncake_client", log, host=self.host)
+
+    def _master_http(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}{path}", timeout=5) as answer:
+            return answer.read().decode()
+
+    def segments(self) -> list[str]:
+        """Segments the master places objects on. A killed node's stays listed until its heartbeat TTL runs out
+        (``--client_ttl``): meanwhile puts placed on it fail with -800."""
+        return self._master_http("/get_all_segments").split()
+
+    def health(self) -> dict[str, float | list[str]]:
+        """What the master reports: objects, bytes used of the capacity, live clients, segments."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {
+            s.name: s.value for f in text_string_to_metric_families(self._master_http("/metrics")) for s in f.samples
+        }
+        return {
+            "objects": samples.get("master_key_count", 0.0),
+            "used_bytes": samples.get("master_allocated_bytes", 0.0),
+            "capacity_bytes": samples.get("master_total_capacity_bytes", 0.0),
+            "clients": samples.get("master_active_clients", 0.0),
+            "segments": self.segments(),
+        }
+
+    def stop_master(self, sig: int = signal.SIGTERM) -> None:
+        stop_process(self.master, sig)
+
+    def stop(self) -> None:
+        stop_process(self.node)
+        stop_process(self.master)
+
+
+@contextmanager
+def running(pool: MooncakePool) -> Iterator[MooncakePool]:
+    """Start the master and the node; stop both (node first) on exit, however it comes."""
+    pool.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        pool.start_master()
+        pool.start_node()
+        yield pool
+    finally:
+        pool.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kvpool-pool", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on and to give engines")
+    parser.add_argument("--master-port", type=int, default=50051)
+    parser.add_argument("--node-port", type=int, default=50052, help="the node's port (real_client_address)")
+    parser.add_argument("--metrics-port", type=int, default=9003, help="the master's HTTP metrics port")
+    parser.add_argument("--segment-size", default="4GB", help="DRAM the pool node holds KV in")
+    parser.add_argument("--workdir", type=Path, default=Path(".kvpool"), help="where the two logs go")
+    parser.add_argument("--config-out", type=Path, help="also write the settings as a MOONCAKE_CONFIG_PATH file")
+    parser.add_argument("--health-interval", type=float, default=30.0, help="seconds between health lines (0: none)")
+    args = parser.parse_args(argv)
+    pool = MooncakePool(
+        args.workdir.resolve(),
+        segment_size=args.segment_size,
+        master_port=args.master_port,
+        metrics_port=args.metrics_port,
+        node_port=args.node_port,
+        host=args.host,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with running(pool):
+            extra = {"backend": "mooncake", "mooncake": pool.client_config()}
+            print(f"KV pool up: mooncake_master {pool.master_address}, pool node {pool.host}:{pool.node_port} "
+                  f"({args.segment_size}); logs in {pool.workdir}")  # fmt: skip
+            shm = f'"real_client_address": "{pool.host}:{pool.node_port}"'
+            print(f"kv_connector_extra_config for engines (on this host, add {shm} to mooncake for shared memory):")
+            if args.config_out:
+                pool.write_config_file(args.config_out)
+            print(json.dumps(extra))
+            if args.config_out:
+                print(f'or MOONCAKE_CONFIG_PATH={args.config_out} with {{"backend": "mooncake"}}')
+            sys.stdout.flush()
+            while not stop.wait(args.health_interval or None):
+                if pool.master.poll() is not None or pool.node.poll() is not None:
+                    print("mooncake_master or the pool node exited; see the logs", file=sys.stderr)
+                    raise SystemExit(1)
+                h = pool.health()
+                print(f"health: {h['objects']:.0f} objects, {h['used_bytes'] / 2**20:.0f} of "
+                      f"{h['capacity_bytes'] / 2**20:.0f} MiB used, {h['clients']:.0f} clients, "
+                      f"segments {' '.join(h['segments'])}", flush=True)  # fmt: skip
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"kvpool-pool: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print("KV pool stopped")
+
+
+if __name__ == "__main__":
+    main()
