@@ -53,6 +53,13 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         assert self.connector_worker is not None
         self.connector_worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.connector_worker is not None and isinstance(connector_metadata, PoolConnectorMetadata):
+            # Before this step's forward pass, not after it, as vLLM would call start_load_kv for a step without
+            # synchronous loads: queueing costs microseconds, and the load then runs during the forward pass.
+            self.connector_worker.start_async_loads(connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self.connector_worker is not None
         meta = self._get_connector_metadata()

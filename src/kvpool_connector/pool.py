@@ -11,8 +11,9 @@
    pool client into the same, with a rate-limited warning that says why.
 4. An outage seen by any call (the master refuses, resets or does not answer) opens a back-off window of
    ``reconnect_interval_s``: calls inside it fail fast instead of each waiting out the client's RPC retries (~4 s for
-   a dead master, 30 s for a hung one); the first call after it probes the pool again. Mooncake's client reconnects
-   to a restarted master by itself, so a probe that succeeds ends the outage and hits resume.
+   a dead master, 30 s for a hung one). A probe thread ends the window as soon as the pool is back (a connect to
+   its front door every 0.2 s, then one confirming lookup), or the first call after the window finds it back.
+   Mooncake's client reconnects to a restarted master by itself, so hits and saves resume then.
 5. Lookups run on one lookup thread: ``exists_async(keys)`` answers a future (queries made while a pool call is
    running go out together in the next one), ``exists_within(keys, timeout_s)`` waits for it with a bound. Past the
    timeout, or while an earlier lookup is still stuck in the pool client, the answer is a miss.
@@ -31,6 +32,9 @@ from kvpool_connector.counters import StatsCounter
 from kvpool_connector.logs import RateLimitedWarning, init_logger
 
 logger = init_logger(__name__)
+
+PROBE_INTERVAL_S = 0.2  # how often an outage's probe asks whether the pool is back
+PROBE_KEY = "kvpool/probe"
 
 
 class PoolHandle:
@@ -66,6 +70,7 @@ class PoolHandle:
         self._outage_lock = threading.Lock()
         self._down_since: float | None = None
         self._down_until = 0.0
+        self._probe: threading.Thread | None = None
         self.outages = 0
         self.warn = RateLimitedWarning(logger)
 
@@ -159,6 +164,10 @@ class PoolHandle:
                 self._down_since = now
                 self.outages += 1
             self._down_until = now + self._interval
+            if self._probe is None or not self._probe.is_alive():
+                self._probe = threading.Thread(target=self._probe_until_back, name=f"kvpool-probe-{self.label}")
+                self._probe.daemon = True
+                self._probe.start()
         self.warn(
             "outage",
             "KV pool (%s) unreachable during %s (%s): serving without it, probing again every %.0f s",
@@ -167,6 +176,24 @@ class PoolHandle:
             reason,
             self._interval,
         )
+
+    def _probe_until_back(self) -> None:
+        """Ends an outage as soon as the pool answers again, instead of when its back-off window runs out: every
+        ``PROBE_INTERVAL_S`` a bounded connect to the pool's front door, and once that answers, one real call on this
+        thread (so no data-path call pays for a pool that accepts connections but cannot serve yet)."""
+        self._bind_thread()
+        while not self._stop.wait(PROBE_INTERVAL_S):
+            backend = self._backend
+            if self._down_since is None or backend is None:
+                return
+            if not backend.answers():
+                continue
+            try:
+                backend.exists([PROBE_KEY])
+            except Exception:  # noqa: BLE001 - still down: the window stays, the probe goes on
+                continue
+            self._reachable()
+            return
 
     def _reachable(self) -> None:
         if self._down_since is None:  # the common case: no lock taken

@@ -6,9 +6,10 @@ Calls, in the order vLLM makes them:
    node maps (``kv_allocation``), so loads make one copy.
 1. ``register_kv_caches``: derive page geometry from the KV tensors, register their memory with the pool client
    (zero-copy transfers), and connect in the background.
-2. each step, ``load`` (from ``start_load_kv``): read every planned block of every layer straight into the pages vLLM
-   allocated, before the forward pass (synchronous loads) or on the loader thread (asynchronous loads, reported
-   through ``finished_loads``); blocks that did not arrive whole become load errors (``loading``).
+2. each step, ``start_async_loads`` (when vLLM binds the step's plan, before the forward pass) queues asynchronous
+   loads on the loader thread, reported through ``finished_loads``; ``load`` (from ``start_load_kv``) reads
+   synchronous ones before the forward pass. Every planned block of every layer lands straight in the pages vLLM
+   allocated; blocks that did not arrive whole become load errors (``loading``).
 3. ``save`` (from ``wait_for_save``, after the forward pass queued the step's KV writes): record an event on the
    compute stream, then queue the copy of the planned full blocks to the staging area after it and let the staging
    thread put those the pool does not hold yet (``async_save``, the default), or wait for the event and put them
@@ -207,12 +208,18 @@ class PoolWorker:
                 )
 
     def load(self, meta: PoolConnectorMetadata) -> None:
-        """Synchronous loads now (the forward pass reads them next); asynchronous ones queued on the loader thread."""
-        if not meta.loads and not meta.async_loads:
+        """Synchronous loads, now: the forward pass reads them next."""
+        if not meta.loads:
             return
         assert self.loader is not None, "register_kv_caches must run first"
         for transfer in meta.loads:
             self.loader.load_now(transfer)
+
+    def start_async_loads(self, meta: PoolConnectorMetadata) -> None:
+        """Queue the step's asynchronous loads on the loader thread; vLLM waits for them through ``finished_loads``."""
+        if not meta.async_loads:
+            return
+        assert self.loader is not None, "register_kv_caches must run first"
         for transfer in meta.async_loads:
             self.loader.submit(transfer)
 

@@ -7,6 +7,7 @@ for token, and a tampered pool object must change them (so a connector that load
 from __future__ import annotations
 
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -154,3 +155,33 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
     assert [r.num_cached_tokens for r in run.results] == [EXPECTED_HITS[0], 0]
     assert run.outputs == [baseline.outputs[0], baseline.outputs[3]]
     assert loaded_blocks(run.log) == 2
+
+
+def test_an_engine_started_while_the_master_is_stopped_serves_then_connects(tiny_model, pool, tmp_path):
+    """A master that accepts connections but does not answer (SIGSTOP) at engine start: the engine starts anyway
+    (start-up waits ``startup_wait_s`` for the pool, never on a client call that holds the GIL), serves with misses,
+    and takes hits once the master answers again."""
+    from kvpool_connector.testing.client import cached_tokens, complete, wait_for
+    from kvpool_connector.testing.engine import engine_env
+    from kvpool_connector.testing.server import vllm_server
+
+    config = connector_config(pool.client_config(), reconnect_interval_s=1.0, startup_wait_s=3.0)
+    prompt = distinct_prompts(1, 2 * 128 + 9, seed=41)[0]
+    args = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
+    pool.master.send_signal(signal.SIGSTOP)
+    try:
+        with vllm_server(tiny_model, tmp_path, config, args, env=engine_env(tmp_path / "cache")) as server:
+            miss = complete(server.url, tiny_model, prompt, 8, return_token_ids=True)
+            assert cached_tokens(miss) == 0
+            pool.master.send_signal(signal.SIGCONT)
+            wait_for(lambda: server.log_text().count(") connected") >= 2, 60, "the worker and lookup clients connected")
+
+            def hit() -> bool:
+                answer = complete(server.url, tiny_model, prompt, 8, return_token_ids=True)
+                assert answer["choices"][0]["token_ids"] == miss["choices"][0]["token_ids"]
+                return cached_tokens(answer) == 256
+
+            wait_for(hit, 30, "a pool hit")
+            assert "accepts connections but does not answer" in server.log_text()
+    finally:
+        pool.master.send_signal(signal.SIGCONT)

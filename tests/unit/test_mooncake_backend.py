@@ -7,6 +7,7 @@ node through shared memory (``real_client_address``).
 import ctypes
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -196,6 +197,31 @@ def test_absent_master_is_refused_at_once():
     with pytest.raises(PoolUnavailable, match=r"mooncake_master at .* is not reachable"):
         MooncakeBackend(settings, holds_data=True).connect()
     assert time.monotonic() - began < 5
+
+
+def test_a_stopped_master_is_refused_without_freezing_the_process(tmp_path):
+    """A master that accepts connections but never answers (SIGSTOP; across hosts, a half-open network) would keep
+    Mooncake's setup waiting with the GIL held. The backend knocks first, then tries a client in a child process it
+    can kill: connect fails within seconds while every other thread runs, and succeeds once the master continues."""
+    with mooncake_pool(tmp_path / "pool", segment_size="64 MB") as running:
+        settings = MooncakeSettings(**running.client_config())
+        running.master.send_signal(signal.SIGSTOP)
+        try:
+            ticks = []
+            ticker = threading.Thread(target=lambda: [ticks.append(time.sleep(0.1)) for _ in range(200)], daemon=True)
+            ticker.start()
+            began = time.monotonic()
+            with pytest.raises(PoolUnavailable, match="accepts connections but does not answer"):
+                MooncakeBackend(settings, holds_data=True).connect()
+            took = time.monotonic() - began
+            assert took < 15, took
+            assert len(ticks) >= int(took / 0.1) - 10, "another thread was held up while connect ran"
+        finally:
+            running.master.send_signal(signal.SIGCONT)
+        backend = MooncakeBackend(settings, holds_data=True)
+        backend.connect()
+        assert backend.answers()
+        backend.close()
 
 
 def test_shared_memory_node_killed_costs_hits_only(tmp_path):

@@ -105,6 +105,36 @@ def test_master_killed_then_restarted(own_pool, buffer, caplog):
     handle.close()
 
 
+def test_an_outage_ends_when_the_pool_is_back_not_when_the_back_off_runs_out(own_pool, buffer):
+    """With the default 5-s back-off, the probe ends the outage within a probe interval or two of the master's
+    return: saves and hits resume then (measured and printed), long before the window would have closed."""
+    settings = MooncakeSettings(**own_pool.client_config())
+    handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), 5.0, "test")
+    handle.register_memory(buffer.ctypes.data, buffer.nbytes)
+    handle.start()
+    assert handle.wait_connected(15)
+    stats = StatsCounter()
+    addrs, sizes = spans(buffer, 2)
+    own_pool.stop_master(signal.SIGKILL)
+    assert handle.exists_within(["r/0"], 0.5) == [False] and not handle.available
+    time.sleep(1.0)  # the probe keeps finding nothing
+    assert not handle.available
+    own_pool.start_master()
+    restarted = time.monotonic()
+
+    def saved() -> bool:
+        handle.put_missing(["r/1"], addrs[:1], sizes[:1], stats)
+        return stats["saved_blocks"] == 1
+
+    wait_until(saved, 20)
+    resumed_s = time.monotonic() - restarted
+    assert handle.exists_within(["r/1"], 0.5) == [True]
+    assert handle.get(["r/1"], addrs[1:2], sizes[1:2]) == [Outcome.OK]
+    print(f"saves and hits resumed {resumed_s:.2f} s after the master restarted (back-off window 5 s)")
+    assert resumed_s < 5.0, "the outage lasted as long as its back-off window: the probe did not end it"
+    handle.close()
+
+
 def test_hung_master_costs_one_lookup_timeout(own_pool, buffer):
     handle = open_handle(own_pool, buffer)
     stats = StatsCounter()
@@ -191,7 +221,7 @@ def test_an_async_load_reports_finished_only_after_its_blocks_landed_with_its_er
     before = {name: t[:2].clone() for name, t in caches.items()}
     own_pool.node.send_signal(signal.SIGSTOP)
     try:
-        w.load(PoolConnectorMetadata(async_loads=[BlockTransfer("r-async", [4, 5, 6], hashes)]))
+        w.start_async_loads(PoolConnectorMetadata(async_loads=[BlockTransfer("r-async", [4, 5, 6], hashes)]))
         time.sleep(1.0)
         assert w.finished_loads(idle_step=True) == set()  # waited its few ms, then answered: still loading
     finally:

@@ -13,8 +13,10 @@ several page buffers: ``addrs[i]`` and ``sizes[i]`` list the pages of ``keys[i]`
 from __future__ import annotations
 
 import enum
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class PoolUnavailable(RuntimeError):
@@ -72,3 +74,45 @@ class PoolBackend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the client; later calls are not allowed."""
+
+    def answers(self) -> bool:
+        """Whether the pool's front door (its master, meta service) accepts a connection now: cheap and bounded, no
+        client call, so an outage's probe can ask it often. A pool that cannot tell says True and lets the probe's
+        confirming call decide."""
+        return True
+
+
+ANSWER_TIMEOUT_S = 0.2  # an outage probe's connect: a partitioned host drops SYNs, the probe must not wait long
+_MALFORMED_REQUEST = b"\x00" * 64
+
+
+@dataclass(frozen=True)
+class FrontDoor:
+    """What a pool server's port did when knocked on: ``answers`` (accepted and reacted), else why not; ``silent``:
+    it accepted the connection and then did nothing (a stopped or hung process: the kernel completes the handshake
+    for it; or a half-open network)."""
+
+    answers: bool
+    silent: bool = False
+    reason: str = ""
+
+
+def knock(address: str, timeout_s: float) -> FrontDoor:
+    """Connect to ``host:port`` and send a malformed request: a live Mooncake master or pool node and a memcache meta
+    service close such a connection at once (observed); a stopped one lets it sit. Bounded by ``timeout_s`` per step,
+    and no pool client is involved, so nothing here can hold the GIL."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+    except (OSError, ValueError) as exc:
+        return FrontDoor(False, reason=str(exc) or type(exc).__name__)
+    with sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.sendall(_MALFORMED_REQUEST)
+            sock.recv(64)  # a reply or the close: either way, a process that serves
+        except TimeoutError:
+            return FrontDoor(False, silent=True, reason=f"accepts connections but does not answer within {timeout_s} s")
+        except OSError:
+            pass  # reset: also a reaction
+    return FrontDoor(True)

@@ -31,7 +31,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
+from kvpool_connector.backends.base import (
+    ANSWER_TIMEOUT_S,
+    Outcome,
+    PoolBackend,
+    PoolUnavailable,
+    RegistrationRefused,
+    knock,
+)
 from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, MemcacheSettings
 from kvpool_connector.devices import CpuRuntime, DeviceRuntime
 
@@ -206,6 +213,9 @@ class MemcacheBackend(PoolBackend):
             raise RegistrationRefused(
                 f"memcache refused to register the KV region [{ptr:#x}, {ptr + size:#x}) ({size} bytes): code {rc}"
             )
+
+    def answers(self) -> bool:
+        return knock(self._settings.meta_service_url, ANSWER_TIMEOUT_S).answers
 
     # -- data calls ----------------------------------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:

@@ -16,11 +16,18 @@ Return codes (mooncake-store types.h) are read here and nowhere else.
 
 from __future__ import annotations
 
-import socket
+import subprocess
+import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
+from kvpool_connector.backends.base import (
+    ANSWER_TIMEOUT_S,
+    Outcome,
+    PoolBackend,
+    PoolUnavailable,
+    knock,
+)
 from kvpool_connector.backends.shared_area import SharedArea
 from kvpool_connector.config import MooncakeSettings
 from kvpool_connector.logs import init_logger
@@ -41,6 +48,7 @@ _PREFAULT_OBJECT_BYTES = 16 << 20
 _PREFAULT_WINDOW_BYTES = 256 << 20  # pool memory the throwaway objects hold at any one time
 _POOL_ALLOC_SLACK = 2 << 20  # per allocation from the shared pool, for its alignment
 _PROBE_TIMEOUT_S = 2.0
+_CHILD_PROBE_TIMEOUT_S = 10.0
 
 _PUT_CODES = {
     NO_AVAILABLE_HANDLE: Outcome.POOL_FULL,
@@ -58,17 +66,37 @@ _GET_CODES = {
 }
 
 
-def _check_listening(address: str, what: str) -> None:
-    """Refuse at once when nothing listens at ``address``.
+def _check_answering(address: str, what: str, serves_a_child_client: Callable[[], bool] | None = None) -> None:
+    """Refuse at once unless the server at ``address`` answers.
 
-    Mooncake's ``setup`` holds the GIL while it retries an absent master (~90 s, checked here): called from a
-    background thread it would still freeze every thread of the engine process, serving included.
+    Mooncake's ``setup`` holds the GIL while it waits for a master: ~90 s of retries against an absent one, and
+    indefinitely against one that accepts connections but does not answer (a stopped process, a half-open network).
+    Called from a background thread it would still freeze every thread of the engine, serving included. So the
+    server is knocked on first (``knock``: bounded, no client call); one that accepts the connection but ignores the
+    malformed knock is given a real client in a child process, which can be killed, before this process calls it.
     """
-    host, _, port = address.rpartition(":")
+    door = knock(address, _PROBE_TIMEOUT_S)
+    if door.answers or (door.silent and serves_a_child_client is not None and serves_a_child_client()):
+        return
+    raise PoolUnavailable(f"{what} at {address} is not reachable: {door.reason}")
+
+
+_SETUP_IN_CHILD = (
+    "import sys\n"
+    "from mooncake.store import MooncakeDistributedStore\n"
+    "h, m, p, a = sys.argv[1:]\n"
+    "sys.exit(0 if MooncakeDistributedStore().setup(h, m, 0, 0, p, '', a) == 0 else 1)\n"
+)
+
+
+def _master_serves_a_child_client(settings: MooncakeSettings) -> bool:
+    s = settings
+    args = [sys.executable, "-c", _SETUP_IN_CHILD, s.local_hostname, s.metadata_server, s.protocol]
     try:
-        socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT_S).close()
-    except OSError as exc:
-        raise PoolUnavailable(f"{what} at {address} is not reachable: {exc}") from None
+        done = subprocess.run([*args, s.master_server_address], capture_output=True, timeout=_CHILD_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
 
 
 def _import_store():
@@ -107,9 +135,9 @@ class MooncakeBackend(PoolBackend):
         if self._connected:  # attached early to place the KV cache (``kv_allocation``)
             return
         s = self._settings
-        _check_listening(s.master_server_address, "mooncake_master")
+        _check_answering(s.master_server_address, "mooncake_master", lambda: _master_serves_a_child_client(s))
         if self.shared_memory:
-            _check_listening(s.real_client_address, "mooncake_client")
+            _check_answering(s.real_client_address, "mooncake_client")
             self._attach(s.real_client_address, s.shared_buffer_bytes)
             self._connected = True
             return
@@ -232,6 +260,11 @@ class MooncakeBackend(PoolBackend):
 
     def remove(self, keys: Sequence[str]) -> list[bool]:
         return [code == 0 for code in self._store.batch_remove(list(keys), True)]
+
+    def answers(self) -> bool:
+        s = self._settings
+        addresses = [s.master_server_address] + ([s.real_client_address] if self.shared_memory else [])
+        return all(knock(address, ANSWER_TIMEOUT_S).answers for address in addresses)
 
     def close(self) -> None:
         if self.kv_cache_memory is not None:
