@@ -223,10 +223,20 @@ def main() -> None:
     parser.add_argument(
         "--shared-memory", action="store_true", help="attach the worker to the pool node through shared memory"
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="Mooncake replica_num: copies of each object (2: the worker's segment and the pool node's)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmark runs")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.replicas > 1 and (args.remote or args.shared_memory):
+        parser.error(
+            "--replicas > 1 needs two segments: the worker's own and the pool node's (not --remote/--shared-memory)"
+        )
     if args.shared_memory and (args.master or args.remote):
         parser.error("--shared-memory attaches to the pool node this benchmark starts: not with --master or --remote")
     page_kib, blocks, lengths = ([64, 256, 1024], [4, 16, 64], [1024, 4096, 16384, 32768])
@@ -250,6 +260,7 @@ def main() -> None:
             "protocol": "tcp",
             "global_segment_size": 0 if args.remote else "3 GB",
             "local_buffer_size": 0,
+            "replica_num": args.replicas,
         }
         segment_bytes = 0 if args.remote else 3 << 30
         if args.shared_memory:
@@ -277,12 +288,15 @@ def main() -> None:
         segment = "remote (pool node over TCP)"
     elif args.shared_memory:
         segment = "pool node on this host, through shared memory"
+    if args.replicas > 1:
+        segment += f", {args.replicas} replicas (one on the pool node)"
     result = {
         "segment": segment,
         "data_path": data_rows,
         "lookup": lookup_rows,
     }
-    name = "bench_store" + ("_shm" if args.shared_memory else "") + ("_quick" if args.quick else "")
+    name = "bench_store" + ("_shm" if args.shared_memory else "") + (f"_r{args.replicas}" if args.replicas > 1 else "")
+    name += "_quick" if args.quick else ""
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(data_rows, lookup_rows, args.out / f"{name}.png")
     console.print(f"results: {args.out / (name + '.json')}, plot: {args.out / (name + '.png')}")

@@ -80,6 +80,9 @@ class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     shared_buffer_size: int | str = DEFAULT_SHARED_BUFFER_SIZE
     """With ``real_client_address``: size of each of a worker's two shared areas (loads, saves). Larger batches go in
     chunks; it must hold at least one KV block object (all layers of one block)."""
+    replica_num: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    """Copies of each object Mooncake keeps, each on another pool node: with 2, losing one node keeps every hit; each
+    copy costs its share of save bandwidth and pool memory."""
     kv_cache_in_shared_memory: bool = True
     """With ``real_client_address``: allocate vLLM's KV cache in shared memory that ``mooncake_client`` maps, so the
     node copies loads straight into the KV pages (one copy; the node then maps the whole KV cache).

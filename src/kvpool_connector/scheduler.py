@@ -174,6 +174,7 @@ class PoolScheduler:
             if time.monotonic() < wait.deadline:
                 self._forget_lookup(req_id)  # ask again next step: the producer's put may land any moment
                 return None, False
+            wait.blocks = 0  # waited once: a later ask (say, after a failed allocation) takes what is there
             self.stats.add("producer_wait_expired")
             self.pool.warn(
                 "producer-wait",

@@ -5,6 +5,7 @@ node through shared memory (``real_client_address``).
 """
 
 import ctypes
+import dataclasses
 import re
 import signal
 import threading
@@ -309,3 +310,43 @@ def test_kv_cache_memory_outlives_a_killed_node(tmp_path):
         kv[:] += 1
         assert kv.min() == kv.max() == 8
         b.close()
+
+
+def test_two_replicas_keep_every_object_when_one_pool_node_dies(tmp_path):
+    """``replica_num: 2`` with two pool nodes: each object is on both, so killing one node loses nothing; with one
+    replica, the objects the dead node held are gone (its segment is dropped once its heartbeat TTL, 2 s, passes)."""
+    with mooncake_pool(tmp_path / "pool", segment_size="64 MB", client_ttl_s=2) as pool:
+        second = dataclasses.replace(pool, workdir=tmp_path / "node2", node_port=free_port(), node=None)
+        second.workdir.mkdir()
+        second.start_node()
+        try:
+            deadline = time.monotonic() + 20
+            while len(pool.segments()) < 2:
+                assert time.monotonic() < deadline, "the second node's segment was not mounted"
+                time.sleep(0.2)
+            page = np.arange(4096, dtype=np.uint8)
+            backends = {}
+            for replicas in (1, 2):
+                settings = MooncakeSettings(**pool.client_config(), replica_num=replicas)
+                backends[replicas] = b = MooncakeBackend(settings, holds_data=True)
+                b.connect()
+                b.register_memory(page.ctypes.data, page.nbytes)
+                keys = [f"r{replicas}/{i}" for i in range(16)]
+                assert all(o.ok for o in b.put(keys, [[page.ctypes.data]] * 16, [[page.nbytes]] * 16))
+            stop_process(pool.node, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while len(pool.segments()) != 1:
+                assert time.monotonic() < deadline, "the dead node's segment is still listed"
+                time.sleep(0.2)
+            out = np.zeros_like(page)
+            found = {}
+            for replicas, b in backends.items():
+                b.register_memory(out.ctypes.data, out.nbytes)
+                keys = [f"r{replicas}/{i}" for i in range(16)]
+                found[replicas] = sum(o.ok for o in (b.get([k], [[out.ctypes.data]], [[out.nbytes]])[0] for k in keys))
+                b.close()
+            assert found[2] == 16, found  # every object survived on the other node
+            assert found[1] < 16, found  # without a second replica, the dead node's objects are gone
+            print(f"\nafter one of two nodes died: {found[1]}/16 objects left with 1 replica, {found[2]}/16 with 2")
+        finally:
+            stop_process(second.node)

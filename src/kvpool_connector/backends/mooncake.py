@@ -120,6 +120,7 @@ class MooncakeBackend(PoolBackend):
         store_cls, self._replicate_config_cls = _import_store()
         self._store = store_cls()
         self._replicate_config = self._replicate_config_cls()
+        self._replicate_config.replica_num = settings.replica_num
         self._kv_cache_bytes = kv_cache_bytes if self.shared_memory else 0
         self.kv_cache_memory: SharedArea | None = None
         """Shared memory handed out for vLLM's KV cache at attach (``kv_cache_bytes``); pages inside it move with one
