@@ -44,6 +44,7 @@ import random
 import re
 import statistics
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -78,6 +79,37 @@ def _each_ms(run: EngineRun) -> list[tuple[int, float]]:
     return [(r.prompt_tokens, round(r.ttft_s * 1e3, 2)) for r in run.results]
 
 
+@dataclass
+class _Engines:
+    """Fresh engine processes of one benchmark: every prompt alone in one step (``max_num_batched_tokens`` = the
+    longest), one output token; each run announced, and the cores it ran on reported."""
+
+    console: Console
+    model: str
+    work: Path
+    env: dict[str, str]
+    max_len: int
+    llm_args: dict = field(default_factory=dict)
+
+    def spec(self, kv: dict | None, prompts: list[list[int]], sequential: bool = True) -> EngineSpec:
+        return EngineSpec(
+            model=self.model,
+            prompts=prompts,
+            max_tokens=1,
+            kv_transfer_config=kv,
+            sequential=sequential,
+            max_model_len=self.max_len,
+            max_num_batched_tokens=self.max_len,
+            extra_llm_args=dict(self.llm_args),
+        )
+
+    def run(self, label: str, spec: EngineSpec) -> EngineRun:
+        self.console.print(f"[bold]{label}[/]: {len(spec.prompts)} prompts ...")
+        run = run_engine(spec, self.work / "engines", env=self.env, timeout_s=3000)
+        self.console.print(f"  done in {run.wall_s:.0f} s, cores {_cores(run)}")
+        return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[514, 1026, 2050, 4098])
@@ -110,22 +142,8 @@ def main() -> None:
         prompts = _prompts(args.lengths, args.reps, seed=1, vocab=vocab)
         max_len = max(max(args.lengths), args.batch_tokens) + 64
 
-        def spec(kv: dict | None, ps: list[list[int]], sequential: bool = True) -> EngineSpec:
-            return EngineSpec(
-                model=model,
-                prompts=ps,
-                max_tokens=1,
-                kv_transfer_config=kv,
-                sequential=sequential,
-                max_model_len=max_len,
-                max_num_batched_tokens=max_len,
-            )
-
-        def engine(label: str, s: EngineSpec) -> EngineRun:
-            console.print(f"[bold]{label}[/]: {len(s.prompts)} prompts ...")
-            run = run_engine(s, work / "engines", env=env, timeout_s=3000)
-            console.print(f"  done in {run.wall_s:.0f} s, cores {_cores(run)}")
-            return run
+        bench = _Engines(console, model, work, env, max_len)
+        spec, engine = bench.spec, bench.run
 
         runs: dict[str, EngineRun] = {}
         hit_engines: dict[str, list[EngineRun]] = {"pool hit shm": [], "example hit": []}
@@ -286,21 +304,10 @@ def _mla(args: argparse.Namespace, console: Console) -> None:
         prompts = _prompts(args.lengths, args.reps, seed=1, vocab=PRESETS[preset].vocab_size)
         max_len = max(args.lengths) + 64
 
+        bench = _Engines(console, model, work, env, max_len, {"dtype": "bfloat16"})
+
         def engine(label: str, kv: dict | None, ps: list[list[int]]) -> EngineRun:
-            console.print(f"[bold]{label}[/]: {len(ps)} prompts ...")
-            spec = EngineSpec(
-                model=model,
-                prompts=ps,
-                max_tokens=1,
-                kv_transfer_config=kv,
-                sequential=True,
-                max_model_len=max_len,
-                max_num_batched_tokens=max_len,
-                extra_llm_args={"dtype": "bfloat16"},
-            )
-            run = run_engine(spec, work / "engines", env=env, timeout_s=3000)
-            console.print(f"  done in {run.wall_s:.0f} s, cores {_cores(run)}")
-            return run
+            return bench.run(label, bench.spec(kv, ps))
 
         runs = {"no connector": engine("recompute + local prefix hit", None, [p for p in prompts for _ in range(2)])}
         with mooncake_pool(work / "mooncake", segment_size="4 GB") as pool:

@@ -236,8 +236,6 @@ class PoolHandle:
 
     def exists_within(self, keys: Sequence[str], timeout_s: float) -> list[bool]:
         """``exists`` bounded by ``timeout_s``; a stuck pool client costs misses, never a stalled scheduler."""
-        if self._lookup_is_stuck(0.0):
-            return [False] * len(keys)
         try:
             return self.exists_async(keys).result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:

@@ -97,39 +97,38 @@ class MooncakePool:
         return path
 
     def start_master(self) -> None:
-        log = self.workdir / "mooncake_master.log"
-        self.master = spawn(
-            [
-                str(mooncake_bin("mooncake_master")),
-                f"--rpc_address={self.host}",
-                f"--rpc_port={self.master_port}",
-                f"--metrics_host={self.host}",
-                f"--metrics_port={self.metrics_port}",
-                "--enable_http_metadata_server=false",
-                "--default_kv_lease_ttl=5000",
-                f"--client_ttl={self.client_ttl_s}",
-                "--logtostderr=true",
-            ],
-            log,
+        self.master = self._start(
+            "mooncake_master",
+            self.master_port,
+            f"--rpc_address={self.host}",
+            f"--rpc_port={self.master_port}",
+            f"--metrics_host={self.host}",
+            f"--metrics_port={self.metrics_port}",
+            "--enable_http_metadata_server=false",
+            "--default_kv_lease_ttl=5000",
+            f"--client_ttl={self.client_ttl_s}",
+            "--logtostderr=true",
         )
-        wait_port(self.master_port, self.master, 30, "mooncake_master", log, host=self.host)
 
     def start_node(self) -> None:
-        log = self.workdir / "mooncake_client.log"
-        self.node = spawn(
-            [
-                str(mooncake_bin("mooncake_client")),
-                f"--host={self.host}",
-                f"--port={self.node_port}",
-                f"--master_server_address={self.master_address}",
-                "--metadata_server=P2PHANDSHAKE",
-                f"--global_segment_size={self.segment_size}",
-                "--local_buffer_size=16 MB",
-                "--protocol=tcp",
-            ],
-            log,
+        self.node = self._start(
+            "mooncake_client",
+            self.node_port,
+            f"--host={self.host}",
+            f"--port={self.node_port}",
+            f"--master_server_address={self.master_address}",
+            "--metadata_server=P2PHANDSHAKE",
+            f"--global_segment_size={self.segment_size}",
+            "--local_buffer_size=16 MB",
+            "--protocol=tcp",
         )
-        wait_port(self.node_port, self.node, 30, "mooncake_client", log, host=self.host)
+
+    def _start(self, binary: str, port: int, *flags: str) -> subprocess.Popen:
+        """One of the two binaries, its output in ``<binary>.log``, returned once it listens on ``port``."""
+        log = self.workdir / f"{binary}.log"
+        proc = spawn([str(mooncake_bin(binary)), *flags], log)
+        wait_port(port, proc, 30, binary, log, host=self.host)
+        return proc
 
     def _master_http(self, path: str) -> str:
         with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}{path}", timeout=5) as answer:

@@ -193,14 +193,14 @@ class PoolScheduler:
 
     def _found_blocks(self, req_id: str, start: int, hashes: list[bytes]) -> int | None:
         """Leading blocks from ``start`` the pool holds on every shard; None while an asynchronous query runs."""
-        wanted = [keys.pool_key(shard, h) for h in hashes[start:] for shard in self.shards]
         assert self.pool is not None
         if not self.lookup_async:
-            return present_prefix_blocks(self.pool.exists_within(wanted, self.lookup_timeout_s), len(self.shards))
+            found = self.pool.exists_within(self._shard_keys(hashes[start:]), self.lookup_timeout_s)
+            return present_prefix_blocks(found, len(self.shards))
         question = (start, len(hashes))
         lookup = self._lookups.get(req_id)
-        if lookup is None or lookup.question != question:
-            future = self.pool.exists_async(wanted, stuck_after_s=self.lookup_timeout_s)
+        if lookup is None or lookup.question != question:  # keys are built only for a new question
+            future = self.pool.exists_async(self._shard_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
             lookup = self._lookups[req_id] = _Lookup(question, future, time.monotonic() + self.lookup_timeout_s)
         if lookup.future.done():
             return present_prefix_blocks(lookup.future.result(), len(self.shards))
@@ -210,6 +210,10 @@ class PoolScheduler:
             "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.lookup_timeout_s * 1e3
         )
         return 0
+
+    def _shard_keys(self, hashes: list[bytes]) -> list[str]:
+        """Block-major, shard-minor: the layout ``present_prefix_blocks`` reads."""
+        return [keys.pool_key(shard, h) for h in hashes for shard in self.shards]
 
     def _forget_lookup(self, req_id: str) -> None:
         if (lookup := self._lookups.pop(req_id, None)) is not None:

@@ -238,7 +238,8 @@ class PoolWorker:
         )
         mine = slice(self.stripe_index, None, self.stripe_count)
         block_ids = [b for t in meta.saves for b in t.block_ids][mine]
-        pool_keys = [keys.pool_key(self.shard, h) for t in meta.saves for h in t.block_hashes][mine]
+        hashes = [h for t in meta.saves for h in t.block_hashes][mine]
+        pool_keys = [keys.pool_key(self.shard, h) for h in hashes]  # this rank's stripe only
         if not block_ids:
             return
         written = self.runtime.record_event()  # after every kernel that writes this step's KV
