@@ -257,6 +257,13 @@ class PoolWorker:
     def take_load_errors(self) -> set[int]:
         return self.loader.take_load_errors() if self.loader is not None else set()
 
+    def settled_totals(self, timeout_s: float = 10.0) -> dict[str, float]:
+        """Everything this rank moved since start-up, once its queued saves reached the pool: what a caller asking
+        every rank (vLLM's ``collective_rpc``) should see, rather than a count racing a background save."""
+        if self.saver is not None:
+            self.saver.flush(timeout_s)
+        return self.stats.total()
+
     def shutdown(self) -> None:
         if self.loader is not None:
             self.loader.close(timeout_s=10.0)  # their blocks belong to requests vLLM still holds

@@ -6,7 +6,6 @@ for token, and a tampered pool object must change them (so a connector that load
 
 from __future__ import annotations
 
-import re
 import signal
 
 import numpy as np
@@ -26,11 +25,6 @@ EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255, 0]
 
 def pool_config(mooncake: dict) -> dict:
     return connector_config(mooncake, reconnect_interval_s=1.0)
-
-
-def loaded_blocks(log: str) -> int:
-    match = re.search(r"MemcacheConnectorStoreV1 worker stats: \{[^}]*'loaded_blocks': (\d+)", log)
-    return int(match.group(1)) if match else 0
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +59,7 @@ def test_fresh_engine_loads_from_pool(loaded, baseline):
     assert loaded.outputs == baseline.outputs
     # 2 + 3 + 2 blocks come from the pool; prompt 2 shares its first two blocks with prompt 1, which vLLM's own
     # prefix cache may serve instead when both are in one batch.
-    assert 5 <= loaded_blocks(loaded.log) <= 7
+    assert 5 <= loaded.loaded_blocks <= 7
 
 
 def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, mooncake_client, tmp_path):
@@ -154,7 +148,7 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
     run = run_engine(EngineSpec(model=tiny_model, prompts=prompts, kv_transfer_config=config), tmp_path)
     assert [r.num_cached_tokens for r in run.results] == [EXPECTED_HITS[0], 0]
     assert run.outputs == [baseline.outputs[0], baseline.outputs[3]]
-    assert loaded_blocks(run.log) == 2
+    assert run.loaded_blocks == 2
 
 
 def test_an_engine_started_while_the_master_is_stopped_serves_then_connects(tiny_model, pool, tmp_path):

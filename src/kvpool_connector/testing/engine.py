@@ -47,6 +47,11 @@ class EngineRun:
     log: str
     wall_s: float  # the whole process, engine start-up included
     generate_s: float  # the generate() calls only
+    worker_totals: list[dict[str, float]] = field(default_factory=list)  # per rank: the connector's counters
+
+    @property
+    def loaded_blocks(self) -> int:
+        return int(sum(t.get("loaded_blocks", 0) for t in self.worker_totals))
 
     @property
     def outputs(self) -> list[list[int]]:
@@ -105,7 +110,34 @@ def run_engine(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = Non
     results = [PromptResult(**r) for r in out["results"]]
     for r in results:  # JSON turned the token ids into strings
         r.logprobs = [{int(t): lp for t, lp in step.items()} for step in r.logprobs]
-    return EngineRun(results=results, log=text, wall_s=time.monotonic() - start, generate_s=out["generate_s"])
+    return EngineRun(
+        results=results,
+        log=text,
+        wall_s=time.monotonic() - start,
+        generate_s=out["generate_s"],
+        worker_totals=out["worker_totals"],
+    )
+
+
+class PoolTotalsExtension:
+    """Mixed into each vLLM worker (``worker_extension_cls``) so a run can ask every rank what its pool connector
+    moved before the engine shuts down: vLLM's shutdown may kill a worker before the connector logs its totals."""
+
+    def kvpool_totals(self) -> dict[str, float]:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        from kvpool_connector.worker import PoolWorker
+
+        if not has_kv_transfer_group():
+            return {}
+        connector = get_kv_transfer_group()
+        totals: dict[str, float] = {}
+        for child in getattr(connector, "_connectors", [connector]):  # MultiConnector holds its children there
+            worker = getattr(child, "connector_worker", None)
+            if isinstance(worker, PoolWorker):
+                for name, value in worker.settled_totals().items():
+                    totals[name] = totals.get(name, 0) + value
+        return totals
 
 
 def _main(spec_path: str, out_path: str) -> None:
@@ -128,6 +160,7 @@ def _main(spec_path: str, out_path: str) -> None:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.kv_transfer_config is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(**spec.kv_transfer_config)
+        kwargs["worker_extension_cls"] = "kvpool_connector.testing.engine.PoolTotalsExtension"
     llm = LLM(**kwargs)
     params = SamplingParams(
         temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True, logprobs=spec.logprobs or None
@@ -154,7 +187,10 @@ def _main(spec_path: str, out_path: str) -> None:
                 )
             )
         )
-    Path(out_path).write_text(json.dumps({"results": results, "generate_s": generate_s}))
+    worker_totals = llm.collective_rpc("kvpool_totals") if spec.kv_transfer_config is not None else []
+    Path(out_path).write_text(
+        json.dumps({"results": results, "generate_s": generate_s, "worker_totals": worker_totals})
+    )
     llm.llm_engine.engine_core.shutdown()
 
 
