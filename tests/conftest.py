@@ -29,6 +29,17 @@ def mla_model(session_dir: Path) -> str:
     return str(build_model(session_dir / "tiny-mla", preset="tiny-mla"))
 
 
+@pytest.fixture(scope="session")
+def standard_baseline(tiny_model: str, tmp_path_factory):
+    """A no-connector engine's run of ``standard_prompts()`` (12 greedy tokens each, one batch): the oracle of every
+    module that serves those prompts, whatever its executor or prefix-cache setting (greedy tokens do not depend on
+    them; the modules' own pool runs must equal it)."""
+    from kvpool_connector.testing.engine import EngineSpec, run_engine
+    from kvpool_connector.testing.workloads import standard_prompts
+
+    return run_engine(EngineSpec(model=tiny_model, prompts=standard_prompts()), tmp_path_factory.mktemp("standard"))
+
+
 @pytest.fixture(scope="module")
 def baseline_outputs(request: pytest.FixtureRequest, tiny_model: str, tmp_path_factory) -> list[list[int]]:
     """A no-connector engine's greedy outputs for the requesting module's ``PROMPTS`` (one at a time, ``MAX_TOKENS``

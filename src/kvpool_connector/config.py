@@ -83,6 +83,12 @@ class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     replica_num: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     """Copies of each object Mooncake keeps, each on another pool node: with 2, losing one node keeps every hit; each
     copy costs its share of save bandwidth and pool memory."""
+    transfer_stall_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 5
+    """A TCP transfer connection that makes no progress this long is dropped and its transfers fail (a load's blocks
+    are recomputed, a save is dropped). Sets ``MC_TCP_PROGRESS_TIMEOUT_SEC`` and ``MC_TCP_STATUS_TIMEOUT_SEC``
+    (Mooncake's default: 30 s) for this client unless the environment already does. Blocks of the same batch queued
+    behind the dropped connection still wait for Mooncake's fixed 60-s batch deadline (measured: a 2-block load from a
+    partitioned node failed its first block after this timeout, its second after 60 s)."""
     kv_cache_in_shared_memory: bool = True
     """With ``real_client_address``: allocate vLLM's KV cache in shared memory that ``mooncake_client`` maps, so the
     node copies loads straight into the KV pages (one copy; the node then maps the whole KV cache).

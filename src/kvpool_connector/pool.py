@@ -365,3 +365,9 @@ def _close_quietly(backend: PoolBackend | None) -> None:
         backend.close()
     except Exception:
         logger.debug("closing the KV pool client failed", exc_info=True)
+
+
+if __name__ == "__main__":  # ``python -m kvpool_connector.pool``: the standalone pool service, as ``kvpool-pool``
+    from kvpool_connector.pool_service import main
+
+    main()

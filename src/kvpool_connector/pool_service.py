@@ -57,9 +57,13 @@ class MooncakePool:
     master_port: int = 50051
     metrics_port: int = 9003
     node_port: int = 50052
-    host: str = "127.0.0.1"  # the address both listen on and engines reach them at
+    host: str = "127.0.0.1"  # the address the master listens on and engines reach it at
+    node_host: str = ""  # the pool node's address (default: ``host``; another host's in a multi-host deployment)
     master: subprocess.Popen | None = None
     node: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.node_host = self.node_host or self.host
 
     @property
     def master_address(self) -> str:
@@ -82,7 +86,7 @@ class MooncakePool:
             "local_buffer_size": 0,
         }
         if shared_memory:
-            config["real_client_address"] = f"{self.host}:{self.node_port}"
+            config["real_client_address"] = f"{self.node_host}:{self.node_port}"
         return config
 
     def connector_config(
@@ -99,6 +103,7 @@ class MooncakePool:
     def start_master(self) -> None:
         self.master = self._start(
             "mooncake_master",
+            self.host,
             self.master_port,
             f"--rpc_address={self.host}",
             f"--rpc_port={self.master_port}",
@@ -113,8 +118,9 @@ class MooncakePool:
     def start_node(self) -> None:
         self.node = self._start(
             "mooncake_client",
+            self.node_host,
             self.node_port,
-            f"--host={self.host}",
+            f"--host={self.node_host}",
             f"--port={self.node_port}",
             f"--master_server_address={self.master_address}",
             "--metadata_server=P2PHANDSHAKE",
@@ -123,11 +129,11 @@ class MooncakePool:
             "--protocol=tcp",
         )
 
-    def _start(self, binary: str, port: int, *flags: str) -> subprocess.Popen:
-        """One of the two binaries, its output in ``<binary>.log``, returned once it listens on ``port``."""
+    def _start(self, binary: str, host: str, port: int, *flags: str) -> subprocess.Popen:
+        """One of the two binaries, its output in ``<binary>.log``, returned once it listens on ``host:port``."""
         log = self.workdir / f"{binary}.log"
         proc = spawn([str(mooncake_bin(binary)), *flags], log)
-        wait_port(port, proc, 30, binary, log, host=self.host)
+        wait_port(port, proc, 30, binary, log, host=host)
         return proc
 
     def _master_http(self, path: str) -> str:

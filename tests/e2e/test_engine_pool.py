@@ -28,8 +28,8 @@ def pool_config(mooncake: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model, tmp_path_factory):
-    return run_engine(EngineSpec(model=tiny_model, prompts=PROMPTS), tmp_path_factory.mktemp("baseline"))
+def baseline(standard_baseline):
+    return standard_baseline
 
 
 @pytest.fixture(scope="module")

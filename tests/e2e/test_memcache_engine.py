@@ -115,10 +115,10 @@ def run_counted(store: Path, *args, **kwargs) -> Run:
 
 # -- TP 1: scheduler and worker in one process ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tp1(tiny_model, meta, tmp_path_factory):
+def tp1(tiny_model, meta, standard_baseline, tmp_path_factory):
     root = tmp_path_factory.mktemp("mmc-tp1")
     store = root / "pool"
-    baseline = run(tiny_model, root / "base", plain_env(root / "c0"), connector=False)
+    baseline = standard_baseline
     env = double_env(meta, store, root / "c1")
     saved = run_counted(store, tiny_model, root / "save", env, connector=True, sequential=True)
     inits_after_save = inits_by_process(store)

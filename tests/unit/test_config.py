@@ -63,6 +63,8 @@ def test_inline_mooncake_wins_over_env_file(tmp_path):
         ({"backend": "mooncake", "mooncake": {**MOONCAKE, "real_client_address": "50052"}}, {}, "real_client_address"),
         ({"backend": "mooncake", "mooncake": {**MOONCAKE, "shared_buffer_size": "64KB"}}, {}, "shared_buffer_size"),
         ({"backend": "mooncake", "mooncake": {**MOONCAKE, "shared_buffer_size": "big"}}, {}, "shared_buffer_size"),
+        ({"backend": "mooncake", "mooncake": {**MOONCAKE, "transfer_stall_timeout_s": 0}}, {}, "stall_timeout"),
+        ({"backend": "mooncake", "mooncake": {**MOONCAKE, "transfer_stall_timeout_s": "5"}}, {}, "stall_timeout"),
         ({"backend": "mooncake"}, {"MOONCAKE_CONFIG_PATH": "/nonexistent/mooncake.json"}, "MOONCAKE_CONFIG_PATH"),
         ({}, {}, "MMC_LOCAL_CONFIG_PATH"),
         ({}, {"MMC_LOCAL_CONFIG_PATH": "/nonexistent/mmc.conf"}, "MMC_LOCAL_CONFIG_PATH"),

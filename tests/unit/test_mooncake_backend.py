@@ -6,6 +6,7 @@ node through shared memory (``real_client_address``).
 
 import ctypes
 import dataclasses
+import os
 import re
 import signal
 import threading
@@ -350,3 +351,13 @@ def test_two_replicas_keep_every_object_when_one_pool_node_dies(tmp_path):
             print(f"\nafter one of two nodes died: {found[1]}/16 objects left with 1 replica, {found[2]}/16 with 2")
         finally:
             stop_process(second.node)
+
+
+def test_transfer_timeouts_reach_mooncake_unless_the_environment_sets_them(pool, monkeypatch):
+    """Mooncake reads its transfer timeouts from the environment only; an operator's own setting wins."""
+    monkeypatch.delenv("MC_TCP_PROGRESS_TIMEOUT_SEC", raising=False)
+    monkeypatch.setenv("MC_TCP_STATUS_TIMEOUT_SEC", "77")
+    b = MooncakeBackend(MooncakeSettings(**pool.client_config(), transfer_stall_timeout_s=4), holds_data=True)
+    b.connect()
+    b.close()
+    assert [os.environ["MC_TCP_PROGRESS_TIMEOUT_SEC"], os.environ["MC_TCP_STATUS_TIMEOUT_SEC"]] == ["4", "77"]

@@ -16,6 +16,7 @@ Return codes (mooncake-store types.h) are read here and nowhere else.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -64,6 +65,14 @@ _GET_CODES = {
     RPC_FAIL: Outcome.UNAVAILABLE,
     RPC_TIMEOUT: Outcome.UNAVAILABLE,
 }
+
+
+def _timeout_variables(s: MooncakeSettings) -> dict[str, int]:
+    """Mooncake's transfer timeouts, which it reads from the environment only."""
+    return {
+        "MC_TCP_PROGRESS_TIMEOUT_SEC": s.transfer_stall_timeout_s,  # no bytes moved on a connection
+        "MC_TCP_STATUS_TIMEOUT_SEC": s.transfer_stall_timeout_s,  # no status frame after a request
+    }
 
 
 def _check_answering(address: str, what: str, serves_a_child_client: Callable[[], bool] | None = None) -> None:
@@ -144,6 +153,8 @@ class MooncakeBackend(PoolBackend):
             return
         segment = s.segment_bytes if self._holds_data else 0
         buffer = s.buffer_bytes if self._holds_data else 0
+        for variable, seconds in _timeout_variables(s).items():  # read when setup creates the transport
+            os.environ.setdefault(variable, str(seconds))
         rc = self._store.setup(
             s.local_hostname, s.metadata_server, segment, buffer, s.protocol, s.device_name, s.master_server_address
         )
