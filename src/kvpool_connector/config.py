@@ -87,8 +87,8 @@ class MooncakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     """A TCP transfer connection that makes no progress this long is dropped and its transfers fail (a load's blocks
     are recomputed, a save is dropped). Sets ``MC_TCP_PROGRESS_TIMEOUT_SEC`` and ``MC_TCP_STATUS_TIMEOUT_SEC``
     (Mooncake's default: 30 s) for this client unless the environment already does. Blocks of the same batch queued
-    behind the dropped connection still wait for Mooncake's fixed 60-s batch deadline (measured: a 2-block load from a
-    partitioned node failed its first block after this timeout, its second after 60 s)."""
+    behind the dropped connection still wait for Mooncake's own batch deadline (measured: a 2-block load from a
+    partitioned node failed its first block after this timeout, its second after 45-60 s)."""
     kv_cache_in_shared_memory: bool = True
     """With ``real_client_address``: allocate vLLM's KV cache in shared memory that ``mooncake_client`` maps, so the
     node copies loads straight into the KV pages (one copy; the node then maps the whole KV cache).
@@ -200,6 +200,59 @@ class ResolvedConfig(msgspec.Struct, frozen=True, kw_only=True):
     pool: PoolConfig
     mooncake: MooncakeSettings | None = None
     memcache: MemcacheSettings | None = None
+    notes: tuple[str, ...] = ()
+    """What parsing translated (a peer connector's key names): logged once at start-up."""
+
+
+class _PeerKey(msgspec.Struct, frozen=True):
+    """A key of vllm-ascend's AscendStoreConnector or vLLM's MooncakeStoreConnector that users carry over.
+
+    ``ours``: our key of the same meaning (the value moves there); otherwise the only value that means what this
+    connector does, and ``instead``: what to do for any other value."""
+
+    ours: str | None = None
+    only: Any = None
+    instead: str = ""
+
+
+PEER_KEYS = {
+    "lookup_rpc_port": _PeerKey(ours="memcache_rpc_port"),
+    "consumer_is_to_load": _PeerKey(
+        only=True,
+        instead="a kv_consumer always loads its hits from the pool here; leave this connector out of the "
+        "kv-transfer-config of an instance that must not load",
+    ),
+    "consumer_is_to_put": _PeerKey(
+        only=False, instead='a kv_consumer never saves here; give the instance kv_role "kv_both" to save and load'
+    ),
+    "discard_partial_chunks": _PeerKey(only=True, instead="only full blocks are ever stored here"),
+}
+"""Peer key names accepted where they mean what ours do; ``lookup_async``, ``load_async``, ``use_layerwise`` and
+``backend`` are spelled alike already."""
+
+
+def _translate_peer_keys(extra_config: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``extra_config`` in our key names, and a note per peer key translated; refuse a peer value we do not honour."""
+    out, notes = dict(extra_config), []
+    for name, peer in PEER_KEYS.items():
+        if name not in out:
+            continue
+        value = out.pop(name)
+        if peer.ours is not None:
+            if peer.ours in out and out[peer.ours] != value:
+                raise ConfigError(
+                    f"kv_connector_extra_config: `{name}` ({value!r}) and `{peer.ours}` ({out[peer.ours]!r}) name the "
+                    f"same setting with different values; keep `{peer.ours}`"
+                )
+            out[peer.ours] = value
+            notes.append(f"`{name}` read as `{peer.ours}` (same meaning)")
+        elif value is peer.only or (type(value) is type(peer.only) and value == peer.only):
+            notes.append(f"`{name}: {json.dumps(value)}` is what this connector always does; the key can go")
+        else:
+            raise ConfigError(
+                f"kv_connector_extra_config: `{name}: {json.dumps(value)}` is not supported: {peer.instead}"
+            )
+    return out, tuple(notes)
 
 
 def _allowed_keys(struct: type[msgspec.Struct]) -> str:
@@ -303,10 +356,11 @@ def parse_config(extra_config: dict[str, Any] | None, env: dict[str, str] | None
         extra_config = {}
     if not isinstance(extra_config, dict):
         raise ConfigError(f"kv_connector_extra_config: expected a JSON object, got {type(extra_config).__name__}")
+    extra_config, notes = _translate_peer_keys(extra_config)
     pool = _convert(extra_config, PoolConfig, "kv_connector_extra_config")
     if pool.backend == "mooncake":
-        return ResolvedConfig(pool=pool, mooncake=_mooncake_settings(pool, env))
-    return ResolvedConfig(pool=pool, memcache=_memcache_settings(pool, env))
+        return ResolvedConfig(pool=pool, mooncake=_mooncake_settings(pool, env), notes=notes)
+    return ResolvedConfig(pool=pool, memcache=_memcache_settings(pool, env), notes=notes)
 
 
 def check_pool_fits_device(config: ResolvedConfig, device_type: str) -> None:

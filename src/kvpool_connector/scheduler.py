@@ -140,6 +140,8 @@ class PoolScheduler:
         self._waits: dict[str, _ProducerWait] = {}
         self._loading: dict[str, set[int]] = {}  # asynchronous loads in flight: their blocks
         self._failed_loads: set[str] = set()  # requests whose asynchronous load failed: no second try
+        for note in config.notes:
+            logger.info("MemcacheConnectorStoreV1 config: %s", note)
         logger.info(
             "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d",
             config.pool.backend,

@@ -148,7 +148,7 @@ def test_a_block_stored_on_one_host_is_served_on_another(hosts: Hosts) -> None:
 def test_pool_node_partitioned_while_serving_costs_hits_not_requests(hosts: Hosts) -> None:
     """The master still lists P's objects, so B looks up a hit and loads it: the load fails once Mooncake drops the
     silent connection (``transfer_stall_timeout_s``, 5 s), and vLLM recomputes. A one-block prompt: the further
-    blocks of a batch wait out Mooncake's fixed 60-s batch deadline instead (measured; RELIABILITY.md)."""
+    blocks of a batch wait out Mooncake's own batch deadline instead (45-60 s measured; RELIABILITY.md)."""
     hosts.store(8)
     failed_before = hosts.b.metrics().get("vllm:kvpool_load_failed_total", 0.0)
     hosts.topo.partition("p")

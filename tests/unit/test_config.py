@@ -156,3 +156,32 @@ def test_mooncake_master_env_overrides_the_address():
     )
     with pytest.raises(ConfigError, match="MOONCAKE_MASTER='nope'"):
         parse_config(extra, env={"MOONCAKE_MASTER": "nope"})
+
+
+def test_peer_key_of_the_same_meaning_is_read_as_ours_with_a_note():
+    cfg = parse_config({"backend": "mooncake", "mooncake": MOONCAKE, "lookup_rpc_port": "3"}, env={})
+    assert cfg.pool.instance_id == 3
+    assert cfg.notes == ("`lookup_rpc_port` read as `memcache_rpc_port` (same meaning)",)
+
+
+@pytest.mark.parametrize(("key", "value"), [("consumer_is_to_load", True), ("consumer_is_to_put", False),
+                                            ("discard_partial_chunks", True)])  # fmt: skip
+def test_peer_key_whose_value_is_what_we_do_is_accepted(key, value):
+    cfg = parse_config({"backend": "mooncake", "mooncake": MOONCAKE, key: value}, env={})
+    assert cfg.notes == (f"`{key}: {str(value).lower()}` is what this connector always does; the key can go",)
+
+
+@pytest.mark.parametrize(
+    ("extra", "pointer"),
+    [
+        ({"consumer_is_to_load": False}, "leave this connector out"),
+        ({"consumer_is_to_put": True}, 'kv_role "kv_both"'),
+        ({"discard_partial_chunks": False}, "only full blocks"),
+        ({"discard_partial_chunks": 1}, "only full blocks"),  # not the JSON boolean
+        ({"lookup_rpc_port": "1", "memcache_rpc_port": "0"}, "keep `memcache_rpc_port`"),
+    ],
+)
+def test_peer_key_we_do_not_honour_is_refused_with_a_pointer(extra, pointer):
+    with pytest.raises(ConfigError, match=pointer) as err:
+        parse_config({"backend": "mooncake", "mooncake": MOONCAKE, **extra}, env={})
+    assert next(iter(extra)) in str(err.value)
