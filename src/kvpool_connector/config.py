@@ -166,6 +166,16 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     producer_wait_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5_000
     """P/D through the pool: how long a decode request whose prefill instance is still saving its blocks (the
     producer's ``kv_transfer_params`` say so) waits for them to reach the pool before it computes what is missing."""
+    reset_cache: Literal["layout", "off"] = "layout"
+    """What vLLM's cache reset (``POST /reset_prefix_cache?reset_external=true``, or the reset after a weight update)
+    does to the pool. ``layout``: remove every object stored under this deployment's layout (model, dtypes, KV
+    layout, shard): the entries every instance serving the same model this way shares, and the ones a weight update
+    makes stale for all of them; other models' entries stay. ``off``: leave the pool and report the reset as failed.
+    memcache cannot select objects by key prefix: there the reset fails with a warning and the pool keeps them."""
+    save_decode_cache: bool = False
+    """Also save blocks filled by generated tokens (the partial tail never), keyed by the hashes of prompt + output,
+    so a chat's next turn, whose prompt repeats this one and its answer, finds them in the pool. Costs pool space and
+    save bandwidth for every answer. Measured in BENCHMARKS.md (multi-turn)."""
     async_save: bool = True
     """Copy new blocks to a staging area at ``wait_for_save`` and put them from a background thread (the forward
     pass waits only for the local copy); ``false`` puts synchronously inside ``wait_for_save``."""

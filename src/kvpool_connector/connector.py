@@ -58,7 +58,7 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         if self.connector_worker is not None and isinstance(connector_metadata, PoolConnectorMetadata):
             # Before this step's forward pass, not after it, as vLLM would call start_load_kv for a step without
             # synchronous loads: queueing costs microseconds, and the load then runs during the forward pass.
-            self.connector_worker.start_async_loads(connector_metadata)
+            self.connector_worker.begin_step(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self.connector_worker is not None
@@ -134,3 +134,7 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.request_finished(request, block_ids)
+
+    def reset_cache(self) -> bool:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.reset_cache()

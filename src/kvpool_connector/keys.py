@@ -143,7 +143,12 @@ def shard_fingerprints(layout: KVLayout) -> list[str]:
 
 
 def pool_key(shard_fingerprint: str, block_hash: bytes) -> str:
-    return f"{KEY_FORMAT}/{shard_fingerprint}/{block_hash.hex()}"
+    return f"{shard_prefix(shard_fingerprint)}{block_hash.hex()}"
+
+
+def shard_prefix(shard_fingerprint: str) -> str:
+    """What every key of one (layout, shard) starts with: what a cache reset removes."""
+    return f"{KEY_FORMAT}/{shard_fingerprint}/"
 
 
 def block_hashes(hashes: Sequence[bytes], block_size: int, hash_block_size: int, num_blocks: int) -> list[bytes]:

@@ -22,3 +22,4 @@ class PoolConnectorMetadata(KVConnectorMetadata):
     async_loads: list[BlockTransfer] = field(default_factory=list)  # on the loader thread; vLLM waits for get_finished
     idle_step: bool = False  # nothing scheduled to compute: vLLM is only waiting (for loads, say)
     saves: list[BlockTransfer] = field(default_factory=list)  # after it, once these blocks are written
+    reset: bool = False  # the cache was reset since the last step: drop queued saves, remove this shard's objects

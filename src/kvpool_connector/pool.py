@@ -347,6 +347,17 @@ class PoolHandle:
                 ", ".join(failed),
             )
 
+    def remove_prefix(self, prefix: str) -> int | None:
+        """Objects removed under ``prefix``; None when the pool cannot select by prefix, is unreachable, or fails."""
+        backend = self._usable_backend()
+        if backend is None:
+            return None
+        try:
+            return backend.remove_prefix(prefix)
+        except Exception as exc:  # noqa: BLE001 - a failed removal leaves cache entries behind, nothing worse
+            self.warn("remove", "KV pool removal of %s* failed: %r", prefix, exc)
+            return None
+
     def remove(self, keys: Sequence[str]) -> list[bool]:
         backend = self._backend
         if backend is None:

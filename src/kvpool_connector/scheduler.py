@@ -11,7 +11,9 @@ Calls, in the order vLLM makes them for a request:
 2. ``update_state_after_alloc``: now that vLLM allocated blocks, turns that answer into a load of those blocks.
 3. ``build_connector_meta`` (once per step): hands out the loads (synchronous ones before the forward pass,
    asynchronous ones to the loader thread), and plans saves of prompt blocks that become full in this step
-   (computed tokens after the step), skipping blocks that came from the pool.
+   (computed tokens after the step; with ``save_decode_cache`` blocks of generated tokens too), skipping blocks
+   that came from the pool. A preempted request needs nothing here: a save leaves its blocks inside the step that
+   planned it (on a GPU/NPU the compute stream waits for the copy), and a resumed one is not saved twice.
 4. ``update_connector_output`` (each step): notes asynchronous loads that failed, so a retry computes the prompt.
 5. ``request_finished``: forgets the request; a prefill for a remote decode answers with its saving notice. Saves
    leave the KV cache inside the step that planned them, so vLLM may free the blocks at once.
@@ -121,6 +123,9 @@ class PoolScheduler:
         self.lookup_async = config.pool.lookup_async
         self.load_async = config.pool.load_async
         self.producer_wait_s = config.pool.producer_wait_ms / 1e3
+        self.save_decode_cache = config.pool.save_decode_cache
+        self.reset_policy = config.pool.reset_cache
+        self._reset_pending = False  # tell the workers at the next step
         self.pool: PoolHandle | None = None
         if self.loads_enabled:
             self.pool = PoolHandle(
@@ -151,7 +156,7 @@ class PoolScheduler:
             len(self.shards),
         )
 
-    def _prompt_block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
         return keys.block_hashes(request.block_hashes, self.block_size, self.hash_block_size, num_blocks)
 
     # -- 1. lookup --------------------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ class PoolScheduler:
         self._answers.pop(req_id, None)
         if self.pool is None:
             return 0, False
-        hashes = self._prompt_block_hashes(request, compat.prompt_length(request) // self.block_size)
+        hashes = self._block_hashes(request, compat.prompt_length(request) // self.block_size)
         start = num_computed_tokens // self.block_size
         if start >= len(hashes):
             self._forget_lookup(req_id)
@@ -280,7 +285,9 @@ class PoolScheduler:
             loads=self._step_loads,
             async_loads=self._step_async_loads,
             idle_step=scheduler_output.total_num_scheduled_tokens == 0,
+            reset=self._reset_pending,
         )
+        self._reset_pending = False
         self._step_loads, self._step_async_loads = [], []
         if not self.saves_enabled:
             return meta
@@ -302,11 +309,15 @@ class PoolScheduler:
         return meta
 
     def _plan_saves(self, state: _RequestState, computed_after_step: int, meta: PoolConnectorMetadata) -> None:
+        """Save the blocks this step completes: prompt blocks, and with ``save_decode_cache`` blocks of generated
+        tokens too (a block is hashed once all its tokens are known, which the step computing its last one is)."""
         request = state.request
-        full_blocks = min(computed_after_step, compat.prompt_length(request)) // self.block_size
+        if not self.save_decode_cache:
+            computed_after_step = min(computed_after_step, compat.prompt_length(request))
+        full_blocks = computed_after_step // self.block_size
         if full_blocks <= state.next_save_block:
             return
-        hashes = self._prompt_block_hashes(request, full_blocks)
+        hashes = self._block_hashes(request, full_blocks)
         todo = [i for i in range(state.next_save_block, len(hashes)) if i not in state.loaded]
         state.next_save_block = len(hashes)
         if todo:
@@ -330,6 +341,29 @@ class PoolScheduler:
             return False, None
         blocks = compat.prompt_length(request) // self.block_size
         return False, {SAVING_PARAM: {"blocks": blocks, "shards": self.shards}}
+
+    # -- cache reset ------------------------------------------------------------------------------------------
+    def reset_cache(self) -> bool:
+        """vLLM's reset of the external cache: remove this layout's objects from the pool now (every shard, so no
+        later lookup hits them), and have each worker drop its queued saves and remove its shard's objects again at
+        the next step (a save in flight now could land after this removal). False when the policy or the pool
+        keeps them."""
+        if self.reset_policy == "off":
+            logger.info("KV pool cache reset requested; reset_cache is off: the pool keeps its entries")
+            return False
+        removed = 0
+        if self.pool is not None:  # a kv_producer's scheduler has no client: its workers remove
+            counts = [self.pool.remove_prefix(keys.shard_prefix(shard)) for shard in self.shards]
+            if None in counts:
+                logger.warning(
+                    "KV pool cache reset: the pool could not remove this layout's entries (memcache cannot select "
+                    "them by prefix; or the pool is unreachable): they stay"
+                )
+                return False
+            removed = sum(c for c in counts if c is not None)
+        self._reset_pending = True
+        logger.info("KV pool cache reset: %d objects of this layout removed (%d shards)", removed, len(self.shards))
+        return True
 
     def take_stats(self) -> PoolConnectorStats | None:
         window = self.stats.take()

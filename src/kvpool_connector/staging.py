@@ -162,6 +162,17 @@ class StagingSaver:
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout=timeout_s)
 
+    def drop_queued(self, timeout_s: float) -> int:
+        """Forget every save not started yet and wait for the one in progress: afterwards nothing staged before
+        this call can still reach the pool. Returns the blocks dropped."""
+        with self._cond:
+            dropped = sum(len(job.keys) for job in self._queue)
+            for job in self._queue:
+                self._free[job.slots] = True
+            self._queue.clear()
+            self._cond.wait_for(lambda: not self._busy, timeout=timeout_s)
+        return dropped
+
     def pause(self) -> None:
         """Hold the background thread before its next job (tests use it to keep a save in flight)."""
         self._paused.clear()

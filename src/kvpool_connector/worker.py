@@ -6,7 +6,7 @@ Calls, in the order vLLM makes them:
    node maps (``kv_allocation``), so loads make one copy.
 1. ``register_kv_caches``: derive page geometry from the KV tensors, register their memory with the pool client
    (zero-copy transfers), and connect in the background.
-2. each step, ``start_async_loads`` (when vLLM binds the step's plan, before the forward pass) queues asynchronous
+2. each step, ``begin_step`` (when vLLM binds the step's plan, before the forward pass) queues asynchronous
    loads on the loader thread, reported through ``finished_loads``; ``load`` (from ``start_load_kv``) reads
    synchronous ones before the forward pass. Every planned block of every layer lands straight in the pages vLLM
    allocated; blocks that did not arrive whole become load errors (``loading``).
@@ -215,13 +215,29 @@ class PoolWorker:
         for transfer in meta.loads:
             self.loader.load_now(transfer)
 
-    def start_async_loads(self, meta: PoolConnectorMetadata) -> None:
-        """Queue the step's asynchronous loads on the loader thread; vLLM waits for them through ``finished_loads``."""
+    def begin_step(self, meta: PoolConnectorMetadata) -> None:
+        """Before the step's forward pass: apply a cache reset, then queue the step's asynchronous loads on the loader
+        thread (vLLM waits for them through ``finished_loads``)."""
+        if meta.reset:
+            self._reset()
         if not meta.async_loads:
             return
         assert self.loader is not None, "register_kv_caches must run first"
         for transfer in meta.async_loads:
             self.loader.submit(transfer)
+
+    def _reset(self) -> None:
+        """After vLLM's cache reset (the scheduler removed this layout's objects): a save staged before it must not
+        land after that removal, so drop the queued ones, let the one in progress end, and remove this shard's
+        objects once more."""
+        dropped = self.saver.drop_queued(timeout_s=10.0) if self.saver is not None else 0
+        removed = self.pool.remove_prefix(keys.shard_prefix(self.shard)) if self.pool is not None else None
+        logger.info(
+            "KV pool cache reset: %d queued block saves dropped, %s more objects of shard %s removed",
+            dropped,
+            "no" if removed is None else removed,
+            self.shard,
+        )
 
     def finished_loads(self, idle_step: bool) -> set[str]:
         """Requests whose asynchronous loads ended (their failed blocks are in the load errors by now). In a step

@@ -53,7 +53,8 @@ SOAK_CONCURRENCY = 64
 def server(tiny_model, pool, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reliability-server")
     config = pool.connector_config(reconnect_interval_s=1.0)
-    env = engine_env(workdir / "cache", {"VLLM_LOG_STATS_INTERVAL": "1"})
+    # dev mode: vLLM's /reset_prefix_cache, which the reset test calls
+    env = engine_env(workdir / "cache", {"VLLM_LOG_STATS_INTERVAL": "1", "VLLM_SERVER_DEV_MODE": "1"})
     with vllm_server(tiny_model, workdir, config, SERVER_ARGS + DRAINING_SHUTDOWN, env=env) as running:
         yield running
 
@@ -185,6 +186,27 @@ def test_cache_salt_isolates_tenants(client):
     wait_for(lambda: client.ask(1, cache_salt="tenant-a")[0] == FULL_HIT, 20, "tenant-a's own hit")
     assert client.ask(1, cache_salt="tenant-b")[0] == 0
     assert client.ask(1)[0] == 0  # no salt is a tenant of its own
+
+
+def test_reset_prefix_cache_removes_this_layouts_entries_and_no_others(client, server, mooncake_client):
+    """``POST /reset_prefix_cache?reset_external=true`` resets the pool too (``reset_cache: layout``): every object of
+    this deployment's layout goes, another model's stay; the next request computes, and saves and hits resume."""
+    for i in (14, 15):
+        client.until_hit(i, 20)
+    foreign = "kvp1/0123456789abcdef/another-models-block"
+    assert mooncake_client.put(foreign, b"x" * 64) == 0
+    shard = worker_shard(server.log_text())
+    stored = [key for i in (14, 15) for key in prompt_block_keys(shard, PROMPTS[i])]
+    assert mooncake_client.batch_is_exist(stored) == [1] * 6
+    answer = httpx.post(f"{server.url}/reset_prefix_cache", params={"reset_external": "true"}, timeout=60)
+    assert answer.json() == {"success": True}
+    assert mooncake_client.batch_is_exist(stored) == [0] * 6
+    assert mooncake_client.is_exist(foreign) == 1
+    assert client.ask(14)[0] == 0  # computed again, same answer
+    client.until_hit(15, 20)  # saved again, then served from the pool
+    log = server.log_text()
+    assert "KV pool cache reset: 6 objects of this layout removed (1 shards)" in log
+    assert "queued block saves dropped" in log  # the worker's second pass, at the next step
 
 
 def test_master_killed_then_restarted(client, server, pool):

@@ -361,3 +361,14 @@ def test_transfer_timeouts_reach_mooncake_unless_the_environment_sets_them(pool,
     b.connect()
     b.close()
     assert [os.environ["MC_TCP_PROGRESS_TIMEOUT_SEC"], os.environ["MC_TCP_STATUS_TIMEOUT_SEC"]] == ["4", "77"]
+
+
+def test_remove_prefix_removes_exactly_the_keys_under_it(backend):
+    src = np.zeros(64, dtype=np.uint8)
+    backend.register_memory(src.ctypes.data, src.nbytes)
+    mine = [f"t/prefix/aa11/{i}" for i in range(3)]
+    others = ["t/prefix/aa1/x", "t/prefix/bb22/0", "u/t/prefix/aa11/0"]  # a shorter prefix, another, one inside
+    assert all(o.ok for o in backend.put(mine + others, [[src.ctypes.data]] * 6, [[64]] * 6))
+    assert backend.remove_prefix("t/prefix/aa11/") == 3
+    assert backend.exists(mine + others) == [False] * 3 + [True] * 3
+    backend.remove(others)

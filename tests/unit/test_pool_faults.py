@@ -221,7 +221,7 @@ def test_an_async_load_reports_finished_only_after_its_blocks_landed_with_its_er
     before = {name: t[:2].clone() for name, t in caches.items()}
     own_pool.node.send_signal(signal.SIGSTOP)
     try:
-        w.start_async_loads(PoolConnectorMetadata(async_loads=[BlockTransfer("r-async", [4, 5, 6], hashes)]))
+        w.begin_step(PoolConnectorMetadata(async_loads=[BlockTransfer("r-async", [4, 5, 6], hashes)]))
         time.sleep(1.0)
         assert w.finished_loads(idle_step=True) == set()  # waited its few ms, then answered: still loading
     finally:

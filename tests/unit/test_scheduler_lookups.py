@@ -1,6 +1,7 @@
 """Scheduler-side lookups against a real Mooncake Store, on real vLLM ``Request`` objects: non-blocking lookups
 (``None`` until the answer is in, nothing asked twice, a deadline), lookups of many arrivals sharing pool calls, the
-asynchronous-load answer, and the P/D producer's saving notice and the consumer's bounded wait for it."""
+asynchronous-load answer, and the P/D producer's saving notice and the consumer's bounded wait for it; and the
+save plan: which blocks a step saves, generated ones included with ``save_decode_cache``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from kvpool_connector import keys
-from kvpool_connector.scheduler import SAVING_PARAM
+from kvpool_connector.metadata import PoolConnectorMetadata
+from kvpool_connector.scheduler import SAVING_PARAM, _RequestState
 from kvpool_connector.testing.scheduler_side import BLOCK, Requests, pool_scheduler
 
 
@@ -181,3 +183,25 @@ def test_a_consumer_does_not_wait_for_blocks_it_cannot_use(tiny_model, pool, mar
         assert answer_when_ready(scheduler, request, timeout_s=2.0) == (0, False)
     finally:
         scheduler.shutdown()
+
+
+@pytest.mark.parametrize("decode_cache", [False, True])
+def test_a_step_saves_the_blocks_it_completes_generated_ones_with_save_decode_cache(
+    tiny_model, pool, marker, requests, decode_cache
+):
+    scheduler = make_scheduler(tiny_model, pool, marker, save_decode_cache=decode_cache)
+    request = requests.make("chat", tokens(2 * BLOCK + 9, seed=71))
+    state = _RequestState(request, block_ids=list(range(10, 20)))
+
+    def saved_after(computed: int) -> list[tuple[list[int], list[bytes]]]:
+        meta = PoolConnectorMetadata()
+        scheduler._plan_saves(state, computed, meta)
+        return [(t.block_ids, t.block_hashes) for t in meta.saves]
+
+    prompt_hashes = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, 2)
+    assert saved_after(2 * BLOCK + 9) == [([10, 11], prompt_hashes)]  # the prefill step: both full prompt blocks
+    request.append_output_token_ids(tokens(BLOCK, seed=72))  # the answer, one token per decode step
+    assert saved_after(3 * BLOCK - 1) == []  # block 2 is not full yet (its last token not computed)
+    third = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, 3)[2:]
+    assert saved_after(3 * BLOCK) == ([([12], third)] if decode_cache else [])  # the step computing its last token
+    assert saved_after(3 * BLOCK + 40) == []  # never twice, never the partial tail

@@ -101,3 +101,19 @@ def test_close_with_queued_saves_puts_them(kv, handle):
     saver.stage(["t/staging/close/6"], [6], None)
     saver.close(timeout_s=10)
     assert handle.exists(["t/staging/close/6"]) == [True]
+
+
+def test_a_cache_reset_drops_the_queued_saves_and_frees_their_slots(kv, handle):
+    _, pages = kv
+    saver = StagingSaver(handle, pages, capacity_blocks=4, runtime=CpuRuntime())
+    saver.pause()
+    saver.stage(["t/staging/reset/1", "t/staging/reset/2"], [1, 2], None)
+    assert saver.drop_queued(timeout_s=10) == 2
+    saver.resume()
+    assert saver.flush(10)
+    assert handle.exists(["t/staging/reset/1", "t/staging/reset/2"]) == [False, False]
+    keys = [f"t/staging/reset/after/{b}" for b in range(4)]
+    saver.stage(keys, [0, 1, 2, 3], None)  # every slot is free again
+    assert saver.flush(10)
+    assert handle.exists(keys) == [True] * 4 and saver.stats["save_dropped.staging_full"] == 0
+    saver.close()

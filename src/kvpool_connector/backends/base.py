@@ -71,6 +71,11 @@ class PoolBackend(ABC):
     def remove(self, keys: Sequence[str]) -> list[bool]:
         """Drop each key's object (also while a reader holds a lease); True where it was removed."""
 
+    def remove_prefix(self, prefix: str) -> int | None:
+        """Drop every object whose key starts with ``prefix``: how many, or None where the pool cannot select keys
+        by prefix (it then keeps them)."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release the client; later calls are not allowed."""

@@ -17,6 +17,7 @@ Return codes (mooncake-store types.h) are read here and nowhere else.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -272,6 +273,12 @@ class MooncakeBackend(PoolBackend):
 
     def remove(self, keys: Sequence[str]) -> list[bool]:
         return [code == 0 for code in self._store.batch_remove(list(keys), True)]
+
+    def remove_prefix(self, prefix: str) -> int | None:
+        removed = int(self._store.remove_by_regex("^" + re.escape(prefix)))
+        if removed < 0:
+            raise PoolUnavailable(f"Mooncake remove_by_regex returned {removed}")
+        return removed
 
     def answers(self) -> bool:
         s = self._settings

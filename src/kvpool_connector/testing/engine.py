@@ -30,6 +30,9 @@ class EngineSpec:
     max_num_batched_tokens: int | None = None
     extra_llm_args: dict[str, Any] = field(default_factory=dict)
     logprobs: int = 0  # top logprobs per generated token (bf16 models: compare distributions, not just tokens)
+    turns: list[list[int]] = field(default_factory=list)
+    """Chat follow-ups: each prompt opens a conversation, and turn k+1's prompt is turn k's prompt + its answer +
+    ``turns[k]``. Results are turn-major (every conversation's turn 1, then every turn 2, ...)."""
 
 
 @dataclass
@@ -165,12 +168,21 @@ def _main(spec_path: str, out_path: str) -> None:
     params = SamplingParams(
         temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True, logprobs=spec.logprobs or None
     )
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec.prompts]
+    conversations = [list(p) for p in spec.prompts]
+    outputs = []
     start = time.perf_counter()
-    if spec.sequential:
-        outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
-    else:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for turn in range(len(spec.turns) + 1):
+        if turn:
+            answers = outputs[-len(conversations) :]
+            conversations = [
+                c + list(a.outputs[0].token_ids) + spec.turns[turn - 1]
+                for c, a in zip(conversations, answers, strict=True)
+            ]
+        prompts = [TokensPrompt(prompt_token_ids=c) for c in conversations]
+        if spec.sequential:
+            outputs += [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+        else:
+            outputs += llm.generate(prompts, params, use_tqdm=False)
     generate_s = time.perf_counter() - start
     results = []
     for out in outputs:
