@@ -205,3 +205,21 @@ def test_a_step_saves_the_blocks_it_completes_generated_ones_with_save_decode_ca
     third = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, 3)[2:]
     assert saved_after(3 * BLOCK) == ([([12], third)] if decode_cache else [])  # the step computing its last token
     assert saved_after(3 * BLOCK + 40) == []  # never twice, never the partial tail
+
+
+def test_a_cache_reset_removes_this_layouts_objects_or_says_it_did_not(tiny_model, pool, marker, requests):
+    scheduler = make_scheduler(tiny_model, pool, marker)
+    request = requests.make("reset", tokens(2 * BLOCK + 9, seed=91))
+    store_blocks(scheduler, request, 2, marker)
+    other = "kvp1/feedfacefeedface/another-layouts-block"
+    assert scheduler.pool.put([other], [[marker.ctypes.data]], [[64]])[0].ok
+    mine = [
+        keys.pool_key(s, h) for h in keys.block_hashes(request.block_hashes, BLOCK, BLOCK, 2) for s in scheduler.shards
+    ]
+    assert scheduler.reset_cache() is True
+    assert scheduler.pool.exists([*mine, other]) == [False, False, True]
+    assert scheduler._reset_pending  # the workers drop queued saves and remove their shard at the next step
+    assert make_scheduler(tiny_model, pool, marker, reset_cache="off").reset_cache() is False
+    scheduler.pool._backend.remove_prefix = lambda prefix: None  # memcache: no removal by prefix
+    assert scheduler.reset_cache() is False
+    assert scheduler.pool.exists([other]) == [True]

@@ -96,13 +96,18 @@ def run_engine(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = Non
     stamp = f"{time.time_ns()}"
     spec_file, out_file, log_file = (workdir / f"engine-{stamp}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_file.write_text(json.dumps(asdict(spec)))
+    env = dict(env or engine_env(workdir / "vllm-cache"))
+    if spec.extra_llm_args.get("tensor_parallel_size", 1) == 1:
+        # One process, scheduler and worker in it (as vLLM runs TP 1 on a GPU): half the start-up of vLLM CPU's
+        # engine-core and worker processes, and still a fresh process per run.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     start = time.monotonic()
     with log_file.open("w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "kvpool_connector.testing.engine", str(spec_file), str(out_file)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env or engine_env(workdir / "vllm-cache"),
+            env=env,
             timeout=timeout_s,
             check=False,
         )
