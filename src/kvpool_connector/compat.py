@@ -58,12 +58,6 @@ def _fixed_seed_without_env() -> bool:
     return hasattr(kv_cache_utils, "DEFAULT_NONE_HASH_SEED")
 
 
-def kv_events_enabled(vllm_config: Any) -> bool:
-    """Whether vLLM publishes KV cache events (``--kv-events-config`` with ``enable_kv_cache_events``)."""
-    events = getattr(vllm_config, "kv_events_config", None)
-    return bool(events is not None and events.enable_kv_cache_events)
-
-
 def recompute_failed_loads(kv_transfer_config: Any, logger: logging.Logger) -> None:
     """Make vLLM recompute blocks whose pool load failed instead of failing the request (vLLM 0.32 defaults to
     ``kv_load_failure_policy="fail"``). The scheduler reads the policy of the top-level config right after building

@@ -6,7 +6,6 @@ process a :class:`PoolWorker`, and every method delegates to the one its role ha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,6 @@ from kvpool_connector.worker import PoolWorker
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
-    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -79,10 +77,6 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, PoolConnectorMetadata)
         self.connector_worker.save(meta)
-
-    def get_kv_connector_kv_cache_events(self) -> KVConnectorKVEvents | None:
-        assert self.connector_worker is not None
-        return self.connector_worker.take_kv_events()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self.connector_worker is not None
@@ -144,7 +138,3 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
     def reset_cache(self) -> bool:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.reset_cache()
-
-    def take_events(self) -> Iterable[KVCacheEvent]:
-        assert self.connector_scheduler is not None
-        return self.connector_scheduler.take_events()

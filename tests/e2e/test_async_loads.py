@@ -5,7 +5,7 @@ One server (vLLM's own prefix cache off, so every cached token is the pool's; a 
 compete for blocks) lives through the phases, in file order. Every answer is compared token for token with a
 no-connector engine's. Loads are held in flight by stopping the pool node (SIGSTOP): the lookup (the master) answers,
 the transfer (the node) waits. Checked: hits and partial hits; preemption of running requests while loads are in
-flight, and while their blocks are being saved; a request aborted mid-load (its blocks stay reserved until the load
+flight; a request aborted mid-load (its blocks stay reserved until the load
 is over, then the server serves on); an object removed between the lookup and its load (that block and the rest are
 recomputed); synchronous loads (``load_async: false``) in a fresh engine; and the node killed mid-load (the load
 fails, the prompt is recomputed).
@@ -31,7 +31,7 @@ from kvpool_connector.testing.workloads import distinct_prompts
 pytestmark = pytest.mark.e2e
 
 BLOCK = 128
-PROMPTS = distinct_prompts(20, 3 * BLOCK + 120, seed=31)  # 504 tokens: 4 blocks, a 5th from the 9th token decoded
+PROMPTS = distinct_prompts(12, 3 * BLOCK + 120, seed=31)  # 504 tokens: 4 blocks, a 5th from the 9th token decoded
 MAX_TOKENS = 64
 FULL_HIT = 3 * BLOCK
 KV_BLOCKS = 12  # three such requests fill the KV cache, and each needs a fifth block as it decodes
@@ -112,26 +112,6 @@ def test_running_requests_are_preempted_while_loads_are_in_flight(client, server
     assert cached == [FULL_HIT] * len(batch)
     # 8 requests of 5 blocks each into 12: decodes run out of blocks while loads hold theirs
     assert metric(server, "vllm:num_preemptions_total") > preempted
-
-
-def test_requests_preempted_while_their_blocks_are_saved_store_what_later_loads(client, server):
-    """Eight new prompts at once into the 12-block cache: running requests are preempted (their blocks freed and
-    recomputed on resumption) while saves of their blocks are planned and in flight. Every answer equals the
-    baseline, and each prompt asked again is a full hit with the same answer: what the preempted requests stored is
-    their KV, and nothing stored twice (a resumed request's saved blocks are not planned again, and one resumed
-    with a pool hit of its own blocks does not save them back)."""
-    batch = range(12, 20)
-    preempted = metric(server, "vllm:num_preemptions_total")
-    saved = metric(server, "vllm:kvpool_saved_blocks_total")
-    hits = metric(server, "vllm:kvpool_hit_tokens_total")
-    with concurrent.futures.ThreadPoolExecutor(len(batch)) as threads:
-        list(threads.map(client.ask, batch))  # each answer checked against the baseline
-    assert metric(server, "vllm:num_preemptions_total") > preempted
-    # A request preempted after its prompt blocks were saved resumes with them from the pool (vLLM asks again).
-    print(f"\npool tokens served to resumed requests: {metric(server, 'vllm:kvpool_hit_tokens_total') - hits:.0f}")
-    for i in batch:
-        client.until_hit(i, 20)  # each answer checked against the baseline
-    assert metric(server, "vllm:kvpool_saved_blocks_total") - saved == 3 * len(batch)
 
 
 def test_a_request_aborted_mid_load_releases_its_blocks_once_the_load_is_over(client, server, pool, tiny_model):

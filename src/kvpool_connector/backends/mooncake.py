@@ -275,7 +275,7 @@ class MooncakeBackend(PoolBackend):
         return [code == 0 for code in self._store.batch_remove(list(keys), True)]
 
     def remove_prefix(self, prefix: str) -> int | None:
-        removed = int(self._store.remove_by_regex("^" + re.escape(prefix)))
+        removed = int(self._store.remove_by_regex("^" + re.escape(prefix), True))  # also objects a reader leases
         if removed < 0:
             raise PoolUnavailable(f"Mooncake remove_by_regex returned {removed}")
         return removed
