@@ -6,10 +6,16 @@ process a :class:`PoolWorker`, and every method delegates to the one its role ha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-from kvpool_connector.compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from kvpool_connector.compat import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
 from kvpool_connector.config import parse_config
 from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, PoolPromMetrics
@@ -19,6 +25,7 @@ from kvpool_connector.worker import PoolWorker
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -77,6 +84,10 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, PoolConnectorMetadata)
         self.connector_worker.save(meta)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        assert self.connector_worker is not None
+        return self.connector_worker.take_stored_report()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self.connector_worker is not None
@@ -138,3 +149,7 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
     def reset_cache(self) -> bool:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.reset_cache()
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.take_events()

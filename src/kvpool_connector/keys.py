@@ -146,6 +146,11 @@ def pool_key(shard_fingerprint: str, block_hash: bytes) -> str:
     return f"{shard_prefix(shard_fingerprint)}{block_hash.hex()}"
 
 
+def block_hash_of(pool_key_: str) -> bytes:
+    """The vLLM block hash a pool key names (its last part)."""
+    return bytes.fromhex(pool_key_.rsplit("/", 1)[1])
+
+
 def shard_prefix(shard_fingerprint: str) -> str:
     """What every key of one (layout, shard) starts with: what a cache reset removes."""
     return f"{KEY_FORMAT}/{shard_fingerprint}/"

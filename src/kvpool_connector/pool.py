@@ -313,22 +313,25 @@ class PoolHandle:
 
     def put_missing(
         self, keys: Sequence[str], addrs: list[list[int]], sizes: list[list[int]], stats: StatsCounter
-    ) -> None:
-        """Put the objects the pool does not hold yet; count every outcome into ``stats``, warn about failures."""
+    ) -> list[str]:
+        """Put the objects the pool does not hold yet; count every outcome into ``stats``, warn about failures.
+        Returns the keys the pool holds afterwards (put now, or already there)."""
         if not self.available:
             self.skip_saves(len(keys), stats)
-            return
+            return []
         present = self.exists(keys)
         if not self.available:  # the existence query just found the pool down
             self.skip_saves(len(keys), stats)
-            return
+            return []
         todo = [i for i, p in enumerate(present) if not p]
         stats.add("save_skipped_present", len(keys) - len(todo))
+        held = [key for key, p in zip(keys, present, strict=True) if p]
         if not todo:
-            return
+            return held
         start = time.perf_counter()
         outcomes = self.put([keys[i] for i in todo], [addrs[i] for i in todo], [sizes[i] for i in todo])
         stats.add("save_seconds", time.perf_counter() - start)
+        held += [keys[i] for i, outcome in zip(todo, outcomes, strict=True) if outcome.ok]
         for i, outcome in zip(todo, outcomes, strict=True):
             if outcome is Outcome.OK:
                 stats.add("saved_blocks")
@@ -346,6 +349,7 @@ class PoolHandle:
                 len(outcomes),
                 ", ".join(failed),
             )
+        return held
 
     def remove_prefix(self, prefix: str) -> int | None:
         """Objects removed under ``prefix``; None when the pool cannot select by prefix, is unreachable, or fails."""

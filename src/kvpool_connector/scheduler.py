@@ -32,6 +32,7 @@ from kvpool_connector.backends import create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import runtime_for
+from kvpool_connector.kv_events import PoolEvents, StoredInPool
 from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats
@@ -39,6 +40,7 @@ from kvpool_connector.pool import PoolHandle
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -124,6 +126,7 @@ class PoolScheduler:
         self.load_async = config.pool.load_async
         self.producer_wait_s = config.pool.producer_wait_ms / 1e3
         self.save_decode_cache = config.pool.save_decode_cache
+        self.events = PoolEvents(self.block_size, len(self.shards)) if compat.kv_events_enabled(vllm_config) else None
         self.reset_policy = config.pool.reset_cache
         self._reset_pending = False  # tell the workers at the next step
         self.pool: PoolHandle | None = None
@@ -278,6 +281,12 @@ class PoolScheduler:
                     self._failed_loads.add(req_id)
         for req_id in output.finished_recving or ():
             self._loading.pop(req_id, None)
+        if self.events is not None and isinstance(output.kv_connector_worker_meta, StoredInPool):
+            self.events.stored(output.kv_connector_worker_meta)
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """Pool-tier KV events ready to publish (blocks every shard of which is in the pool; cache resets)."""
+        return self.events.take() if self.events is not None else []
 
     # -- 3. per-step plan -------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PoolConnectorMetadata:
@@ -320,6 +329,13 @@ class PoolScheduler:
         hashes = self._block_hashes(request, full_blocks)
         todo = [i for i in range(state.next_save_block, len(hashes)) if i not in state.loaded]
         state.next_save_block = len(hashes)
+        if todo and self.events is not None:
+            tokens = request.all_token_ids
+            self.events.planned(
+                [hashes[i] for i in todo],
+                [hashes[i - 1] if i else None for i in todo],
+                [list(tokens[i * self.block_size : (i + 1) * self.block_size]) for i in todo],
+            )
         if todo:
             meta.saves.append(
                 BlockTransfer(request.request_id, [state.block_ids[i] for i in todo], [hashes[i] for i in todo])
@@ -362,6 +378,8 @@ class PoolScheduler:
                 return False
             removed = sum(c for c in counts if c is not None)
         self._reset_pending = True
+        if self.events is not None:
+            self.events.cleared()
         logger.info("KV pool cache reset: %d objects of this layout removed (%d shards)", removed, len(self.shards))
         return True
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,7 @@ class StagingSaver:
         capacity_blocks: int,
         runtime: DeviceRuntime,
         stats: StatsCounter | None = None,
+        on_stored: Callable[[list[str]], None] | None = None,
     ) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"staging area must hold at least one block ({pages.block_bytes} bytes)")
@@ -81,6 +82,7 @@ class StagingSaver:
         self._paused = threading.Event()
         self._paused.set()
         self.stats = stats if stats is not None else StatsCounter()
+        self._on_stored = on_stored  # told the keys each put left in the pool (KV events)
         self._thread = threading.Thread(target=self._run, name="kvpool-save", daemon=True)
         self._thread.start()
 
@@ -154,7 +156,9 @@ class StagingSaver:
     def _put(self, job: _SaveJob) -> None:
         self._runtime.wait_on_host(job.copied)
         addrs = self.slot_addresses(job.slots).tolist()
-        self._pool.put_missing(job.keys, addrs, [self._run_sizes] * len(job.keys), self.stats)
+        held = self._pool.put_missing(job.keys, addrs, [self._run_sizes] * len(job.keys), self.stats)
+        if self._on_stored is not None and held:
+            self._on_stored(held)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def flush(self, timeout_s: float) -> bool:

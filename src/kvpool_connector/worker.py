@@ -34,6 +34,7 @@ from kvpool_connector.config import ResolvedConfig, check_pool_fits_device
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
 from kvpool_connector.kv_allocation import KVCacheAt
+from kvpool_connector.kv_events import StoredInPool, WorkerStoredLog
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.loading import BlockLoader
 from kvpool_connector.logs import init_logger
@@ -63,6 +64,7 @@ class PoolWorker:
         kv_cache_bytes: int = 0,
         stripe: tuple[int, int] = (0, 1),
         runtime: DeviceRuntime | None = None,
+        kv_events: bool = False,
     ) -> None:
         self.layout = layout
         self.shard = shard
@@ -80,6 +82,7 @@ class PoolWorker:
         self.saver: StagingSaver | None = None
         self.loader: BlockLoader | None = None
         self.stats = StatsCounter()
+        self.stored_log = WorkerStoredLog() if kv_events else None  # for vLLM's KV events
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> PoolWorker:
@@ -97,6 +100,7 @@ class PoolWorker:
             kv_cache_bytes=compat.kv_cache_backing_bytes(kv_cache_config),
             # Ranks that hold identical KV (MLA, replicated KV heads) share keys: they split the writes.
             stripe=layout.stripe(tp_rank),
+            kv_events=compat.kv_events_enabled(vllm_config),
         )
 
     def kv_cache_allocation(self) -> KVCacheAt | None:
@@ -181,7 +185,8 @@ class PoolWorker:
         self.loader = BlockLoader(self.pool, self.pages, self.shard, self.stats, bind_thread=runtime.bind_thread)
         if self._config.pool.async_save and self.saves_enabled:
             capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
-            self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats)
+            on_stored = self._note_stored if self.stored_log is not None else None
+            self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats, on_stored)
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
         logger.info(
             "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
@@ -264,7 +269,18 @@ class PoolWorker:
             return
         self.runtime.wait_on_host(written)
         addrs, sizes = self.pages.addresses(block_ids)
-        self.pool.put_missing(pool_keys, addrs, sizes, self.stats)
+        held = self.pool.put_missing(pool_keys, addrs, sizes, self.stats)
+        if self.stored_log is not None:
+            self._note_stored(held)
+
+    def _note_stored(self, pool_keys: list[str]) -> None:
+        assert self.stored_log is not None
+        self.stored_log.note([keys.block_hash_of(k) for k in pool_keys])
+
+    def take_stored_report(self) -> StoredInPool | None:
+        """The blocks this rank's saves left in the pool since the last step, for the scheduler's KV events (vLLM
+        merges the ranks' reports)."""
+        return self.stored_log.take() if self.stored_log is not None else None
 
     def take_stats(self) -> PoolConnectorStats | None:
         window = self.stats.take()

@@ -11,7 +11,9 @@ import signal
 import numpy as np
 import pytest
 
+from kvpool_connector.kv_events import MEDIUM
 from kvpool_connector.processes import free_port
+from kvpool_connector.testing.client import KVEventSubscriber, wait_for
 from kvpool_connector.testing.engine import EngineSpec, run_engine
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.mooncake_pool import connector_config
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 PROMPTS = standard_prompts()
 EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255, 0]
+BLOCK = 128
 
 
 def pool_config(mooncake: dict) -> dict:
@@ -129,7 +132,12 @@ def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):
 
 
 def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, loaded, baseline, tmp_path):
-    """ExampleConnector (first, empty storage) beside ours: MultiConnector must take the hits from our pool."""
+    """ExampleConnector (first, empty storage) beside ours: MultiConnector must take the hits from our pool. With
+    vLLM's KV events on, the blocks our child saves are published as the pool tier (MultiConnector forwards each
+    child its workers' reports): one ``BlockStored`` per block with medium ``KVPOOL``, the tokens, and the very hash
+    and parent vLLM's own events give the block in its KV cache, so a router can match the two tiers."""
+    from vllm.distributed.kv_events import BlockStored
+
     config = {
         "kv_connector": "MultiConnector",
         "kv_role": "kv_both",
@@ -144,11 +152,41 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
             ]
         },
     }
-    prompts = [PROMPTS[0], PROMPTS[3]]
-    run = run_engine(EngineSpec(model=tiny_model, prompts=prompts, kv_transfer_config=config), tmp_path)
-    assert [r.num_cached_tokens for r in run.results] == [EXPECTED_HITS[0], 0]
-    assert run.outputs == [baseline.outputs[0], baseline.outputs[3]]
+    new_prompt = distinct_prompts(1, 2 * BLOCK + 10, seed=71)[0]  # new to the pool: its 2 full blocks are saved
+    prompts = [PROMPTS[0], PROMPTS[3], new_prompt]
+    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{free_port()}")
+    events_config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": subscriber.endpoint}
+    try:
+        spec = EngineSpec(
+            model=tiny_model,
+            prompts=prompts,
+            kv_transfer_config=config,
+            extra_llm_args={"kv_events_config": events_config},
+        )
+        run = run_engine(spec, tmp_path)
+        wait_for(lambda: len(pool_tier(subscriber.events)) >= 2, 10, "the pool tier's BlockStored events")
+    finally:
+        subscriber.close()
+    assert [r.num_cached_tokens for r in run.results] == [EXPECTED_HITS[0], 0, 0]
+    assert run.outputs[:2] == [baseline.outputs[0], baseline.outputs[3]]
     assert run.loaded_blocks == 2
+
+    stored = pool_tier(subscriber.events)
+    assert [e.token_ids for e in stored] == [new_prompt[:BLOCK], new_prompt[BLOCK : 2 * BLOCK]]
+    own_tier = {}  # vLLM's events for its KV cache: one event may list several blocks, their tokens concatenated
+    for e in subscriber.events:
+        if isinstance(e, BlockStored) and e.medium != MEDIUM:
+            parents = [e.parent_block_hash, *e.block_hashes[:-1]]
+            for i, block_hash in enumerate(e.block_hashes):
+                own_tier[block_hash] = (e.token_ids[i * BLOCK : (i + 1) * BLOCK], parents[i])
+    for event in stored:  # vLLM stored the same block in its KV cache under the same hash
+        assert own_tier[event.block_hashes[0]] == (event.token_ids, event.parent_block_hash)
+
+
+def pool_tier(events: list) -> list:
+    from vllm.distributed.kv_events import BlockStored
+
+    return [e for e in events if isinstance(e, BlockStored) and e.medium == MEDIUM]
 
 
 def test_an_engine_started_while_the_master_is_stopped_serves_then_connects(tiny_model, pool, tmp_path):

@@ -28,8 +28,16 @@ import numpy as np
 import psutil
 import pytest
 
-from kvpool_connector.processes import stop_process
-from kvpool_connector.testing.client import CheckedClient, cached_tokens, complete, server_metrics, wait_for
+from kvpool_connector.keys import block_hash_of
+from kvpool_connector.processes import free_port, stop_process
+from kvpool_connector.testing.client import (
+    CheckedClient,
+    KVEventSubscriber,
+    cached_tokens,
+    complete,
+    server_metrics,
+    wait_for,
+)
 from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_block_bytes, worker_shard
 from kvpool_connector.testing.server import start_vllm_server, stop_server, vllm_server, wait_healthy
@@ -51,12 +59,22 @@ SOAK_CONCURRENCY = 64
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, pool, tmp_path_factory):
+def kv_events() -> Iterator[KVEventSubscriber]:
+    """Bound before the server starts; the server's publisher connects to it."""
+    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{free_port()}")
+    yield subscriber
+    subscriber.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, pool, kv_events, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reliability-server")
     config = pool.connector_config(reconnect_interval_s=1.0)
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv_events.endpoint}
+    args = [*SERVER_ARGS, *DRAINING_SHUTDOWN, "--kv-events-config", json.dumps(events)]
     # dev mode: vLLM's /reset_prefix_cache, which the reset test calls
     env = engine_env(workdir / "cache", {"VLLM_LOG_STATS_INTERVAL": "1", "VLLM_SERVER_DEV_MODE": "1"})
-    with vllm_server(tiny_model, workdir, config, SERVER_ARGS + DRAINING_SHUTDOWN, env=env) as running:
+    with vllm_server(tiny_model, workdir, config, args, env=env) as running:
         yield running
 
 
@@ -189,7 +207,27 @@ def test_cache_salt_isolates_tenants(client):
     assert client.ask(1)[0] == 0  # no salt is a tenant of its own
 
 
-def test_reset_prefix_cache_removes_this_layouts_entries_and_no_others(client, server, mooncake_client):
+def test_blocks_saved_to_the_pool_are_published_as_kv_events(client, server, kv_events):
+    """vLLM's KV events carry the pool tier: a ``BlockStored`` (medium ``KVPOOL``) for each block once it is in the
+    pool, with vLLM's block hash, its parent and its tokens, as vLLM's own events for its GPU/CPU tiers."""
+    from vllm.distributed.kv_events import BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    client.until_hit(16, 20)
+    shard = worker_shard(server.log_text())
+    hashes = [maybe_convert_block_hash(block_hash_of(k)) for k in prompt_block_keys(shard, PROMPTS[16])]
+
+    def stored() -> dict:
+        return {e.block_hashes[0]: e for e in kv_events.events if isinstance(e, BlockStored) and e.medium == "KVPOOL"}
+
+    wait_for(lambda: set(hashes) <= set(stored()), 20, "BlockStored events for the prompt's 3 blocks")
+    for i, block_hash in enumerate(hashes):
+        event = stored()[block_hash]
+        assert event.token_ids == PROMPTS[16][i * BLOCK : (i + 1) * BLOCK] and event.block_size == BLOCK
+        assert event.parent_block_hash == (hashes[i - 1] if i else None)
+
+
+def test_reset_prefix_cache_removes_this_layouts_entries_and_no_others(client, server, mooncake_client, kv_events):
     """``POST /reset_prefix_cache?reset_external=true`` resets the pool too (``reset_cache: layout``): every object of
     this deployment's layout goes, another model's stay; the next request computes, and saves and hits resume."""
     for i in (14, 15):
@@ -206,8 +244,10 @@ def test_reset_prefix_cache_removes_this_layouts_entries_and_no_others(client, s
     assert client.ask(14)[0] == 0  # computed again, same answer
     client.until_hit(15, 20)  # saved again, then served from the pool
     log = server.log_text()
-    assert re.search(r"KV pool cache reset: \d+ objects of this layout removed \(1 shards\)", log)
+    removed = re.search(r"KV pool cache reset: (\d+) objects of this layout removed \(1 shards\)", log)
+    assert removed is not None and int(removed.group(1)) >= 6  # 14's and 15's, and what earlier tests stored
     assert "queued block saves dropped" in log  # the worker's second pass, at the next step
+    assert any(type(e).__name__ == "AllBlocksCleared" for e in kv_events.events)  # routers drop the pool tier
 
 
 def test_master_killed_then_restarted(client, server, pool):

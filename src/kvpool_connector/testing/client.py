@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import msgspec
+import zmq
 
 
 def complete(url: str, model: str, prompt: str | list[int], max_tokens: int, **extra: Any) -> dict:
@@ -73,3 +76,37 @@ class CheckedClient:
             assert time.monotonic() - start < timeout_s, f"prompt {i}: no pool hit within {timeout_s} s"
             time.sleep(0.5)
         return time.monotonic() - start
+
+
+class KVEventSubscriber:
+    """Collects the KV events a vLLM engine publishes (``--kv-events-config`` with the ZMQ publisher) on a thread.
+
+    It binds ``endpoint``: vLLM's publisher binds only a wildcard (``tcp://*:port``) and connects to an address with a
+    host, so a subscriber on loopback binds and the engine, configured with the same endpoint, connects to it."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.setsockopt(zmq.RCVTIMEO, 200)
+        self._socket.bind(endpoint)
+        self.endpoint = endpoint
+        self.events: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        from vllm.distributed.kv_events import KVEventBatch
+
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        while not self._stop.is_set():
+            try:
+                _topic, _seq, payload = self._socket.recv_multipart()
+            except zmq.Again:
+                continue
+            self.events.extend(decoder.decode(payload).events)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._socket.close(linger=0)

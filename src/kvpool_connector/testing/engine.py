@@ -150,7 +150,7 @@ class PoolTotalsExtension:
 
 def _main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm.config import KVEventsConfig, KVTransferConfig
     from vllm.inputs import TokensPrompt
 
     spec = EngineSpec(**json.loads(Path(spec_path).read_text()))
@@ -164,6 +164,8 @@ def _main(spec_path: str, out_path: str) -> None:
         disable_log_stats=False,
     )
     kwargs.update(spec.extra_llm_args)  # e.g. dtype bfloat16: vLLM's CPU MoE kernels take no float32 weights
+    if isinstance(events := kwargs.get("kv_events_config"), dict):
+        kwargs["kv_events_config"] = KVEventsConfig(**events)
     if spec.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.kv_transfer_config is not None:
