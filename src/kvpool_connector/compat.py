@@ -16,6 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401  (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 
 if TYPE_CHECKING:
@@ -104,6 +105,11 @@ def on_cpu_platform() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.device_type == "cpu"
+
+
+NULL_BLOCK_ID = 0
+"""The block id vLLM's block pool reserves as its null block (the first one it creates, never allocated): what a
+KV cache group's block table holds where the group keeps nothing, e.g. a sliding-window group outside its window."""
 
 
 def prompt_length(request: Request) -> int:

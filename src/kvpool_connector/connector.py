@@ -15,6 +15,7 @@ from kvpool_connector.compat import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 from kvpool_connector.config import parse_config
 from kvpool_connector.metadata import PoolConnectorMetadata
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
-class MemcacheConnectorStoreV1(KVConnectorBase_V1):
+class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = parse_config(self._kv_transfer_config.kv_connector_extra_config)
@@ -144,7 +145,14 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.connector_scheduler is not None
-        return self.connector_scheduler.request_finished(request, block_ids)
+        return self.connector_scheduler.request_finished(request)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's call with the hybrid KV cache manager (``SupportsHMA``): the same, for every KV cache group."""
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.request_finished(request)
 
     def reset_cache(self) -> bool:
         assert self.connector_scheduler is not None

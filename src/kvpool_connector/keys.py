@@ -1,5 +1,9 @@
 """Pool keys: ``kvp1/<layout fingerprint>/<vLLM block hash>``.
 
+A model with several KV cache groups (vLLM's hybrid KV cache manager: sliding-window and full-attention layers, say)
+stores one object per block and group: the group is part of the fingerprint, so each group's objects hold its own
+layers and a lookup asks for every group's.
+
 vLLM's block hash already chains the whole token prefix plus LoRA, multimodal inputs and ``cache_salt``. What it
 does not cover is everything that changes the *bytes* of a stored block: the model, dtypes, KV layout and page
 geometry, block size, layer count and which shard of the heads/layers a worker holds. Those go into the
@@ -47,6 +51,12 @@ class KVLayout:
     """TP ranks that hold the same KV: tp_size with MLA (the latent cache is replicated on every rank), tp_size //
     KV heads when there are fewer KV heads than ranks (vLLM replicates them), else 1. Such ranks share keys and
     split the writes."""
+    groups: tuple[str, ...] = ()
+    """With several KV cache groups, each one's kind, window and layer count; empty with one group."""
+
+    @property
+    def num_groups(self) -> int:
+        return max(1, len(self.groups))
 
     @property
     def kv_shards(self) -> int:
@@ -66,12 +76,9 @@ class KVLayout:
         from vllm.platforms import current_platform
 
         groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ValueError(
-                f"MemcacheConnectorStoreV1 supports models with one KV cache group (uniform attention); "
-                f"this model has {len(groups)} ({', '.join(type(g.kv_cache_spec).__name__ for g in groups)})"
-            )
         spec = groups[0].kv_cache_spec
+        if len(groups) > 1:
+            check_hybrid_groups([g.kv_cache_spec for g in groups])
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
         check_supported(spec, parallel)
@@ -96,6 +103,36 @@ class KVLayout:
             tp_size=tp_size,
             pp_size=int(parallel.pipeline_parallel_size),
             kv_replicas=replicas,
+            groups=tuple(_group_description(g) for g in groups) if len(groups) > 1 else (),
+        )
+
+
+HYBRID_GROUP_KINDS = ("FullAttentionSpec", "MLAAttentionSpec", "SlidingWindowSpec", "ChunkedLocalAttentionSpec")
+
+
+def _group_description(group: Any) -> str:
+    spec = group.kv_cache_spec
+    window = getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None)
+    return f"{type(spec).__name__}:window={window}:layers={len(group.layer_names)}"
+
+
+def check_hybrid_groups(specs: Sequence[Any]) -> None:
+    """Several KV cache groups (vLLM's hybrid KV cache manager) work when every group is attention over per-token
+    KV pages of one block size and page size (vLLM's hybrid allocator then shares one tensor between a layer of each
+    group). A Mamba or linear-attention state is one running state per request, not a page per block, so a block's
+    object could not hold it: refused with the reason."""
+    kinds = [type(s).__name__ for s in specs]
+    if other := sorted({k for k in kinds if k not in HYBRID_GROUP_KINDS}):
+        raise ValueError(
+            f"MemcacheConnectorStoreV1 stores KV pages per block; this model's KV cache groups include {other} "
+            f"(groups: {kinds}): a recurrent state (Mamba, linear attention) is one state per request, not per "
+            f"block. Supported groups: {', '.join(HYBRID_GROUP_KINDS)}"
+        )
+    shapes = {(int(s.block_size), int(s.page_size_bytes)) for s in specs}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"MemcacheConnectorStoreV1 needs one block size and page size across KV cache groups; this model's "
+            f"groups have (block_size, page_size_bytes) {sorted(shapes)}"
         )
 
 
@@ -118,27 +155,33 @@ def check_supported(spec: Any, parallel: Any) -> None:
         )
 
 
-def fingerprint(layout: KVLayout, tp_rank: int, pp_rank: int) -> str:
+def fingerprint(layout: KVLayout, tp_rank: int, pp_rank: int, group: int = 0) -> str:
     """16 hex digits naming one shard's byte layout; equal inputs give equal output in every process.
 
     When every TP rank holds all of the KV (MLA's latent cache, or fewer KV heads than ranks), what a block stores
     does not depend on the TP size: engines at TP 1, 2, 4 then share entries. Otherwise the TP size and the rank's
-    head shard are part of it. The pipeline rank always is (its layers differ).
+    head shard are part of it. The pipeline rank always is (its layers differ), and so is the KV cache group when
+    there are several.
     """
     fields = asdict(layout)
     if layout.kv_shards == 1:
         del fields["tp_size"], fields["kv_replicas"]
     shard = {"kv_shard": layout.kv_shard(tp_rank), "pp_rank": pp_rank}
+    if layout.groups:
+        shard["group"] = group
+    else:
+        del fields["groups"]  # one group: the keys every earlier release wrote
     blob = json.dumps({"format": KEY_FORMAT, **fields, **shard}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def shard_fingerprints(layout: KVLayout) -> list[str]:
-    """Fingerprints of every shard whose blocks a lookup must find (one per distinct (KV shard, pp) pair)."""
+    """Fingerprints of every shard whose blocks a lookup must find (one per distinct (KV shard, pp, group))."""
     return [
-        fingerprint(layout, shard * layout.kv_replicas, pp)
+        fingerprint(layout, shard * layout.kv_replicas, pp, group)
         for pp in range(layout.pp_size)
         for shard in range(layout.kv_shards)
+        for group in range(layout.num_groups)
     ]
 
 
@@ -149,6 +192,11 @@ def pool_key(shard_fingerprint: str, block_hash: bytes) -> str:
 def block_hash_of(pool_key_: str) -> bytes:
     """The vLLM block hash a pool key names (its last part)."""
     return bytes.fromhex(pool_key_.rsplit("/", 1)[1])
+
+
+def group_keys(group_shards: Sequence[str], block_hashes: Sequence[bytes], groups: Sequence[int]) -> list[str]:
+    """The key of each block, in its KV cache group's shard (``group_shards[g]``: one worker's fingerprint of g)."""
+    return [pool_key(group_shards[g], h) for g, h in zip(groups, block_hashes, strict=True)]
 
 
 def shard_prefix(shard_fingerprint: str) -> str:

@@ -58,16 +58,22 @@ class WorkerStoredLog:
 class PoolEvents:
     """Scheduler side: turns the workers' notes into published events once every shard of a block is in."""
 
-    def __init__(self, block_size: int, shards_per_block: int) -> None:
+    def __init__(self, block_size: int) -> None:
         self._block_size = block_size
-        self._shards_per_block = shards_per_block
-        self._plans: OrderedDict[bytes, tuple[bytes | None, list[int]]] = OrderedDict()  # hash -> (parent, tokens)
+        # hash -> (parent, tokens, objects the saves put: one per (TP/PP shard, KV cache group holding the block))
+        self._plans: OrderedDict[bytes, tuple[bytes | None, list[int], int]] = OrderedDict()
         self._counts: Counter[bytes] = Counter()
         self._ready: list[KVCacheEvent] = []
 
-    def planned(self, block_hashes: Sequence[bytes], parents: Sequence[bytes | None], tokens: Sequence[list[int]]):
-        for block_hash, parent, block_tokens in zip(block_hashes, parents, tokens, strict=True):
-            self._plans[block_hash] = (parent, block_tokens)
+    def planned(
+        self,
+        block_hashes: Sequence[bytes],
+        parents: Sequence[bytes | None],
+        tokens: Sequence[list[int]],
+        objects: Sequence[int],
+    ) -> None:
+        for block_hash, parent, block_tokens, count in zip(block_hashes, parents, tokens, objects, strict=True):
+            self._plans[block_hash] = (parent, block_tokens, count)
             self._plans.move_to_end(block_hash)
         while len(self._plans) > PLANS_KEPT:
             self._counts.pop(self._plans.popitem(last=False)[0], None)
@@ -75,10 +81,11 @@ class PoolEvents:
     def stored(self, report: StoredInPool) -> None:
         for block_hash in report.block_hashes:
             self._counts[block_hash] += 1
-            if self._counts[block_hash] < self._shards_per_block or block_hash not in self._plans:
+            plan = self._plans.get(block_hash)
+            if plan is None or self._counts[block_hash] < plan[2]:
                 continue
-            del self._counts[block_hash]
-            parent, tokens = self._plans.pop(block_hash)
+            del self._counts[block_hash], self._plans[block_hash]
+            parent, tokens, _ = plan
             self._ready.append(
                 BlockStored(
                     block_hashes=[maybe_convert_block_hash(block_hash)],

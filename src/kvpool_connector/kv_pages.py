@@ -8,6 +8,10 @@ one of size ``num_blocks``, or a multiple of it when vllm-ascend splits blocks i
 memory below it and at most a K/V split above it) and describe a block as the contiguous runs under it; the runs must
 add up to the KV spec's page size. A block's object in the pool is
 the concatenation of those runs over all layers, in layer order.
+
+With several KV cache groups (vLLM's hybrid KV cache manager) a block id means a page of the layers of one group
+(vLLM's hybrid allocator lets a layer of each group share one tensor), so a block's object is the runs over that
+group's layers, and every address takes the group along.
 """
 
 from __future__ import annotations
@@ -88,43 +92,58 @@ class KVPages:
         kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
         num_blocks: int,
         page_size_bytes: int,
+        groups: Sequence[Sequence[str]] | None = None,
     ) -> None:
-        runs: list[_Run] = []
+        """``groups``: the layer names of each KV cache group (vLLM's ``kv_cache_groups``); None: one group."""
         spans: list[tuple[int, int]] = []
         self.layer_names = sorted(kv_caches, key=_layer_index)
         self.device = torch.device("cpu")
+        runs_of_layer: dict[str, list[_Run]] = {}
         for name in self.layer_names:
             value = kv_caches[name]
             tensors = [value] if isinstance(value, torch.Tensor) else list(value)
+            runs_of_layer[name] = []
             for tensor in tensors:
                 tensor_runs = _runs_of(tensor, num_blocks, name)
-                runs.extend(tensor_runs)
+                runs_of_layer[name] += tensor_runs
                 # From the tensor's first byte to its last block's end, as production registers it: not the raw
                 # storage, whose start vllm-ascend pads for 2 MiB alignment.
                 spans += [(r.base, r.base + (num_blocks - 1) * r.block_stride + r.nbytes) for r in tensor_runs]
                 self.device = tensor.device
         self.regions: list[tuple[int, int]] = _merged(spans)
-        """(start, size) of the memory holding every block: what a pool client registers."""
+        """(start, size) of the memory holding every block: what a pool client registers (shared tensors once)."""
         self.on_device = self.device.type != "cpu"
-        self._bases = np.array([r.base for r in runs], dtype=np.int64)
-        self._strides = np.array([r.block_stride for r in runs], dtype=np.int64)
-        self.run_sizes: list[int] = [r.nbytes for r in runs]
-        """Bytes of each of a block's runs, in object order (layer-major)."""
-        self.block_bytes = sum(self.run_sizes)
-        if self.block_bytes != page_size_bytes * len(self.layer_names):
+        group_layers = [self.layer_names] if groups is None else [sorted(g, key=_layer_index) for g in groups]
+        group_runs = [[run for name in layers for run in runs_of_layer[name]] for layers in group_layers]
+        self.run_sizes: list[int] = [r.nbytes for r in group_runs[0]]
+        """Bytes of each of a block's runs, in object order (layer-major); equal in every group."""
+        if any([r.nbytes for r in runs] != self.run_sizes for runs in group_runs):
             raise ValueError(
-                f"KV cache tensors hold {self.block_bytes} bytes per block over {len(self.layer_names)} layers; "
+                f"KV cache groups differ in their page runs ({[len(r) for r in group_runs]} runs per block): one "
+                "object size per block is needed"
+            )
+        self._bases = np.array([[r.base for r in runs] for runs in group_runs], dtype=np.int64)  # (groups, runs)
+        self._strides = np.array([[r.block_stride for r in runs] for runs in group_runs], dtype=np.int64)
+        self.block_bytes = sum(self.run_sizes)
+        if self.block_bytes != page_size_bytes * len(group_layers[0]):
+            raise ValueError(
+                f"KV cache tensors hold {self.block_bytes} bytes per block over {len(group_layers[0])} layers; "
                 f"vLLM's KV spec says {page_size_bytes} per layer"
             )
         self.num_blocks = num_blocks
+        self.num_groups = len(group_layers)
 
-    def address_array(self, block_ids: Sequence[int]) -> np.ndarray:
-        """(blocks, runs) array of run start addresses, runs in object order (layer-major)."""
+    def address_array(self, block_ids: Sequence[int], groups: Sequence[int] | None = None) -> np.ndarray:
+        """(blocks, runs) array of run start addresses, runs in object order (layer-major); ``groups``: the KV cache
+        group of each block (None: group 0)."""
         ids = np.asarray(block_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
             raise IndexError(f"block id out of range 0..{self.num_blocks - 1}: {block_ids}")
-        return self._bases[None, :] + ids[:, None] * self._strides[None, :]
+        group = np.zeros(ids.size, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+        return self._bases[group] + ids[:, None] * self._strides[group]
 
-    def addresses(self, block_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+    def addresses(
+        self, block_ids: Sequence[int], groups: Sequence[int] | None = None
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """Per block: the start of each of its runs, and the runs' sizes (the pool clients' multi-buffer form)."""
-        return self.address_array(block_ids).tolist(), [self.run_sizes] * len(block_ids)
+        return self.address_array(block_ids, groups).tolist(), [self.run_sizes] * len(block_ids)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvpool_connector import keys
 from kvpool_connector.backends import Outcome
@@ -42,13 +42,13 @@ class BlockLoader:
         self,
         pool: PoolHandle,
         pages: KVPages,
-        shard: str,
+        shards: Sequence[str],
         stats: StatsCounter,
         bind_thread: Callable[[], None] | None = None,
     ) -> None:
         self.pool = pool
         self.pages = pages
-        self.shard = shard
+        self.shards = shards  # this worker's fingerprint of each KV cache group
         self.stats = stats
         self._bind_thread = bind_thread or (lambda: None)
         self._lock = threading.Lock()
@@ -60,9 +60,10 @@ class BlockLoader:
         self._thread: threading.Thread | None = None
 
     def load_now(self, transfer: BlockTransfer) -> None:
-        addrs, sizes = self.pages.addresses(transfer.block_ids)
+        groups = transfer.block_groups()
+        addrs, sizes = self.pages.addresses(transfer.block_ids, groups)
         start = time.perf_counter()
-        outcomes = self.pool.get([keys.pool_key(self.shard, h) for h in transfer.block_hashes], addrs, sizes)
+        outcomes = self.pool.get(keys.group_keys(self.shards, transfer.block_hashes, groups), addrs, sizes)
         self.stats.add("load_seconds", time.perf_counter() - start)
         failed = [b for b, o in zip(transfer.block_ids, outcomes, strict=True) if o is not Outcome.OK]
         self.stats.add("loaded_blocks", len(outcomes) - len(failed))
@@ -85,7 +86,7 @@ class BlockLoader:
 
     def submit(self, transfer: BlockTransfer) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"kvpool-load-{self.shard}", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"kvpool-load-{self.shards[0]}", daemon=True)
             self._thread.start()
         with self._lock:
             self._pending += 1

@@ -12,8 +12,12 @@ class BlockTransfer:
     """Blocks of one request to move between the pool and the KV cache in this step."""
 
     req_id: str
-    block_ids: list[int]  # where in this worker's KV cache (group 0)
+    block_ids: list[int]  # where in this worker's KV cache
     block_hashes: list[bytes]  # vLLM's chained hash of each block: the pool key's variable part
+    groups: list[int] = field(default_factory=list)  # each block's KV cache group (hybrid models); empty: all group 0
+
+    def block_groups(self) -> list[int]:
+        return self.groups or [0] * len(self.block_ids)
 
 
 @dataclass

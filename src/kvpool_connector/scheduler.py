@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,10 +101,28 @@ class _ProducerWait:
     deadline: float
 
 
+def group_blocks(
+    block_ids: Sequence[Sequence[int]], indices: Iterable[int], hashes: Sequence[bytes]
+) -> tuple[list[int], list[bytes], list[int]]:
+    """Block ids, hashes and KV cache groups of the blocks at ``indices`` (``hashes[k]`` is the k-th index's) in
+    every group that holds them. A group holds no block where vLLM gave it the null block: a sliding-window group
+    outside its window, so a load fills only the window and a save skips blocks the group already dropped."""
+    ids: list[int] = []
+    out_hashes: list[bytes] = []
+    groups: list[int] = []
+    for k, i in enumerate(indices):
+        for g, group_ids in enumerate(block_ids):
+            if i < len(group_ids) and group_ids[i] != compat.NULL_BLOCK_ID:
+                ids.append(group_ids[i])
+                out_hashes.append(hashes[k])
+                groups.append(g)
+    return ids, out_hashes, groups
+
+
 @dataclass
 class _RequestState:
     request: Request
-    block_ids: list[int]
+    block_ids: list[list[int]]  # per KV cache group
     next_save_block: int = 0  # prompt blocks below this are planned, saved, or known to be in the pool
     loaded: range = range(0)  # block indices that came from the pool: no need to save them back
 
@@ -126,7 +145,7 @@ class PoolScheduler:
         self.load_async = config.pool.load_async
         self.producer_wait_s = config.pool.producer_wait_ms / 1e3
         self.save_decode_cache = config.pool.save_decode_cache
-        self.events = PoolEvents(self.block_size, len(self.shards)) if compat.kv_events_enabled(vllm_config) else None
+        self.events = PoolEvents(self.block_size) if compat.kv_events_enabled(vllm_config) else None
         self.reset_policy = config.pool.reset_cache
         self._reset_pending = False  # tell the workers at the next step
         self.pool: PoolHandle | None = None
@@ -253,7 +272,7 @@ class PoolScheduler:
             self.stats.add("lookup_tokens", asked)
             if answer is not None:
                 self.stats.add("hit_tokens", max(num_external_tokens, 0))
-        block_ids = list(blocks.get_block_ids()[0])
+        block_ids = [list(ids) for ids in blocks.get_block_ids()]
         state = self._requests.get(request.request_id)
         if state is None:
             state = self._requests[request.request_id] = _RequestState(request, block_ids)
@@ -263,7 +282,8 @@ class PoolScheduler:
             return
         count = min(-(-num_external_tokens // self.block_size), answer.num_blocks)
         first = answer.start_block
-        transfer = BlockTransfer(request.request_id, block_ids[first : first + count], answer.block_hashes[:count])
+        ids, hashes, groups = group_blocks(block_ids, range(first, first + count), answer.block_hashes)
+        transfer = BlockTransfer(request.request_id, ids, hashes, groups)
         if answer.load_async:
             self._step_async_loads.append(transfer)
             self._loading[request.request_id] = set(transfer.block_ids)
@@ -303,7 +323,7 @@ class PoolScheduler:
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if (state := self._requests.get(new.req_id)) is not None:
-                state.block_ids = list(new.block_ids[0])
+                state.block_ids = [list(ids) for ids in new.block_ids]
                 self._plan_saves(state, new.num_computed_tokens + scheduled[new.req_id], meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -311,9 +331,10 @@ class PoolScheduler:
                 continue
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                state.block_ids = list(new_ids[0]) if new_ids else []
+                state.block_ids = [list(ids) for ids in new_ids] if new_ids else []
             elif new_ids:
-                state.block_ids.extend(new_ids[0])
+                for group_ids, added in zip(state.block_ids, new_ids, strict=True):
+                    group_ids.extend(added)
             self._plan_saves(state, cached.num_computed_tokens[i] + scheduled[req_id], meta)
         return meta
 
@@ -329,20 +350,23 @@ class PoolScheduler:
         hashes = self._block_hashes(request, full_blocks)
         todo = [i for i in range(state.next_save_block, len(hashes)) if i not in state.loaded]
         state.next_save_block = len(hashes)
-        if todo and self.events is not None:
+        if not todo:
+            return
+        ids, todo_hashes, groups = group_blocks(state.block_ids, todo, [hashes[i] for i in todo])
+        meta.saves.append(BlockTransfer(request.request_id, ids, todo_hashes, groups))
+        if self.events is not None:
             tokens = request.all_token_ids
+            objects = Counter(todo_hashes)  # per (TP, PP) shard: one object per group that holds the block
+            shards = len(self.shards) // self.layout.num_groups
             self.events.planned(
                 [hashes[i] for i in todo],
                 [hashes[i - 1] if i else None for i in todo],
                 [list(tokens[i * self.block_size : (i + 1) * self.block_size]) for i in todo],
-            )
-        if todo:
-            meta.saves.append(
-                BlockTransfer(request.request_id, [state.block_ids[i] for i in todo], [hashes[i] for i in todo])
+                [objects[hashes[i]] * shards for i in todo],
             )
 
     # -- 4. finish --------------------------------------------------------------------------------------------
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         """Forgets the request. A prefill for a remote decode (the P/D proxy's ``do_remote_decode``) answers with a
         notice of the prompt blocks it is saving, so the decode instance can wait for a put still in flight."""
         req_id = request.request_id

@@ -92,8 +92,11 @@ class StagingSaver:
         return self._run_bases[None, :] + s[:, None] * self._run_strides[None, :]
 
     # -- forward-pass side ---------------------------------------------------------------------------------
-    def stage(self, keys: Sequence[str], block_ids: Sequence[int], written: Any) -> None:
-        """Queue the save of ``block_ids`` under ``keys``; ``written`` is the event their KV is complete at."""
+    def stage(
+        self, keys: Sequence[str], block_ids: Sequence[int], written: Any, groups: Sequence[int] | None = None
+    ) -> None:
+        """Queue the save of ``block_ids`` (of KV cache ``groups``; None: group 0) under ``keys``; ``written`` is the
+        event their KV is complete at."""
         if not self._pool.available:  # disconnected or in an outage: nothing could take the copy; count it
             self._pool.skip_saves(len(keys), self.stats)
             return
@@ -102,10 +105,11 @@ class StagingSaver:
         if len(slots) < len(keys):
             self.stats.add("save_dropped.staging_full", len(keys) - len(slots))
             keys, block_ids = keys[: len(slots)], block_ids[: len(slots)]
+            groups = None if groups is None else groups[: len(slots)]
         if not len(slots):
             return
         # Copy run-major (transpose) so consecutive (block, slot) pairs of one layer are adjacent and merge.
-        src = self._pages.address_array(block_ids)
+        src = self._pages.address_array(block_ids, groups)
         dst = self.slot_addresses(slots)
         sizes = np.broadcast_to(self._run_strides[None, :], dst.shape)
         try:

@@ -56,7 +56,7 @@ class PoolWorker:
     def __init__(
         self,
         layout: keys.KVLayout,
-        shard: str,
+        shards: str | Sequence[str],
         saves_enabled: bool,
         num_blocks: int,
         config: ResolvedConfig,
@@ -65,9 +65,13 @@ class PoolWorker:
         stripe: tuple[int, int] = (0, 1),
         runtime: DeviceRuntime | None = None,
         kv_events: bool = False,
+        group_layers: Sequence[Sequence[str]] | None = None,
     ) -> None:
+        """``shards``: this worker's fingerprint of each KV cache group (one string: one group), ``group_layers``:
+        the layer names of each group (None: one group of every layer)."""
         self.layout = layout
-        self.shard = shard
+        self.shards = [shards] if isinstance(shards, str) else list(shards)
+        self.group_layers = group_layers
         self.num_blocks = num_blocks
         self.saves_enabled = saves_enabled  # kv_producer / kv_both: the scheduler plans saves only then
         self._config = config
@@ -90,9 +94,10 @@ class PoolWorker:
         layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
         tp_rank, pp_rank = compat.worker_parallel_ranks()
         configured_device = config.memcache.device_id if config.memcache is not None else None
+        groups = kv_cache_config.kv_cache_groups
         return cls(
             layout,
-            keys.fingerprint(layout, tp_rank, pp_rank),
+            [keys.fingerprint(layout, tp_rank, pp_rank, g) for g in range(layout.num_groups)],
             num_blocks=kv_cache_config.num_blocks,
             config=config,
             saves_enabled=vllm_config.kv_transfer_config is None or vllm_config.kv_transfer_config.is_kv_producer,
@@ -101,6 +106,7 @@ class PoolWorker:
             # Ranks that hold identical KV (MLA, replicated KV heads) share keys: they split the writes.
             stripe=layout.stripe(tp_rank),
             kv_events=compat.kv_events_enabled(vllm_config),
+            group_layers=[g.layer_names for g in groups] if len(groups) > 1 else None,
         )
 
     def kv_cache_allocation(self) -> KVCacheAt | None:
@@ -135,7 +141,7 @@ class PoolWorker:
         return self.kv_cache_placement
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
-        self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes)
+        self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes, self.group_layers)
         on_device = self.pages.on_device
         check_pool_fits_device(self._config, self.pages.device.type)
         limit = max_buffers_per_object(self._config)
@@ -177,23 +183,24 @@ class PoolWorker:
         self.pool = PoolHandle(
             backend,
             self._config.pool.reconnect_interval_s,
-            label=f"worker shard {self.shard}",
+            label=f"worker shard {self.shards[0]}",
             bind_thread=runtime.bind_thread,
         )
         for ptr, size in self.pages.regions:
             self.pool.register_memory(ptr, size)
-        self.loader = BlockLoader(self.pool, self.pages, self.shard, self.stats, bind_thread=runtime.bind_thread)
+        self.loader = BlockLoader(self.pool, self.pages, self.shards, self.stats, bind_thread=runtime.bind_thread)
         if self._config.pool.async_save and self.saves_enabled:
             capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
             on_stored = self._note_stored if self.stored_log is not None else None
             self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats, on_stored)
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
         logger.info(
-            "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s",
+            "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s%s",
             len(self.pages.layer_names),
             self.num_blocks,
             self.pages.block_bytes,
-            self.shard,
+            self.shards[0],
+            f" (KV cache group 0 of {len(self.shards)}: {', '.join(self.shards)})" if len(self.shards) > 1 else "",
         )
         helper_cpus = getattr(runtime, "helper_cpus", None)
         if helper_cpus:
@@ -236,12 +243,13 @@ class PoolWorker:
         land after that removal, so drop the queued ones, let the one in progress end, and remove this shard's
         objects once more."""
         dropped = self.saver.drop_queued(timeout_s=10.0) if self.saver is not None else 0
-        removed = self.pool.remove_prefix(keys.shard_prefix(self.shard)) if self.pool is not None else None
+        counts = [self.pool.remove_prefix(keys.shard_prefix(s)) if self.pool is not None else None for s in self.shards]
+        removed = None if None in counts else sum(c for c in counts if c is not None)
         logger.info(
             "KV pool cache reset: %d queued block saves dropped, %s more objects of shard %s removed",
             dropped,
             "no" if removed is None else removed,
-            self.shard,
+            ", ".join(self.shards),
         )
 
     def finished_loads(self, idle_step: bool) -> set[str]:
@@ -260,15 +268,16 @@ class PoolWorker:
         mine = slice(self.stripe_index, None, self.stripe_count)
         block_ids = [b for t in meta.saves for b in t.block_ids][mine]
         hashes = [h for t in meta.saves for h in t.block_hashes][mine]
-        pool_keys = [keys.pool_key(self.shard, h) for h in hashes]  # this rank's stripe only
+        groups = [g for t in meta.saves for g in t.block_groups()][mine]
+        pool_keys = keys.group_keys(self.shards, hashes, groups)  # this rank's stripe only
         if not block_ids:
             return
         written = self.runtime.record_event()  # after every kernel that writes this step's KV
         if self.saver is not None:
-            self.saver.stage(pool_keys, block_ids, written)
+            self.saver.stage(pool_keys, block_ids, written, groups)
             return
         self.runtime.wait_on_host(written)
-        addrs, sizes = self.pages.addresses(block_ids)
+        addrs, sizes = self.pages.addresses(block_ids, groups)
         held = self.pool.put_missing(pool_keys, addrs, sizes, self.stats)
         if self.stored_log is not None:
             self._note_stored(held)

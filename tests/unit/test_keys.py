@@ -27,6 +27,8 @@ def _changed(value):
         return not value
     if isinstance(value, int):
         return value * 2
+    if isinstance(value, tuple):
+        return (*value, "SlidingWindowSpec:window=256:layers=2")
     return value + "-other"
 
 
@@ -117,3 +119,32 @@ def test_layers_with_their_own_page_sizes_are_refused():
     mixed = UniformTypeKVCacheSpecs(block_size=16, kv_cache_specs={"a": spec, "b": spec})
     with pytest.raises(ValueError, match=r"one page size for every layer.*UniformTypeKVCacheSpecs"):
         check_supported(mixed, ParallelConfig())
+
+
+def test_one_group_keeps_the_keys_earlier_releases_wrote():
+    assert fingerprint(LAYOUT, 1, 0) == "c800e0e1b3d7c3f5"  # computed by the release before hybrid models
+
+
+def test_each_kv_cache_group_has_its_own_objects_and_a_lookup_asks_for_all():
+    hybrid = dataclasses.replace(
+        LAYOUT, groups=("FullAttentionSpec:window=None:layers=2", "SlidingWindowSpec:window=256:layers=2")
+    )
+    assert fingerprint(hybrid, 0, 0, group=0) != fingerprint(hybrid, 0, 0, group=1)
+    assert shard_fingerprints(hybrid) == [fingerprint(hybrid, tp, 0, g) for tp in range(2) for g in range(2)]
+
+
+def test_hybrid_groups_other_than_attention_pages_are_refused_with_the_reason():
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec
+
+    from kvpool_connector.keys import check_hybrid_groups
+
+    full = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    window = SlidingWindowSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=256)
+    check_hybrid_groups([full, window])  # Gemma 3, gpt-oss: accepted
+    mamba = MambaSpec(block_size=128, shapes=((4, 64),), dtypes=(torch.float32,))
+    with pytest.raises(ValueError, match=r"MambaSpec.*one state per request"):
+        check_hybrid_groups([full, mamba])
+    wider = FullAttentionSpec(block_size=256, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one block size and page size"):
+        check_hybrid_groups([wider, window])

@@ -53,7 +53,7 @@ def test_kv_cache_placed_in_node_memory_round_trips(pool, caplog):
     assert saver.stats["saved_blocks"] == 2
 
     loader = worker_for(pool.client_config(shared_memory=True))
-    loader.shard = saver.shard
+    loader.shards = saver.shards
     loader_placement = loader.kv_cache_allocation()
     loaded = allocate_like_vllm(loader_placement)
     assert loader_placement is not None and loader_placement.served

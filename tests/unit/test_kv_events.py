@@ -20,8 +20,8 @@ def merged(*logs: WorkerStoredLog) -> StoredInPool:
 
 
 def test_a_block_is_published_once_every_shard_of_it_is_in():
-    events = PoolEvents(block_size=4, shards_per_block=2)  # GQA at TP 2: each rank stores its own object
-    events.planned([H0, H1], [None, H0], [[1, 2, 3, 4], [5, 6, 7, 8]])
+    events = PoolEvents(block_size=4)  # GQA at TP 2: each rank stores its own object
+    events.planned([H0, H1], [None, H0], [[1, 2, 3, 4], [5, 6, 7, 8]], objects=[2, 2])
     rank0, rank1 = WorkerStoredLog(), WorkerStoredLog()
     rank0.note([H0, H1])
     rank1.note([H0])
@@ -38,8 +38,8 @@ def test_a_block_is_published_once_every_shard_of_it_is_in():
 
 
 def test_striped_ranks_store_each_block_once_and_a_reset_clears():
-    events = PoolEvents(block_size=4, shards_per_block=1)  # MLA at TP 2: one rank puts each block
-    events.planned([H0, H1], [None, H0], [[1, 2, 3, 4], [5, 6, 7, 8]])
+    events = PoolEvents(block_size=4)  # MLA at TP 2: one rank puts each block
+    events.planned([H0, H1], [None, H0], [[1, 2, 3, 4], [5, 6, 7, 8]], objects=[1, 1])
     rank0, rank1 = WorkerStoredLog(), WorkerStoredLog()
     rank0.note([H0])
     rank1.note([H1])

@@ -14,7 +14,7 @@ import pytest
 
 from kvpool_connector import keys
 from kvpool_connector.metadata import PoolConnectorMetadata
-from kvpool_connector.scheduler import SAVING_PARAM, _RequestState
+from kvpool_connector.scheduler import SAVING_PARAM, _RequestState, group_blocks
 from kvpool_connector.testing.scheduler_side import BLOCK, Requests, pool_scheduler
 
 
@@ -135,11 +135,11 @@ def test_a_prefill_for_remote_decode_answers_with_what_it_saves(tiny_model, pool
     try:
         prompt = tokens(3 * BLOCK + 20, seed=6)
         remote = requests.make("p", prompt, {"do_remote_decode": True})
-        assert scheduler.request_finished(remote, []) == (
+        assert scheduler.request_finished(remote) == (
             False,
             {SAVING_PARAM: {"blocks": 3, "shards": scheduler.shards}},
         )
-        assert scheduler.request_finished(requests.make("plain", prompt), []) == (False, None)
+        assert scheduler.request_finished(requests.make("plain", prompt)) == (False, None)
     finally:
         scheduler.shutdown()
 
@@ -191,7 +191,7 @@ def test_a_step_saves_the_blocks_it_completes_generated_ones_with_save_decode_ca
 ):
     scheduler = make_scheduler(tiny_model, pool, marker, save_decode_cache=decode_cache)
     request = requests.make("chat", tokens(2 * BLOCK + 9, seed=71))
-    state = _RequestState(request, block_ids=list(range(10, 20)))
+    state = _RequestState(request, block_ids=[list(range(10, 20))])
 
     def saved_after(computed: int) -> list[tuple[list[int], list[bytes]]]:
         meta = PoolConnectorMetadata()
@@ -223,3 +223,21 @@ def test_a_cache_reset_removes_this_layouts_objects_or_says_it_did_not(tiny_mode
     scheduler.pool._backend.remove_prefix = lambda prefix: None  # memcache: no removal by prefix
     assert scheduler.reset_cache() is False
     assert scheduler.pool.exists([other]) == [True]
+
+
+def test_each_kv_cache_group_moves_only_the_blocks_vllm_gave_it():
+    """Hybrid models: a full-attention group holds every block, a sliding-window group only those in its window (vLLM
+    puts its null block, id 0, elsewhere): a load fills and a save reads only real blocks, each in its own group."""
+    full, window = [10, 11, 12, 13], [0, 0, 22, 23]  # the window covers the last two blocks
+    hashes = [b"a", b"b", b"c", b"d"]
+    ids, moved, groups = group_blocks([full, window], range(4), hashes)
+    assert list(zip(ids, moved, groups, strict=True)) == [
+        (10, b"a", 0),
+        (11, b"b", 0),
+        (12, b"c", 0),
+        (22, b"c", 1),
+        (13, b"d", 0),
+        (23, b"d", 1),
+    ]
+    assert group_blocks([full, window], [3], [b"d"]) == ([13, 23], [b"d", b"d"], [0, 1])
+    assert group_blocks([[10, 11]], range(2), hashes[:2]) == ([10, 11], [b"a", b"b"], [0, 0])  # one group

@@ -1,4 +1,5 @@
-"""Build deterministic random-weight models (a Llama, a DeepSeek-V2) and a byte-level BPE tokenizer on local disk.
+"""Build deterministic random-weight models (a Llama, a DeepSeek-V2, a Gemma 3) and a byte-level BPE tokenizer on
+local disk.
 
 No weights can be downloaded on the machines this project is tested on, and greedy decoding of a random model is
 still a sharp correctness oracle: any wrong KV entry changes the generated tokens. The same seed and sizes give
@@ -8,7 +9,10 @@ The DeepSeek-V2 presets have the field's attention and experts at toy width: MLA
 ``qk_rope_head_dim`` 64 (the 576-wide latent KV vLLM's CPU MLA backend requires), mixture of experts with shared and
 routed experts and a dense first layer, as DeepSeek-V2-Lite.
 
-Usage: ``python -m kvpool_connector.testing.tiny_model DIR [--preset tiny|bench|tiny-mla|bench-mla]``.
+The Gemma 3 preset is the hybrid-attention class: sliding-window layers alternate with full-attention ones, so vLLM's
+hybrid KV cache manager gives it two KV cache groups.
+
+Usage: ``python -m kvpool_connector.testing.tiny_model DIR [--preset tiny|bench|tiny-mla|bench-mla|tiny-sliding]``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ class MLAPreset:
     topk_group: int = 1
 
 
+@dataclass(frozen=True)
+class SlidingPreset(ModelPreset):
+    """Gemma 3's attention: ``sliding_window`` tokens in every layer but each ``full_every``-th."""
+
+    sliding_window: int = 256
+    full_every: int = 2
+    head_dim: int = 64
+
+
 PRESETS: dict[str, ModelPreset | MLAPreset] = {
     # ~4.5 M parameters: builds in seconds, a CPU engine prefills a few thousand tokens per second.
     "tiny": ModelPreset(256, 4, 4, 2, 512, 2048, 8192, 0.05),
@@ -77,6 +90,8 @@ PRESETS: dict[str, ModelPreset | MLAPreset] = {
     "tiny-mla-dense": MLAPreset(256, 3, 4, 32, 32, 512, 128, 4, 1, 2, 3, 2048, 8192, 0.05),
     # wider, for TTFT benchmarks where prefill dominates
     "bench-mla": MLAPreset(1024, 8, 16, 64, 64, 2816, 512, 8, 1, 2, 1, 8192, 8192, 0.02),
+    # Gemma 3 at toy width: layers 0 and 2 see the last 256 tokens (two 128-token blocks), 1 and 3 every token
+    "tiny-sliding": SlidingPreset(256, 4, 4, 2, 512, 2048, 8192, 0.02),
 }
 
 
@@ -116,7 +131,12 @@ def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out, spec.vocab_size, seed)
     torch.manual_seed(seed)
-    model = _deepseek_v2(spec) if isinstance(spec, MLAPreset) else _llama(spec)
+    if isinstance(spec, MLAPreset):
+        model = _deepseek_v2(spec)
+    elif isinstance(spec, SlidingPreset):
+        model = _gemma3(spec)
+    else:
+        model = _llama(spec)
     model.save_pretrained(out, safe_serialization=True)
     stamp_file.write_text(json.dumps(stamp))
     return out
@@ -143,6 +163,24 @@ def _llama(spec: ModelPreset):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(LlamaConfig(num_key_value_heads=spec.num_key_value_heads, **_common(spec)))
+
+
+def _gemma3(spec: SlidingPreset):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    layer_types = [
+        "full_attention" if (i + 1) % spec.full_every == 0 else "sliding_attention"
+        for i in range(spec.num_hidden_layers)
+    ]
+    config = Gemma3TextConfig(
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        sliding_window=spec.sliding_window,
+        layer_types=layer_types,
+        pad_token_id=2,
+        **_common(spec),
+    )
+    return Gemma3ForCausalLM(config)
 
 
 def _deepseek_v2(spec: MLAPreset):
