@@ -77,11 +77,11 @@ class KVLayout:
 
         groups = kv_cache_config.kv_cache_groups
         spec = groups[0].kv_cache_spec
-        if len(groups) > 1:
-            check_hybrid_groups([g.kv_cache_spec for g in groups])
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
-        check_supported(spec, parallel)
+        for group in groups:
+            check_supported(group.kv_cache_spec, parallel)
+        check_kv_cache_groups([g.kv_cache_spec for g in groups])
         use_mla = bool(getattr(model_config, "use_mla", False))
         tp_size = int(parallel.tensor_parallel_size)
         total_kv_heads = 1 if use_mla else int(model_config.get_total_num_kv_heads())
@@ -107,26 +107,26 @@ class KVLayout:
         )
 
 
-HYBRID_GROUP_KINDS = ("FullAttentionSpec", "MLAAttentionSpec", "SlidingWindowSpec", "ChunkedLocalAttentionSpec")
-
-
 def _group_description(group: Any) -> str:
     spec = group.kv_cache_spec
     window = getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None)
     return f"{type(spec).__name__}:window={window}:layers={len(group.layer_names)}"
 
 
-def check_hybrid_groups(specs: Sequence[Any]) -> None:
-    """Several KV cache groups (vLLM's hybrid KV cache manager) work when every group is attention over per-token
-    KV pages of one block size and page size (vLLM's hybrid allocator then shares one tensor between a layer of each
-    group). A Mamba or linear-attention state is one running state per request, not a page per block, so a block's
-    object could not hold it: refused with the reason."""
+def check_kv_cache_groups(specs: Sequence[Any]) -> None:
+    """Every KV cache group must be attention over per-token KV pages (full, MLA, sliding window, chunked local):
+    a block's object holds its pages. A Mamba or linear-attention state is one running state per request, not a
+    page per block, so it is refused with the reason. Several groups (vLLM's hybrid KV cache manager) must share one
+    block size and page size, as vLLM's hybrid allocator gives attention groups (a layer of each shares a tensor)."""
+    from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, FullAttentionSpec, SlidingWindowSpec
+
+    paged = (FullAttentionSpec, SlidingWindowSpec, ChunkedLocalAttentionSpec)
     kinds = [type(s).__name__ for s in specs]
-    if other := sorted({k for k in kinds if k not in HYBRID_GROUP_KINDS}):
+    if other := sorted({type(s).__name__ for s in specs if not isinstance(s, paged)}):
         raise ValueError(
             f"MemcacheConnectorStoreV1 stores KV pages per block; this model's KV cache groups include {other} "
             f"(groups: {kinds}): a recurrent state (Mamba, linear attention) is one state per request, not per "
-            f"block. Supported groups: {', '.join(HYBRID_GROUP_KINDS)}"
+            "block. Supported: full attention (incl. MLA), sliding window and chunked local attention"
         )
     shapes = {(int(s.block_size), int(s.page_size_bytes)) for s in specs}
     if len(shapes) > 1:

@@ -133,18 +133,20 @@ def test_each_kv_cache_group_has_its_own_objects_and_a_lookup_asks_for_all():
     assert shard_fingerprints(hybrid) == [fingerprint(hybrid, tp, 0, g) for tp in range(2) for g in range(2)]
 
 
-def test_hybrid_groups_other_than_attention_pages_are_refused_with_the_reason():
+def test_kv_cache_groups_other_than_attention_pages_are_refused_with_the_reason():
     import torch
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec
 
-    from kvpool_connector.keys import check_hybrid_groups
+    from kvpool_connector.keys import check_kv_cache_groups
 
     full = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32)
     window = SlidingWindowSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=256)
-    check_hybrid_groups([full, window])  # Gemma 3, gpt-oss: accepted
+    check_kv_cache_groups([full, window])  # Gemma 3, gpt-oss: accepted
     mamba = MambaSpec(block_size=128, shapes=((4, 64),), dtypes=(torch.float32,))
     with pytest.raises(ValueError, match=r"MambaSpec.*one state per request"):
-        check_hybrid_groups([full, mamba])
+        check_kv_cache_groups([full, mamba])
+    with pytest.raises(ValueError, match=r"MambaSpec"):
+        check_kv_cache_groups([mamba])  # a pure Mamba model too
     wider = FullAttentionSpec(block_size=256, num_kv_heads=2, head_size=64, dtype=torch.float32)
     with pytest.raises(ValueError, match="one block size and page size"):
-        check_hybrid_groups([wider, window])
+        check_kv_cache_groups([wider, window])
