@@ -331,7 +331,7 @@ class PoolScheduler:
                 continue
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                state.block_ids = [list(ids) for ids in new_ids] if new_ids else []
+                state.block_ids = [list(ids) for ids in new_ids] if new_ids else [[] for _ in state.block_ids]
             elif new_ids:
                 for group_ids, added in zip(state.block_ids, new_ids, strict=True):
                     group_ids.extend(added)
