@@ -8,13 +8,15 @@ Calls, in the order vLLM makes them for a request:
    deadline passed (a miss); otherwise it is asked inline, bounded by ``lookup_timeout_ms``. A decode request whose
    prefill instance is still saving (its notice in ``kv_transfer_params``) is answered ``None`` until those blocks
    are in the pool or ``producer_wait_ms`` passed. Repeatable: only the latest answer is kept, for step 2.
-2. ``update_state_after_alloc``: now that vLLM allocated blocks, turns that answer into a load of those blocks.
+2. ``update_state_after_alloc``: now that vLLM allocated blocks, turns that answer into a load of those blocks, in
+   each KV cache group only the real ones (a sliding-window group gets null blocks outside its window).
 3. ``build_connector_meta`` (once per step): hands out the loads (synchronous ones before the forward pass,
    asynchronous ones to the loader thread), and plans saves of prompt blocks that become full in this step
    (computed tokens after the step; with ``save_decode_cache`` blocks of generated tokens too), skipping blocks
    that came from the pool. A preempted request needs nothing here: a save leaves its blocks inside the step that
    planned it (on a GPU/NPU the compute stream waits for the copy), and a resumed one is not saved twice.
-4. ``update_connector_output`` (each step): notes asynchronous loads that failed, so a retry computes the prompt.
+4. ``update_connector_output`` (each step): notes asynchronous loads that failed, so a retry computes the prompt,
+   and, with vLLM's KV events on, what the workers' saves left in the pool (``take_events`` publishes it).
 5. ``request_finished``: forgets the request; a prefill for a remote decode answers with its saving notice. Saves
    leave the KV cache inside the step that planned them, so vLLM may free the blocks at once.
 """
