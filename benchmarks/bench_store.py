@@ -93,7 +93,7 @@ def bench_data_path(
                 load_mode = "shm, one copy" if placement is not None and placement.served else "shm, via area"
             worker.register_kv_caches(caches)
             assert worker.pool is not None and worker.pool.wait_connected(60), "Mooncake did not connect"
-            warm_segment(worker.pool, worker.pages, segment_bytes, worker.shard)
+            warm_segment(worker.pool, worker.pages, segment_bytes, worker.shards[0])
             for n in blocks:
                 nbytes = n * LAYERS * kib * 1024
                 save_s, load_s = [], []
@@ -109,7 +109,7 @@ def bench_data_path(
                     load_s.append(_timed(lambda w=worker, plan=load: w.load(plan)))
                     assert not worker.take_load_errors(), "a load failed: the numbers would be fake"
                     # free the pool for the next sizes: a shared pool node would otherwise evict under them
-                    worker.pool.remove([pool_key(worker.shard, h) for h in hashes])
+                    worker.pool.remove([pool_key(worker.shards[0], h) for h in hashes])
                     bar.update(1)
                 ceiling = _memcpy_gbps(nbytes, 3)
                 measured = [("save", save_s)] + ([("load", load_s)] if mode == "async" else [])
