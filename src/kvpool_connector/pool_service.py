@@ -164,8 +164,13 @@ class MooncakePool:
         stop_process(self.master, sig)
 
     def stop(self) -> None:
-        stop_process(self.node)
-        stop_process(self.master)
+        """Node first, then master; each gets ``STOP_GRACE_S`` after SIGTERM before SIGKILL (a pool's objects die with
+        it either way; the service once took over 60 s to stop in CI)."""
+        stop_process(self.node, timeout_s=STOP_GRACE_S)
+        stop_process(self.master, timeout_s=STOP_GRACE_S)
+
+
+STOP_GRACE_S = 10.0
 
 
 @contextmanager
