@@ -5,7 +5,7 @@ One server (vLLM's own prefix cache off, so every cached token is the pool's; a 
 compete for blocks) lives through the phases, in file order. Every answer is compared token for token with a
 no-connector engine's. Loads are held in flight by stopping the pool node (SIGSTOP): the lookup (the master) answers,
 the transfer (the node) waits. Checked: hits and partial hits; preemption of running requests while loads are in
-flight; a request aborted mid-load (its blocks stay reserved until the load
+flight, and while their blocks are being saved; a request aborted mid-load (its blocks stay reserved until the load
 is over, then the server serves on); an object removed between the lookup and its load (that block and the rest are
 recomputed); synchronous loads (``load_async: false``) in a fresh engine; and the node killed mid-load (the load
 fails, the prompt is recomputed).
@@ -32,6 +32,10 @@ pytestmark = pytest.mark.e2e
 
 BLOCK = 128
 PROMPTS = distinct_prompts(12, 3 * BLOCK + 120, seed=31)  # 504 tokens: 4 blocks, a 5th from the 9th token decoded
+# 620 tokens: 5 blocks, a 6th from the 21st token decoded. Two such requests fill the 11 usable blocks and then
+# outgrow them, so a burst of them preempts for sure (504-token ones may or may not, depending on arrival timing).
+LOADED, SAVED = list(range(12, 20)), list(range(20, 28))
+PROMPTS += distinct_prompts(len(LOADED) + len(SAVED), 4 * BLOCK + 108, seed=33)
 MAX_TOKENS = 64
 FULL_HIT = 3 * BLOCK
 KV_BLOCKS = 12  # three such requests fill the KV cache, and each needs a fifth block as it decodes
@@ -69,6 +73,12 @@ def client(server, tiny_model, baseline_outputs) -> CheckedClient:
 
 
 @pytest.fixture(scope="module")
+def longer(server, tiny_model, baseline_outputs) -> CheckedClient:
+    """The same prompts, for the 5-block ones: their full hit is 4 blocks."""
+    return CheckedClient(server.url, tiny_model, PROMPTS, baseline_outputs, MAX_TOKENS, 4 * BLOCK)
+
+
+@pytest.fixture(scope="module")
 def keys_of(server):
     return lambda i: prompt_block_keys(worker_shard(server.log_text()), PROMPTS[i])
 
@@ -102,16 +112,36 @@ def test_hits_and_partial_hits_load_asynchronously(client, server, mooncake_clie
     assert "Traceback" not in log
 
 
-def test_running_requests_are_preempted_while_loads_are_in_flight(client, server):
-    batch = range(4, 12)
-    for i in batch:
-        client.until_hit(i, 20)
+def test_running_requests_are_preempted_while_loads_are_in_flight(client, longer, server):
+    for i in range(4, 12):
+        client.until_hit(i, 20)  # in the pool for the phases after this one
+    for i in LOADED:
+        longer.until_hit(i, 20)
     preempted = metric(server, "vllm:num_preemptions_total")
-    with concurrent.futures.ThreadPoolExecutor(len(batch)) as threads:
-        cached = list(threads.map(lambda i: client.ask(i)[0], batch))  # each answer checked against the baseline
-    assert cached == [FULL_HIT] * len(batch)
-    # 8 requests of 5 blocks each into 12: decodes run out of blocks while loads hold theirs
+    with concurrent.futures.ThreadPoolExecutor(len(LOADED)) as threads:
+        cached = list(threads.map(lambda i: longer.ask(i)[0], LOADED))  # each answer checked against the baseline
+    assert cached == [4 * BLOCK] * len(LOADED)
+    # loading requests hold their blocks while running ones outgrow the rest
     assert metric(server, "vllm:num_preemptions_total") > preempted
+
+
+def test_requests_preempted_while_their_blocks_are_saved_store_what_later_loads(longer, server):
+    """Eight new 5-block prompts at once: two fit the 11 usable blocks, and each needs a 6th as it decodes, so
+    running requests are preempted (blocks freed, recomputed on resumption) while the saves of their blocks are
+    planned and in flight. Every answer equals the baseline; a resumed request takes the blocks it saved from the
+    pool (vLLM asks again); each block is stored once; and each prompt asked again alone is a full hit with the
+    baseline's answer, so what the preempted requests stored is their own KV. (With 504-token prompts and 64 tokens
+    two requests never outgrow the cache: no preemption.)"""
+    before = server_metrics(server.url)
+    with concurrent.futures.ThreadPoolExecutor(len(SAVED)) as threads:
+        list(threads.map(longer.ask, SAVED))  # each answer checked against the baseline
+    after = server_metrics(server.url)
+    grew = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    assert grew["vllm:num_preemptions_total"] > 0
+    assert grew["vllm:kvpool_saved_blocks_total"] == 4 * len(SAVED)  # 4 full prompt blocks each, none twice
+    assert grew["vllm:kvpool_hit_tokens_total"] > 0  # resumed requests loaded their own saved blocks
+    for i in SAVED:
+        assert longer.ask(i)[0] == 4 * BLOCK  # and the baseline's answer
 
 
 def test_a_request_aborted_mid_load_releases_its_blocks_once_the_load_is_over(client, server, pool, tiny_model):
