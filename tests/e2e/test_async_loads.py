@@ -24,7 +24,7 @@ from kvpool_connector.processes import stop_process
 from kvpool_connector.testing.client import CheckedClient, server_metrics, wait_for
 from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
-from kvpool_connector.testing.mooncake_pool import mooncake_pool
+from kvpool_connector.testing.mooncake_pool import connector_config, mooncake_pool
 from kvpool_connector.testing.server import vllm_server
 from kvpool_connector.testing.workloads import distinct_prompts
 
@@ -62,7 +62,10 @@ def server(tiny_model, pool, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("async-server")
     # load_async and lookup_async: the defaults. Eight requests decoding on this 2-core host can starve the lookup
     # thread past the default 500-ms deadline (a miss: correct, but not the hit these phases need).
-    config = pool.connector_config(reconnect_interval_s=1.0, lookup_timeout_ms=5000)
+    # The phases hold loads by stopping the node for seconds: Mooncake's stall timeout (5 s by default here) must not
+    # end them first, which a loaded CI machine once saw (the loads failed as stalls, not as the missing object).
+    mooncake = {**pool.client_config(), "transfer_stall_timeout_s": 60}
+    config = connector_config(mooncake, reconnect_interval_s=1.0, lookup_timeout_ms=5000)
     with vllm_server(tiny_model, workdir, config, SERVER_ARGS, env=engine_env(workdir / "cache")) as running:
         yield running
 
