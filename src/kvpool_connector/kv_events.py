@@ -56,7 +56,8 @@ class WorkerStoredLog:
 
 
 class PoolEvents:
-    """Scheduler side: turns the workers' notes into published events once every shard of a block is in."""
+    """Scheduler side: turns the workers' reports into published events once every object of a block is in (one per
+    TP/PP shard and KV cache group holding it)."""
 
     def __init__(self, block_size: int) -> None:
         self._block_size = block_size
