@@ -175,13 +175,15 @@ def fingerprint(layout: KVLayout, tp_rank: int, pp_rank: int, group: int = 0) ->
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def shard_fingerprints(layout: KVLayout) -> list[str]:
-    """Fingerprints of every shard whose blocks a lookup must find (one per distinct (KV shard, pp, group))."""
+def shard_fingerprints(layout: KVLayout, group: int | None = None) -> list[str]:
+    """Fingerprints of every shard whose blocks a lookup must find (one per distinct (KV shard, pp, group)), or of
+    one KV cache group's shards."""
+    groups = range(layout.num_groups) if group is None else [group]
     return [
-        fingerprint(layout, shard * layout.kv_replicas, pp, group)
+        fingerprint(layout, shard * layout.kv_replicas, pp, g)
         for pp in range(layout.pp_size)
         for shard in range(layout.kv_shards)
-        for group in range(layout.num_groups)
+        for g in groups
     ]
 
 

@@ -1,7 +1,7 @@
 """KV events for the pool tier: vLLM's ``BlockStored`` / ``AllBlocksCleared`` with medium ``KVPOOL``, so routers
 that follow vLLM's KV events (``--kv-events-config``) see which blocks this instance holds in the pool.
 
-Flow, once per step: each worker notes the blocks its saves left in the pool (put now, or already there) and hands
+Flow, once per step: each worker notes the pool keys its saves left in the pool (put now, or already there) and hands
 them over as a :class:`StoredInPool` report (vLLM's worker-to-scheduler channel, ``build_connector_worker_meta``;
 unlike the ``get_kv_connector_kv_cache_events`` path, MultiConnector forwards it to its children); vLLM merges the
 workers' reports into the step's output; the scheduler (:class:`PoolEvents`) counts each block until every shard
@@ -13,14 +13,15 @@ Blocks the pool evicts by itself are not seen: a router learns of them as misses
 from __future__ import annotations
 
 import threading
-from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from vllm.distributed.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvpool_connector.compat import KVConnectorWorkerMetadata
+from kvpool_connector.keys import block_hash_of
 
 MEDIUM = "KVPOOL"
 PLANS_KEPT = 1 << 16  # saves planned but not reported stored yet (a dropped save never reports)
@@ -28,42 +29,42 @@ PLANS_KEPT = 1 << 16  # saves planned but not reported stored yet (a dropped sav
 
 @dataclass
 class StoredInPool(KVConnectorWorkerMetadata):
-    """The blocks the ranks' saves left in the pool since the last step: one entry per (rank, block). vLLM's output
-    aggregator merges the ranks' reports into one (and MultiConnector hands each child its own)."""
+    """The pool keys the ranks' saves left in the pool since the last step. vLLM's output aggregator merges the ranks'
+    reports into one (and MultiConnector hands each child its own)."""
 
-    block_hashes: list[bytes]
+    pool_keys: list[str]
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> StoredInPool:
         assert isinstance(other, StoredInPool)
-        return StoredInPool(self.block_hashes + other.block_hashes)
+        return StoredInPool(self.pool_keys + other.pool_keys)
 
 
 class WorkerStoredLog:
-    """Worker side: hashes of blocks the save path left in the pool (from the step's thread and the save thread)."""
+    """Worker side: keys the save path left in the pool (from the step's thread and the save thread)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._hashes: list[bytes] = []
+        self._keys: list[str] = []
 
-    def note(self, block_hashes: Sequence[bytes]) -> None:
+    def note(self, pool_keys: Sequence[str]) -> None:
         with self._lock:
-            self._hashes.extend(block_hashes)
+            self._keys.extend(pool_keys)
 
     def take(self) -> StoredInPool | None:
         with self._lock:
-            hashes, self._hashes = self._hashes, []
-        return StoredInPool(hashes) if hashes else None
+            pool_keys, self._keys = self._keys, []
+        return StoredInPool(pool_keys) if pool_keys else None
 
 
 class PoolEvents:
-    """Scheduler side: turns the workers' reports into published events once every object of a block is in (one per
-    TP/PP shard and KV cache group holding it)."""
+    """Scheduler side: turns the workers' reports into published events once every object of a planned block is in
+    (one per TP/PP shard and KV cache group holding it). Reports of blocks no plan waits for are ignored: the second
+    of two requests saving one block, or a block whose plan was already published or dropped."""
 
     def __init__(self, block_size: int) -> None:
         self._block_size = block_size
-        # hash -> (parent, tokens, objects the saves put: one per (TP/PP shard, KV cache group holding the block))
-        self._plans: OrderedDict[bytes, tuple[bytes | None, list[int], int]] = OrderedDict()
-        self._counts: Counter[bytes] = Counter()
+        # hash -> (parent, tokens, keys of the block's objects not reported yet)
+        self._plans: OrderedDict[bytes, tuple[bytes | None, list[int], set[str]]] = OrderedDict()
         self._ready: list[KVCacheEvent] = []
 
     def planned(
@@ -71,22 +72,25 @@ class PoolEvents:
         block_hashes: Sequence[bytes],
         parents: Sequence[bytes | None],
         tokens: Sequence[list[int]],
-        objects: Sequence[int],
+        object_keys: Sequence[Collection[str]],
     ) -> None:
-        for block_hash, parent, block_tokens, count in zip(block_hashes, parents, tokens, objects, strict=True):
-            self._plans[block_hash] = (parent, block_tokens, count)
-            self._plans.move_to_end(block_hash)
+        for block_hash, parent, block_tokens, expected in zip(block_hashes, parents, tokens, object_keys, strict=True):
+            if block_hash not in self._plans:  # a second request saving the block waits for the same objects
+                self._plans[block_hash] = (parent, block_tokens, set(expected))
         while len(self._plans) > PLANS_KEPT:
-            self._counts.pop(self._plans.popitem(last=False)[0], None)
+            self._plans.popitem(last=False)
 
     def stored(self, report: StoredInPool) -> None:
-        for block_hash in report.block_hashes:
-            self._counts[block_hash] += 1
+        for key in report.pool_keys:
+            block_hash = block_hash_of(key)
             plan = self._plans.get(block_hash)
-            if plan is None or self._counts[block_hash] < plan[2]:
+            if plan is None:
                 continue
-            del self._counts[block_hash], self._plans[block_hash]
-            parent, tokens, _ = plan
+            parent, tokens, outstanding = plan
+            outstanding.discard(key)
+            if outstanding:
+                continue
+            del self._plans[block_hash]
             self._ready.append(
                 BlockStored(
                     block_hashes=[maybe_convert_block_hash(block_hash)],
@@ -100,7 +104,8 @@ class PoolEvents:
             )
 
     def cleared(self) -> None:
-        self._counts.clear()
+        """A reset removed this layout's objects and dropped its queued saves: no plan can complete any more."""
+        self._plans.clear()
         self._ready.append(AllBlocksCleared())
 
     def take(self) -> list[KVCacheEvent]:

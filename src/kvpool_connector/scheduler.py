@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -140,6 +140,7 @@ class PoolScheduler:
         self.block_size = self.layout.block_size
         self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)
         self.shards = keys.shard_fingerprints(self.layout)
+        self.group_shards = [keys.shard_fingerprints(self.layout, g) for g in range(self.layout.num_groups)]
         self.loads_enabled = transfer.is_kv_consumer
         self.saves_enabled = transfer.is_kv_producer
         self.lookup_timeout_s = config.pool.lookup_timeout_ms / 1e3
@@ -358,13 +359,14 @@ class PoolScheduler:
         meta.saves.append(BlockTransfer(request.request_id, ids, todo_hashes, groups))
         if self.events is not None:
             tokens = request.all_token_ids
-            objects = Counter(todo_hashes)  # per (TP, PP) shard: one object per group that holds the block
-            shards = len(self.shards) // self.layout.num_groups
+            objects: dict[bytes, list[str]] = defaultdict(list)  # every shard's object in each group holding it
+            for block_hash, group in zip(todo_hashes, groups, strict=True):
+                objects[block_hash] += (keys.pool_key(shard, block_hash) for shard in self.group_shards[group])
             self.events.planned(
                 [hashes[i] for i in todo],
                 [hashes[i - 1] if i else None for i in todo],
                 [list(tokens[i * self.block_size : (i + 1) * self.block_size]) for i in todo],
-                [objects[hashes[i]] * shards for i in todo],
+                [objects[hashes[i]] for i in todo],
             )
 
     # -- 4. finish --------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ class PoolWorker:
         self.loader = BlockLoader(self.pool, self.pages, self.shards, self.stats, bind_thread=runtime.bind_thread)
         if self._config.pool.async_save and self.saves_enabled:
             capacity = max(1, (self._config.pool.staging_buffer_mb << 20) // self.pages.block_bytes)
-            on_stored = self._note_stored if self.stored_log is not None else None
+            on_stored = self.stored_log.note if self.stored_log is not None else None
             self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats, on_stored)
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
         logger.info(
@@ -280,11 +280,7 @@ class PoolWorker:
         addrs, sizes = self.pages.addresses(block_ids, groups)
         held = self.pool.put_missing(pool_keys, addrs, sizes, self.stats)
         if self.stored_log is not None:
-            self._note_stored(held)
-
-    def _note_stored(self, pool_keys: list[str]) -> None:
-        assert self.stored_log is not None
-        self.stored_log.note([keys.block_hash_of(k) for k in pool_keys])
+            self.stored_log.note(held)
 
     def take_stored_report(self) -> StoredInPool | None:
         """The blocks this rank's saves left in the pool since the last step, for the scheduler's KV events (vLLM

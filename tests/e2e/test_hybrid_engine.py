@@ -4,13 +4,17 @@ vLLM's hybrid KV cache manager gives such a model two KV cache groups; the conne
 (``SupportsHMA``), so vLLM keeps the manager on, as it does without a connector. Each group's blocks are their own
 pool objects. One engine with vLLM's own prefix cache off (so every cached token is the pool's) answers the prompts
 twice: a load fills every full-attention block of a hit and only the window's sliding-window blocks (vLLM hands the
-group its null block elsewhere), and every answer equals the no-connector engine's.
+group its null block elsewhere), and every answer equals the no-connector engine's. With vLLM's KV events on, each
+saved block is published as the pool tier once, after both groups' objects are in.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from kvpool_connector.kv_events import MEDIUM
+from kvpool_connector.processes import free_port
+from kvpool_connector.testing.client import KVEventSubscriber, wait_for
 from kvpool_connector.testing.engine import EngineSpec, run_engine
 from kvpool_connector.testing.mooncake_pool import connector_config
 from kvpool_connector.testing.tiny_model import PRESETS, build_model
@@ -38,12 +42,29 @@ def runs(hybrid_model, pool, tmp_path_factory):
     spec = dict(model=hybrid_model, max_tokens=MAX_TOKENS, sequential=True, enable_prefix_caching=False)
     baseline = run_engine(EngineSpec(prompts=PROMPTS, **spec), root / "baseline")
     config = connector_config(pool.client_config())
-    pooled = run_engine(EngineSpec(prompts=PROMPTS * 2, kv_transfer_config=config, **spec), root / "pool")
-    return baseline, pooled
+    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{free_port()}")
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": subscriber.endpoint}
+    try:
+        pooled = run_engine(
+            EngineSpec(
+                prompts=PROMPTS * 2, kv_transfer_config=config, extra_llm_args={"kv_events_config": events}, **spec
+            ),
+            root / "pool",
+        )
+        wait_for(lambda: len(pool_tier(subscriber.events)) >= 6, 10, "the pool tier's BlockStored events")
+    finally:
+        subscriber.close()
+    return baseline, pooled, pool_tier(subscriber.events)
+
+
+def pool_tier(events: list) -> list:
+    from vllm.distributed.kv_events import BlockStored
+
+    return [e for e in events if isinstance(e, BlockStored) and e.medium == MEDIUM]
 
 
 def test_vllm_keeps_its_hybrid_kv_cache_manager_with_the_connector(runs):
-    baseline, pooled = runs
+    baseline, pooled, _ = runs
     for run in (baseline, pooled):
         assert "kv cache group sizes (128, 128)" in run.log  # two KV cache groups, as without a connector
     assert "Turning off hybrid kv cache manager" not in pooled.log
@@ -51,7 +72,7 @@ def test_vllm_keeps_its_hybrid_kv_cache_manager_with_the_connector(runs):
 
 
 def test_hits_load_each_group_only_what_it_needs_and_answer_the_same(runs):
-    baseline, pooled = runs
+    baseline, pooled, _ = runs
     # first pass: LONG computes; BRANCH finds LONG's first 3 blocks; second pass: every full block of both
     assert [r.num_cached_tokens for r in pooled.results] == [0, 3 * BLOCK, 5 * BLOCK, 4 * BLOCK]
     assert pooled.outputs == baseline.outputs * 2
@@ -62,3 +83,14 @@ def test_hits_load_each_group_only_what_it_needs_and_answer_the_same(runs):
     assert totals["loaded_blocks"] == sum(n + WINDOW_BLOCKS for n in hits)
     assert totals["saved_blocks"] == 2 * 5 + 2 * 1  # each block once per group: LONG's 5, BRANCH's own 4th
     assert not any(k.startswith(("load_failed", "save_failed")) for k in totals), totals
+
+
+def test_each_saved_block_is_published_once_with_its_tokens(runs):
+    """One event per logical block (not per group), after both groups' objects are in: LONG's 5, BRANCH's 4th."""
+    *_, stored = runs
+    assert [e.token_ids for e in stored] == [LONG[i * BLOCK : (i + 1) * BLOCK] for i in range(5)] + [
+        BRANCH[3 * BLOCK : 4 * BLOCK]
+    ]
+    assert stored[0].parent_block_hash is None
+    assert [e.parent_block_hash for e in stored[1:5]] == [e.block_hashes[0] for e in stored[:4]]
+    assert stored[5].parent_block_hash == stored[2].block_hashes[0]  # BRANCH's 4th block follows the shared 3rd

@@ -7,7 +7,8 @@ for token with a no-connector engine over the same prompts; vLLM's own prefix ca
 from the pool.
 
 Two more servers of two different models start at the same moment on one pool (ports, isolation).
-``KVPOOL_SOAK_S`` sets the soak's length (CI: 20 s; the full soak: ``KVPOOL_SOAK_S=300``).
+The CI soak serves a fixed number of streams (its memory bound then does not depend on the machine's speed);
+``KVPOOL_SOAK_S=300`` runs the long soak for that many seconds instead.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ SERVER_ARGS = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
 # vLLM's default shutdown (timeout 0) force-kills the engine: queued saves are lost (later misses, never partial
 # objects). With a drain timeout the engine shuts down in order and the connector flushes its queued saves.
 DRAINING_SHUTDOWN = ["--shutdown-timeout", "20"]
-SOAK_S = float(os.environ.get("KVPOOL_SOAK_S", "20"))
+SOAK_S = float(os.environ.get("KVPOOL_SOAK_S", "0"))  # 0: the CI soak, CI_SOAK_STREAMS streams
 SOAK_CONCURRENCY = 64
+WARM_UP_STREAMS, CI_SOAK_STREAMS = 1024, 1024
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +130,21 @@ def tree_rss_mib(pid: int) -> float:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
-async def _soak(url: str, model: str, prompts: list[list[int]], duration_s: float) -> tuple[list[float], list[str]]:
-    """SOAK_CONCURRENCY streaming clients in a loop until ``duration_s``; latencies of complete answers, errors."""
+async def _soak(
+    url: str, model: str, prompts: list[list[int]], duration_s: float = float("inf"), streams: int | None = None
+) -> tuple[list[float], list[str]]:
+    """SOAK_CONCURRENCY streaming clients in a loop for ``duration_s`` or until ``streams`` have started; latencies of
+    complete answers, errors."""
     latencies: list[float] = []
     errors: list[str] = []
     deadline = time.monotonic() + duration_s
+    started = 0
 
     async def one_client(worker: int, http: httpx.AsyncClient) -> None:
+        nonlocal started
         n = worker
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (streams is None or started < streams):
+            started += 1
             body = {"model": model, "prompt": prompts[n % len(prompts)], "max_tokens": MAX_TOKENS, "stream": True}
             n += SOAK_CONCURRENCY
             start = time.monotonic()
@@ -167,31 +175,39 @@ async def _soak(url: str, model: str, prompts: list[list[int]], duration_s: floa
 
 
 def test_concurrent_streaming_soak(server, tiny_model):
-    """64 concurrent streams over shared prefixes, in 20-s rounds: no errors, p50/p99 and the memory series reported;
-    memory growth bounded (short soak) and, in the long soak, no faster in its second half than vLLM's own drift."""
+    """64 concurrent streams over shared prefixes: no errors, p50/p99 and the memory series reported; memory growth
+    bounded over CI's fixed number of streams and, in the long soak (20-s rounds), no faster in its second half than
+    vLLM's own drift."""
     prompts = shared_prefix_prompts(prefixes=8, per_prefix=16, prefix_len=2 * BLOCK + 10, suffix_len=40)
-    _, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=min(10.0, SOAK_S)))
+    _, errors = asyncio.run(_soak(server.url, tiny_model, prompts, streams=WARM_UP_STREAMS))
     assert not errors, errors[:5]
     rounds = max(1, round(SOAK_S / 20))
     rss = [tree_rss_mib(server.proc.pid)]
     latencies: list[float] = []
+    start = time.monotonic()
     for _ in range(rounds):
-        done, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=SOAK_S / rounds))
+        if SOAK_S:
+            done, errors = asyncio.run(_soak(server.url, tiny_model, prompts, duration_s=SOAK_S / rounds))
+        else:
+            done, errors = asyncio.run(_soak(server.url, tiny_model, prompts, streams=CI_SOAK_STREAMS))
         assert not errors, errors[:5]
         latencies += done
         rss.append(tree_rss_mib(server.proc.pid))
+    elapsed = time.monotonic() - start
     p50, p99 = np.percentile(latencies, [50, 99])
     hits = metric(server, "vllm:kvpool_hit_tokens_total")
     print(
-        f"\nsoak: {len(latencies)} streams in {SOAK_S:.0f} s at concurrency {SOAK_CONCURRENCY}: "
+        f"\nsoak: {len(latencies)} streams in {elapsed:.0f} s at concurrency {SOAK_CONCURRENCY}: "
         f"latency p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, mean {statistics.fmean(latencies) * 1e3:.0f} ms; "
-        f"server RSS MiB after each {SOAK_S / rounds:.0f}-s round: {' '.join(f'{r:.0f}' for r in rss)}; "
+        f"server RSS MiB after each of {rounds} rounds: {' '.join(f'{r:.0f}' for r in rss)}; "
         f"pool hit tokens {hits:.0f}"
     )
     assert len(latencies) >= SOAK_CONCURRENCY
     assert hits > 0, "shared prefixes should have come from the pool"
     if rounds < 6:
-        # The connector allocates its memory up front; early growth is vLLM's KV pages and allocator arenas.
+        # The connector allocates its memory up front; the early growth (RELIABILITY.md: ~170 MiB over the first
+        # 1,300 streams after the warm-up, with or without KV events) is vLLM's KV pages and allocator arenas, and
+        # grows with the streams served, not with time.
         assert rss[-1] - rss[0] < 256, f"server memory grew {rss[-1] - rss[0]:.0f} MiB during the soak"
     else:
         # Measured (RELIABILITY.md): ~43 MiB/min late in a 300-s soak with the connector, ~45 without it.
