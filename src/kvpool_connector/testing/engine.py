@@ -30,6 +30,9 @@ class EngineSpec:
     max_num_batched_tokens: int | None = None
     extra_llm_args: dict[str, Any] = field(default_factory=dict)
     logprobs: int = 0  # top logprobs per generated token (bf16 models: compare distributions, not just tokens)
+    local_cache_reset_after: int | None = None
+    """With ``sequential``: after this many prompts, wait for the connector's queued saves and empty vLLM's own prefix
+    cache (not the pool): later prompts then hit the pool in the same engine."""
     turns: list[list[int]] = field(default_factory=list)
     """Chat follow-ups: each prompt opens a conversation, and turn k+1's prompt is turn k's prompt + its answer +
     ``turns[k]``. Results are turn-major (every conversation's turn 1, then every turn 2, ...)."""
@@ -187,7 +190,11 @@ def _main(spec_path: str, out_path: str) -> None:
             ]
         prompts = [TokensPrompt(prompt_token_ids=c) for c in conversations]
         if spec.sequential:
-            outputs += [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+            for prompt in prompts:
+                if len(outputs) == spec.local_cache_reset_after:
+                    llm.collective_rpc("kvpool_totals")  # each rank's saves reached the pool
+                    assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
+                outputs.append(llm.generate([prompt], params, use_tqdm=False)[0])
         else:
             outputs += llm.generate(prompts, params, use_tqdm=False)
     generate_s = time.perf_counter() - start
