@@ -2,7 +2,7 @@
 
 A model with several KV cache groups (vLLM's hybrid KV cache manager: sliding-window and full-attention layers, say)
 stores one object per block and group: the group is part of the fingerprint, so each group's objects hold its own
-layers and a lookup asks for every group's.
+layers, and a lookup asks for every group's (a sliding-window group's only within its window of the hit's end).
 
 vLLM's block hash already chains the whole token prefix plus LoRA, multimodal inputs and ``cache_salt``. What it
 does not cover is everything that changes the *bytes* of a stored block: the model, dtypes, KV layout and page
@@ -136,6 +136,16 @@ def check_kv_cache_groups(specs: Sequence[Any]) -> None:
         )
 
 
+def group_windows(specs: Sequence[Any], block_size: int) -> list[int | None]:
+    """Per KV cache group, how many blocks back from the end of a hit its layers still read: a sliding window's
+    ceil(window / block_size) (the window of the first token computed after the hit, which is the hit's last token
+    when it covers the whole prompt: one block more than vLLM's own lookup needs at most), so a lookup may miss the
+    group's older blocks. None: every block (full attention, MLA, chunked local attention)."""
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    return [-(-int(s.sliding_window) // block_size) if isinstance(s, SlidingWindowSpec) else None for s in specs]
+
+
 def check_supported(spec: Any, parallel: Any) -> None:
     """Refuse KV specs and parallel layouts whose blocks these keys and this block arithmetic do not describe."""
     if hasattr(spec, "kv_cache_specs"):  # UniformTypeKVCacheSpecs: layers of one type, but their own page sizes
@@ -173,6 +183,11 @@ def fingerprint(layout: KVLayout, tp_rank: int, pp_rank: int, group: int = 0) ->
         del fields["groups"]  # one group: the keys every earlier release wrote
     blob = json.dumps({"format": KEY_FORMAT, **fields, **shard}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def shard_groups(layout: KVLayout) -> list[int]:
+    """The KV cache group of each of ``shard_fingerprints(layout)``, in its order."""
+    return [g for _ in range(layout.pp_size) for _ in range(layout.kv_shards) for g in range(layout.num_groups)]
 
 
 def shard_fingerprints(layout: KVLayout, group: int | None = None) -> list[str]:

@@ -64,12 +64,19 @@ def _lookup_thread_binding(config: ResolvedConfig) -> Callable[[], None] | None:
     return None
 
 
-def present_prefix_blocks(found: list[bool], num_shards: int) -> int:
-    """Leading blocks present for every shard, from exists() answers laid out block-major, shard-minor."""
-    for block in range(len(found) // num_shards):
-        if not all(found[block * num_shards : (block + 1) * num_shards]):
-            return block
-    return len(found) // num_shards
+def present_prefix_blocks(found: list[bool], num_shards: int, windows: Sequence[int | None] | None = None) -> int:
+    """The longest hit, in blocks, from exists() answers laid out block-major, shard-minor: every shard holds each
+    of its blocks, except that a shard with a window (``windows[s]`` blocks: a sliding-window group's) needs only the
+    blocks that far back from the hit's end, as vLLM's own lookup of such a group does."""
+    blocks = len(found) // num_shards
+    windows = windows or [None] * num_shards
+    everywhere = [s for s, w in enumerate(windows) if w is None]
+    prefix = next((b for b in range(blocks) if not all(found[b * num_shards + s] for s in everywhere)), blocks)
+    windowed = [(s, w) for s, w in enumerate(windows) if w is not None]
+    for end in range(prefix, 0, -1):  # the longest hit whose windows are whole (no window: the first)
+        if all(found[b * num_shards + s] for s, w in windowed for b in range(max(0, end - w), end)):
+            return end
+    return 0
 
 
 def matched_tokens(start_block: int, found_blocks: int, block_size: int, num_tokens: int, num_computed: int) -> int:
@@ -141,6 +148,8 @@ class PoolScheduler:
         self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)
         self.shards = keys.shard_fingerprints(self.layout)
         self.group_shards = [keys.shard_fingerprints(self.layout, g) for g in range(self.layout.num_groups)]
+        windows = keys.group_windows([g.kv_cache_spec for g in kv_cache_config.kv_cache_groups], self.block_size)
+        self.shard_windows = [windows[g] for g in keys.shard_groups(self.layout)]  # lookups: blocks back per shard
         self.loads_enabled = transfer.is_kv_consumer
         self.saves_enabled = transfer.is_kv_producer
         self.lookup_timeout_s = config.pool.lookup_timeout_ms / 1e3
@@ -228,14 +237,14 @@ class PoolScheduler:
         assert self.pool is not None
         if not self.lookup_async:
             found = self.pool.exists_within(self._shard_keys(hashes[start:]), self.lookup_timeout_s)
-            return present_prefix_blocks(found, len(self.shards))
+            return present_prefix_blocks(found, len(self.shards), self.shard_windows)
         question = (start, len(hashes))
         lookup = self._lookups.get(req_id)
         if lookup is None or lookup.question != question:  # keys are built only for a new question
             future = self.pool.exists_async(self._shard_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
             lookup = self._lookups[req_id] = _Lookup(question, future, time.monotonic() + self.lookup_timeout_s)
         if lookup.future.done():
-            return present_prefix_blocks(lookup.future.result(), len(self.shards))
+            return present_prefix_blocks(lookup.future.result(), len(self.shards), self.shard_windows)
         if time.monotonic() < lookup.deadline:
             return None
         self.pool.warn(

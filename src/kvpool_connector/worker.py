@@ -194,13 +194,15 @@ class PoolWorker:
             on_stored = self.stored_log.note if self.stored_log is not None else None
             self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats, on_stored)
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
+        groups = zip(self.shards, self.layout.groups, strict=False)  # empty with one group
+        groups_note = ", ".join(f"{shard} {kind}" for shard, kind in groups)
         logger.info(
             "MemcacheConnectorStoreV1 worker: %d layers, %d blocks, %d bytes per block object, shard %s%s",
             len(self.pages.layer_names),
             self.num_blocks,
             self.pages.block_bytes,
             self.shards[0],
-            f" (KV cache group 0 of {len(self.shards)}: {', '.join(self.shards)})" if len(self.shards) > 1 else "",
+            f" (KV cache group 0 of {len(self.shards)}; groups: {groups_note})" if groups_note else "",
         )
         helper_cpus = getattr(runtime, "helper_cpus", None)
         if helper_cpus:

@@ -5,10 +5,13 @@ vLLM's hybrid KV cache manager gives such a model two KV cache groups; the conne
 pool objects. One engine with vLLM's own prefix cache off (so every cached token is the pool's) answers the prompts
 twice: a load fills every full-attention block of a hit and only the window's sliding-window blocks (vLLM hands the
 group its null block elsewhere), and every answer equals the no-connector engine's. With vLLM's KV events on, each
-saved block is published as the pool tier once, after both groups' objects are in.
+saved block is published as the pool tier once, after both groups' objects are in. A lookup asks the sliding-window
+group only for its window: a fresh engine still takes a whole hit after the pool lost that group's older blocks.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -16,6 +19,7 @@ from kvpool_connector.kv_events import MEDIUM
 from kvpool_connector.processes import free_port
 from kvpool_connector.testing.client import KVEventSubscriber, wait_for
 from kvpool_connector.testing.engine import EngineSpec, run_engine
+from kvpool_connector.testing.inspection import prompt_block_keys
 from kvpool_connector.testing.mooncake_pool import connector_config
 from kvpool_connector.testing.tiny_model import PRESETS, build_model
 from kvpool_connector.testing.workloads import distinct_prompts
@@ -69,6 +73,7 @@ def test_vllm_keeps_its_hybrid_kv_cache_manager_with_the_connector(runs):
         assert "kv cache group sizes (128, 128)" in run.log  # two KV cache groups, as without a connector
     assert "Turning off hybrid kv cache manager" not in pooled.log
     assert "KV cache group 0 of 2" in pooled.log  # the worker keys each group's blocks apart
+    assert len(re.findall(r"[0-9a-f]{16} (FullAttentionSpec|SlidingWindowSpec)", pooled.log)) == 2
 
 
 def test_hits_load_each_group_only_what_it_needs_and_answer_the_same(runs):
@@ -94,3 +99,23 @@ def test_each_saved_block_is_published_once_with_its_tokens(runs):
     assert stored[0].parent_block_hash is None
     assert [e.parent_block_hash for e in stored[1:5]] == [e.block_hashes[0] for e in stored[:4]]
     assert stored[5].parent_block_hash == stored[2].block_hashes[0]  # BRANCH's 4th block follows the shared 3rd
+
+
+def test_a_hit_needs_only_the_sliding_groups_window(runs, hybrid_model, pool, mooncake_client, tmp_path):
+    """The pool loses the sliding-window objects of LONG's first 3 blocks (as an eviction would): vLLM never reads
+    them for a 5-block hit, so a fresh engine still takes the whole hit, loads the 5 full-attention blocks and the 2
+    window blocks, and answers like the no-connector engine."""
+    baseline, pooled, _ = runs
+    [sliding] = re.findall(r"([0-9a-f]{16}) SlidingWindowSpec", pooled.log)
+    assert mooncake_client.batch_remove(prompt_block_keys(sliding, LONG)[:3], True) == [0] * 3
+    spec = EngineSpec(
+        model=hybrid_model,
+        prompts=[LONG],
+        max_tokens=MAX_TOKENS,
+        enable_prefix_caching=False,
+        kv_transfer_config=connector_config(pool.client_config()),
+    )
+    fresh = run_engine(spec, tmp_path)
+    assert [r.num_cached_tokens for r in fresh.results] == [5 * BLOCK]
+    assert fresh.outputs == baseline.outputs[:1]
+    assert fresh.loaded_blocks == 5 + WINDOW_BLOCKS

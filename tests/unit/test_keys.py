@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from kvpool_connector.keys import KVLayout, block_hashes, fingerprint, pool_key, shard_fingerprints
+from kvpool_connector.keys import KVLayout, block_hashes, fingerprint, pool_key, shard_fingerprints, shard_groups
 
 LAYOUT = KVLayout(
     model="/models/llama",
@@ -131,6 +131,25 @@ def test_each_kv_cache_group_has_its_own_objects_and_a_lookup_asks_for_all():
     )
     assert fingerprint(hybrid, 0, 0, group=0) != fingerprint(hybrid, 0, 0, group=1)
     assert shard_fingerprints(hybrid) == [fingerprint(hybrid, tp, 0, g) for tp in range(2) for g in range(2)]
+    for shard, group in zip(shard_fingerprints(hybrid), shard_groups(hybrid), strict=True):
+        assert shard in shard_fingerprints(hybrid, group)
+
+
+def test_only_sliding_window_groups_let_a_lookup_miss_their_older_blocks():
+    import torch
+    from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, FullAttentionSpec, SlidingWindowSpec
+
+    from kvpool_connector.keys import group_windows
+
+    shape = dict(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    specs = [
+        FullAttentionSpec(**shape),
+        FullAttentionSpec(**shape, sliding_window=256),  # vLLM's view with its hybrid manager off: keeps every block
+        SlidingWindowSpec(**shape, sliding_window=256),  # a hit recomputing its last token reads 256 tokens back
+        SlidingWindowSpec(**shape, sliding_window=200),
+        ChunkedLocalAttentionSpec(**shape, attention_chunk_size=512),
+    ]
+    assert group_windows(specs, 128) == [None, None, 2, 2, None]
 
 
 def test_kv_cache_groups_other_than_attention_pages_are_refused_with_the_reason():

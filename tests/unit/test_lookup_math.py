@@ -39,3 +39,29 @@ def test_matched_tokens_bounds(start, found, num_tokens, bs):
     assert extra >= 0
     assert computed + extra <= num_tokens - 1 or extra == 0
     assert extra <= found * bs
+
+
+def test_a_sliding_window_shard_needs_only_its_window_back_from_the_hits_end():
+    # 5 blocks x 2 shards (full attention, a 2-block window); the windowed shard lost blocks 0-2
+    full, window = [True] * 5, [False, False, False, True, True]
+    found = [f for pair in zip(full, window, strict=True) for f in pair]
+    assert present_prefix_blocks(found, 2, [None, 2]) == 5
+    assert present_prefix_blocks(found, 2) == 0  # strict: every shard every block
+    # block 3 of the window gone: the longest hit whose window is whole ends at block 2 (blocks 0-1 are gone too),
+    # so the hit is the first block alone: its window reaches back to the start of the prompt
+    window = [True, False, False, False, True]
+    found = [f for pair in zip(full, window, strict=True) for f in pair]
+    assert present_prefix_blocks(found, 2, [None, 2]) == 1
+    # the full-attention shard's prefix bounds the hit
+    full, window = [True, True, True, False, True], [True] * 5
+    found = [f for pair in zip(full, window, strict=True) for f in pair]
+    assert present_prefix_blocks(found, 2, [None, 2]) == 3
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), max_size=24), st.integers(1, 4))
+def test_windowed_hits_are_the_longest_with_whole_windows(blocks, window):
+    found = [f for pair in blocks for f in pair]
+    hit = present_prefix_blocks(found, 2, [None, window])
+    full_prefix = next((i for i, (f, _) in enumerate(blocks) if not f), len(blocks))
+    whole = [end for end in range(1, full_prefix + 1) if all(w for _, w in blocks[max(0, end - window) : end])]
+    assert hit == max(whole, default=0)
