@@ -164,14 +164,14 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
             extra_llm_args={"kv_events_config": events_config},
         )
         run = run_engine(spec, tmp_path)
-        wait_for(lambda: len(pool_tier(subscriber.events)) >= 2, 10, "the pool tier's BlockStored events")
+        wait_for(lambda: len(subscriber.pool_tier()) >= 2, 10, "the pool tier's BlockStored events")
     finally:
         subscriber.close()
     assert [r.num_cached_tokens for r in run.results] == [EXPECTED_HITS[0], 0, 0]
     assert run.outputs[:2] == [baseline.outputs[0], baseline.outputs[3]]
     assert run.loaded_blocks == 2
 
-    stored = pool_tier(subscriber.events)
+    stored = subscriber.pool_tier()
     assert [e.token_ids for e in stored] == [new_prompt[:BLOCK], new_prompt[BLOCK : 2 * BLOCK]]
     own_tier = {}  # vLLM's events for its KV cache: one event may list several blocks, their tokens concatenated
     for e in subscriber.events:
@@ -181,12 +181,6 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
                 own_tier[block_hash] = (e.token_ids[i * BLOCK : (i + 1) * BLOCK], parents[i])
     for event in stored:  # vLLM stored the same block in its KV cache under the same hash
         assert own_tier[event.block_hashes[0]] == (event.token_ids, event.parent_block_hash)
-
-
-def pool_tier(events: list) -> list:
-    from vllm.distributed.kv_events import BlockStored
-
-    return [e for e in events if isinstance(e, BlockStored) and e.medium == MEDIUM]
 
 
 def test_an_engine_started_while_the_master_is_stopped_serves_then_connects(tiny_model, pool, tmp_path):

@@ -15,7 +15,6 @@ import re
 
 import pytest
 
-from kvpool_connector.kv_events import MEDIUM
 from kvpool_connector.processes import free_port
 from kvpool_connector.testing.client import KVEventSubscriber, wait_for
 from kvpool_connector.testing.engine import EngineSpec, run_engine
@@ -55,16 +54,10 @@ def runs(hybrid_model, pool, tmp_path_factory):
             ),
             root / "pool",
         )
-        wait_for(lambda: len(pool_tier(subscriber.events)) >= 6, 10, "the pool tier's BlockStored events")
+        wait_for(lambda: len(subscriber.pool_tier()) >= 6, 10, "the pool tier's BlockStored events")
     finally:
         subscriber.close()
-    return baseline, pooled, pool_tier(subscriber.events)
-
-
-def pool_tier(events: list) -> list:
-    from vllm.distributed.kv_events import BlockStored
-
-    return [e for e in events if isinstance(e, BlockStored) and e.medium == MEDIUM]
+    return baseline, pooled, subscriber.pool_tier()
 
 
 def test_vllm_keeps_its_hybrid_kv_cache_manager_with_the_connector(runs):

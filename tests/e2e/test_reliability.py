@@ -226,7 +226,6 @@ def test_cache_salt_isolates_tenants(client):
 def test_blocks_saved_to_the_pool_are_published_as_kv_events(client, server, kv_events):
     """vLLM's KV events carry the pool tier: a ``BlockStored`` (medium ``KVPOOL``) for each block once it is in the
     pool, with vLLM's block hash, its parent and its tokens, as vLLM's own events for its GPU/CPU tiers."""
-    from vllm.distributed.kv_events import BlockStored
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
     client.until_hit(16, 20)
@@ -234,7 +233,7 @@ def test_blocks_saved_to_the_pool_are_published_as_kv_events(client, server, kv_
     hashes = [maybe_convert_block_hash(block_hash_of(k)) for k in prompt_block_keys(shard, PROMPTS[16])]
 
     def stored() -> dict:
-        return {e.block_hashes[0]: e for e in kv_events.events if isinstance(e, BlockStored) and e.medium == "KVPOOL"}
+        return {e.block_hashes[0]: e for e in kv_events.pool_tier()}
 
     wait_for(lambda: set(hashes) <= set(stored()), 20, "BlockStored events for the prompt's 3 blocks")
     for i, block_hash in enumerate(hashes):

@@ -110,6 +110,14 @@ class KVEventSubscriber:
                 continue
             self.events.extend(decoder.decode(payload).events)
 
+    def pool_tier(self) -> list[Any]:
+        """The ``BlockStored`` events of the pool tier (medium ``KVPOOL``), in order."""
+        from vllm.distributed.kv_events import BlockStored
+
+        from kvpool_connector.kv_events import MEDIUM
+
+        return [e for e in list(self.events) if isinstance(e, BlockStored) and e.medium == MEDIUM]
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
