@@ -1,13 +1,15 @@
 """KV events for the pool tier: vLLM's ``BlockStored`` / ``AllBlocksCleared`` with medium ``KVPOOL``, so routers
 that follow vLLM's KV events (``--kv-events-config``) see which blocks this instance holds in the pool.
 
-Flow, once per step: each worker notes the pool keys its saves left in the pool (put now, or already there) and hands
-them over as a :class:`StoredInPool` report (vLLM's worker-to-scheduler channel, ``build_connector_worker_meta``;
-unlike the ``get_kv_connector_kv_cache_events`` path, MultiConnector forwards it to its children); vLLM merges the
-workers' reports into the step's output; the scheduler (:class:`PoolEvents`) counts each block until every shard
-of it is in (a GQA block at TP 2: both ranks' objects; an MLA block: the one rank whose stripe it is), then
-publishes it with its parent and tokens from its own save plan. A cache reset publishes ``AllBlocksCleared``.
-Blocks the pool evicts by itself are not seen: a router learns of them as misses.
+Flow, once per step: when the scheduler plans a block's save it builds the event (the one vLLM's own KV cache
+publishes for the block, medium aside) and the keys of the block's objects (one per TP/PP shard and KV cache group
+holding it: a GQA block at TP 2, both ranks' objects; an MLA block, the one rank's whose stripe it is). Each worker
+notes the keys its saves left in the pool (put now, or already there) and hands them over as a
+:class:`StoredInPool` report through vLLM's worker-to-scheduler channel (``build_connector_worker_meta``; unlike the
+``get_kv_connector_kv_cache_events`` path, MultiConnector forwards it to its children). The scheduler
+(:class:`PoolEvents`) ticks the keys off and publishes the event once every object is in; objects are told apart by
+key, so two requests saving one block count it once. A cache reset publishes ``AllBlocksCleared``. Blocks the pool
+evicts by itself are not seen: a router learns of them as misses.
 """
 
 from __future__ import annotations
@@ -16,15 +18,41 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent
-from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, maybe_convert_block_hash, to_event_extra_keys
 
 from kvpool_connector.compat import KVConnectorWorkerMetadata
 from kvpool_connector.keys import block_hash_of
 
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
 MEDIUM = "KVPOOL"
 PLANS_KEPT = 1 << 16  # saves planned but not reported stored yet (a dropped save never reports)
+
+
+def pool_block_stored(
+    request: Request, index: int, block_hash: bytes, parent: bytes | None, block_size: int
+) -> BlockStored:
+    """The ``BlockStored`` vLLM's own KV cache publishes for block ``index`` of ``request`` (tokens, LoRA, the extra
+    keys its hash covers: cache salt, multimodal inputs, prompt embeddings; session), with the pool as its medium and
+    no KV cache group: one event stands for every group's object of the block."""
+    start = index * block_size
+    extra_keys, _ = generate_block_hash_extra_keys(request, start, start + block_size, 0)
+    lora = request.lora_request
+    return BlockStored(
+        block_hashes=[maybe_convert_block_hash(block_hash)],
+        parent_block_hash=maybe_convert_block_hash(parent) if parent is not None else None,
+        token_ids=list(request.all_token_ids[start : start + block_size]),
+        block_size=block_size,
+        lora_id=lora.adapter_id if lora else None,
+        medium=MEDIUM,
+        lora_name=lora.name if lora else None,
+        extra_keys=to_event_extra_keys([extra_keys]),
+        session_id=request.session_id,
+    )
 
 
 @dataclass
@@ -61,22 +89,14 @@ class PoolEvents:
     (one per TP/PP shard and KV cache group holding it). Reports of blocks no plan waits for are ignored: the second
     of two requests saving one block, or a block whose plan was already published or dropped."""
 
-    def __init__(self, block_size: int) -> None:
-        self._block_size = block_size
-        # hash -> (parent, tokens, keys of the block's objects not reported yet)
-        self._plans: OrderedDict[bytes, tuple[bytes | None, list[int], set[str]]] = OrderedDict()
+    def __init__(self) -> None:
+        # hash -> (the event to publish, keys of the block's objects not reported yet)
+        self._plans: OrderedDict[bytes, tuple[BlockStored, set[str]]] = OrderedDict()
         self._ready: list[KVCacheEvent] = []
 
-    def planned(
-        self,
-        block_hashes: Sequence[bytes],
-        parents: Sequence[bytes | None],
-        tokens: Sequence[list[int]],
-        object_keys: Sequence[Collection[str]],
-    ) -> None:
-        for block_hash, parent, block_tokens, expected in zip(block_hashes, parents, tokens, object_keys, strict=True):
-            if block_hash not in self._plans:  # a second request saving the block waits for the same objects
-                self._plans[block_hash] = (parent, block_tokens, set(expected))
+    def planned(self, block_hash: bytes, event: BlockStored, object_keys: Collection[str]) -> None:
+        if block_hash not in self._plans:  # a second request saving the block waits for the same objects
+            self._plans[block_hash] = (event, set(object_keys))
         while len(self._plans) > PLANS_KEPT:
             self._plans.popitem(last=False)
 
@@ -86,22 +106,11 @@ class PoolEvents:
             plan = self._plans.get(block_hash)
             if plan is None:
                 continue
-            parent, tokens, outstanding = plan
+            event, outstanding = plan
             outstanding.discard(key)
-            if outstanding:
-                continue
-            del self._plans[block_hash]
-            self._ready.append(
-                BlockStored(
-                    block_hashes=[maybe_convert_block_hash(block_hash)],
-                    parent_block_hash=maybe_convert_block_hash(parent) if parent is not None else None,
-                    token_ids=tokens,
-                    block_size=self._block_size,
-                    lora_id=None,
-                    medium=MEDIUM,
-                    lora_name=None,
-                )
-            )
+            if not outstanding:
+                del self._plans[block_hash]
+                self._ready.append(event)
 
     def cleared(self) -> None:
         """A reset removed this layout's objects and dropped its queued saves: no plan can complete any more."""

@@ -35,7 +35,7 @@ from kvpool_connector.backends import create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import runtime_for
-from kvpool_connector.kv_events import PoolEvents, StoredInPool
+from kvpool_connector.kv_events import PoolEvents, StoredInPool, pool_block_stored
 from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats
@@ -157,7 +157,7 @@ class PoolScheduler:
         self.load_async = config.pool.load_async
         self.producer_wait_s = config.pool.producer_wait_ms / 1e3
         self.save_decode_cache = config.pool.save_decode_cache
-        self.events = PoolEvents(self.block_size) if compat.kv_events_enabled(vllm_config) else None
+        self.events = PoolEvents() if compat.kv_events_enabled(vllm_config) else None
         self.reset_policy = config.pool.reset_cache
         self._reset_pending = False  # tell the workers at the next step
         self.pool: PoolHandle | None = None
@@ -367,16 +367,13 @@ class PoolScheduler:
         ids, todo_hashes, groups = group_blocks(state.block_ids, todo, [hashes[i] for i in todo])
         meta.saves.append(BlockTransfer(request.request_id, ids, todo_hashes, groups))
         if self.events is not None:
-            tokens = request.all_token_ids
             objects: dict[bytes, list[str]] = defaultdict(list)  # every shard's object in each group holding it
             for block_hash, group in zip(todo_hashes, groups, strict=True):
                 objects[block_hash] += (keys.pool_key(shard, block_hash) for shard in self.group_shards[group])
-            self.events.planned(
-                [hashes[i] for i in todo],
-                [hashes[i - 1] if i else None for i in todo],
-                [list(tokens[i * self.block_size : (i + 1) * self.block_size]) for i in todo],
-                [objects[hashes[i]] for i in todo],
-            )
+            for i in todo:
+                parent = hashes[i - 1] if i else None
+                event = pool_block_stored(request, i, hashes[i], parent, self.block_size)
+                self.events.planned(hashes[i], event, objects[hashes[i]])
 
     # -- 4. finish --------------------------------------------------------------------------------------------
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:

@@ -177,10 +177,14 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
     for e in subscriber.events:
         if isinstance(e, BlockStored) and e.medium != MEDIUM:
             parents = [e.parent_block_hash, *e.block_hashes[:-1]]
+            extra_keys = e.extra_keys or [None] * len(e.block_hashes)
             for i, block_hash in enumerate(e.block_hashes):
-                own_tier[block_hash] = (e.token_ids[i * BLOCK : (i + 1) * BLOCK], parents[i])
-    for event in stored:  # vLLM stored the same block in its KV cache under the same hash
-        assert own_tier[event.block_hashes[0]] == (event.token_ids, event.parent_block_hash)
+                tokens = e.token_ids[i * BLOCK : (i + 1) * BLOCK]
+                own_tier[block_hash] = (tokens, parents[i], extra_keys[i], e.lora_name, e.session_id)
+    for event in stored:  # vLLM stored the same block in its KV cache under the same hash, with the same keys
+        [extra_keys] = event.extra_keys
+        published = (event.token_ids, event.parent_block_hash, extra_keys, event.lora_name, event.session_id)
+        assert own_tier[event.block_hashes[0]] == published
 
 
 def test_an_engine_started_while_the_master_is_stopped_serves_then_connects(tiny_model, pool, tmp_path):

@@ -45,9 +45,12 @@ class Requests:
         init_none_hash(sha256)
         self._hasher = get_request_block_hasher(BLOCK, sha256)
 
-    def make(self, request_id: str, tokens: list[int], kv_transfer_params: dict | None = None) -> Any:
+    def make(
+        self, request_id: str, tokens: list[int], kv_transfer_params: dict | None = None, **request_args: Any
+    ) -> Any:
+        """``request_args``: more of ``Request``'s arguments (``cache_salt``, ``lora_request`` ...)."""
         from vllm.sampling_params import SamplingParams
         from vllm.v1.request import Request
 
         params = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": kv_transfer_params})
-        return Request(request_id, tokens, params, None, block_hasher=self._hasher)
+        return Request(request_id, tokens, params, None, block_hasher=self._hasher, **request_args)
