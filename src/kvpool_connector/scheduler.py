@@ -371,6 +371,8 @@ class PoolScheduler:
             for block_hash, group in zip(todo_hashes, groups, strict=True):
                 objects[block_hash] += (keys.pool_key(shard, block_hash) for shard in self.group_shards[group])
             for i in todo:
+                if not objects[hashes[i]]:
+                    continue  # no group holds it any more: nothing is saved
                 parent = hashes[i - 1] if i else None
                 event = pool_block_stored(request, i, hashes[i], parent, self.block_size)
                 self.events.planned(hashes[i], event, objects[hashes[i]])
