@@ -285,7 +285,7 @@ class PoolWorker:
             self.stored_log.note(held)
 
     def take_stored_report(self) -> StoredInPool | None:
-        """The blocks this rank's saves left in the pool since the last step, for the scheduler's KV events (vLLM
+        """The pool keys this rank's saves left in the pool since the last step, for the scheduler's KV events (vLLM
         merges the ranks' reports)."""
         return self.stored_log.take() if self.stored_log is not None else None
 
