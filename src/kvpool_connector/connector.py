@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from kvpool_connector import compat
 from kvpool_connector.compat import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -25,7 +26,7 @@ from kvpool_connector.worker import PoolWorker
 
 if TYPE_CHECKING:
     import torch
-    from vllm.config import VllmConfig
+    from vllm.config import KVTransferConfig, VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.forward_context import ForwardContext
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        compat.check_vllm_version()
         config = parse_config(self._kv_transfer_config.kv_connector_extra_config)
         self.connector_scheduler: PoolScheduler | None = None
         self.connector_worker: PoolWorker | None = None
@@ -51,6 +53,12 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped save is a future miss, never a lost hand-off
 
+    @classmethod
+    def kv_cache_access(cls, kv_transfer_config: KVTransferConfig) -> Any:
+        """vLLM 0.34+: workers register the KV cache with the pool client (Mooncake's transfer engine, memcache's
+        device RDMA), so each segment of an extensible KV cache must be one physical allocation (``REGISTERS``)."""
+        return compat.kv_cache_access_registers()
+
     # -- worker side ------------------------------------------------------------------------------------------
     def get_mem_pool_context(self) -> AbstractContextManager | None:
         if self.connector_worker is None:
@@ -60,6 +68,16 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.connector_worker is not None
         self.connector_worker.register_kv_caches(kv_caches)
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM 0.34+, before sleep mode releases the KV cache's memory."""
+        assert self.connector_worker is not None
+        self.connector_worker.release_kv_memory()
+
+    def restore_kv_caches(self) -> None:
+        """vLLM 0.34+, after wake-up backed the KV cache again (same addresses, new pages)."""
+        assert self.connector_worker is not None
+        self.connector_worker.restore_kv_memory()
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -130,6 +148,10 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def may_load_async(self, request: Request) -> bool:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.may_load_async(request)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self.connector_scheduler is not None

@@ -73,8 +73,7 @@ class KVLayout:
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> KVLayout:
-        from vllm.platforms import current_platform
-
+        device_type = compat.platform_device_type()
         groups = kv_cache_config.kv_cache_groups
         spec = groups[0].kv_cache_spec
         model_config = vllm_config.model_config
@@ -90,8 +89,8 @@ class KVLayout:
             model=str(model_config.model),
             model_dtype=str(model_config.dtype),
             kv_dtype=str(spec.dtype),
-            device_type=str(current_platform.device_type),
-            kv_layout=compat.kv_cache_layout(kv_cache_config),
+            device_type=device_type,
+            kv_layout=compat.page_format(vllm_config, kv_cache_config, device_type),
             attention=type(spec).__name__,
             block_size=int(spec.block_size),
             num_kv_heads=int(getattr(spec, "num_kv_heads", 0)),
@@ -118,9 +117,7 @@ def check_kv_cache_groups(specs: Sequence[Any]) -> None:
     a block's object holds its pages. A Mamba or linear-attention state is one running state per request, not a
     page per block, so it is refused with the reason. Several groups (vLLM's hybrid KV cache manager) must share one
     block size and page size, as vLLM's hybrid allocator gives attention groups (a layer of each shares a tensor)."""
-    from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, FullAttentionSpec, SlidingWindowSpec
-
-    paged = (FullAttentionSpec, SlidingWindowSpec, ChunkedLocalAttentionSpec)
+    paged = compat.paged_kv_specs()
     kinds = [type(s).__name__ for s in specs]
     if other := sorted({type(s).__name__ for s in specs if not isinstance(s, paged)}):
         raise ValueError(
@@ -141,9 +138,7 @@ def group_windows(specs: Sequence[Any], block_size: int) -> list[int | None]:
     ceil(window / block_size) (the window of the first token computed after the hit, which is the hit's last token
     when it covers the whole prompt: one block more than vLLM's own lookup needs at most), so a lookup may miss the
     group's older blocks. None: every block (full attention, MLA, chunked local attention)."""
-    from vllm.v1.kv_cache_interface import SlidingWindowSpec
-
-    return [-(-int(s.sliding_window) // block_size) if isinstance(s, SlidingWindowSpec) else None for s in specs]
+    return [-(-int(s.sliding_window) // block_size) if isinstance(s, compat.SlidingWindowSpec) else None for s in specs]
 
 
 def check_supported(spec: Any, parallel: Any) -> None:

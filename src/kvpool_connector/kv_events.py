@@ -20,10 +20,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vllm.distributed.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent
-from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, maybe_convert_block_hash, to_event_extra_keys
-
-from kvpool_connector.compat import KVConnectorWorkerMetadata
+from kvpool_connector import compat
+from kvpool_connector.compat import AllBlocksCleared, BlockStored, KVCacheEvent, KVConnectorWorkerMetadata
 from kvpool_connector.keys import block_hash_of
 
 if TYPE_CHECKING:
@@ -39,20 +37,7 @@ def pool_block_stored(
     """The ``BlockStored`` vLLM's own KV cache publishes for block ``index`` of ``request`` (tokens, LoRA, the extra
     keys its hash covers: cache salt, multimodal inputs, prompt embeddings; session), with the pool as its medium and
     no KV cache group: one event stands for every group's object of the block."""
-    start = index * block_size
-    extra_keys, _ = generate_block_hash_extra_keys(request, start, start + block_size, 0)
-    lora = request.lora_request
-    return BlockStored(
-        block_hashes=[maybe_convert_block_hash(block_hash)],
-        parent_block_hash=maybe_convert_block_hash(parent) if parent is not None else None,
-        token_ids=list(request.all_token_ids[start : start + block_size]),
-        block_size=block_size,
-        lora_id=lora.adapter_id if lora else None,
-        medium=MEDIUM,
-        lora_name=lora.name if lora else None,
-        extra_keys=to_event_extra_keys([extra_keys]),
-        session_id=request.session_id,
-    )
+    return compat.block_stored_event(request, index * block_size, block_size, block_hash, parent, MEDIUM)
 
 
 @dataclass

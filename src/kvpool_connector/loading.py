@@ -119,11 +119,15 @@ class BlockLoader:
             errors, self._errors = self._errors, set()
         return errors
 
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until no queued load is left (their pages may be written until then); False on timeout."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
     def close(self, timeout_s: float) -> None:
         if self._thread is None:
             return
-        with self._lock:
-            if not self._idle.wait_for(lambda: self._pending == 0, timeout_s):
-                logger.warning("shutdown: %d KV pool loads still running after %.0f s", self._pending, timeout_s)
+        if not self.drain(timeout_s):
+            logger.warning("shutdown: %d KV pool loads still running after %.0f s", self._pending, timeout_s)
         self._queue.put(None)
         self._thread.join(timeout=1.0)

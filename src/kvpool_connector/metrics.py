@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from kvpool_connector.compat import KVConnectorPromMetrics, KVConnectorStats
 
 PLAIN_COUNTERS = (
     ("lookups", "Prompts looked up in the KV pool."),

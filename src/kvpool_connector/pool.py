@@ -215,6 +215,14 @@ class PoolHandle:
             if self._backend is not None:
                 self._backend.register_memory(ptr, size)
 
+    def unregister_memory(self, ptr: int, size: int) -> None:
+        """Forget a region registered with ``register_memory``: the client drops it now, a reconnect does not
+        register it again."""
+        with self._lock:
+            self._regions.remove((ptr, size))
+            if self._backend is not None:
+                self._backend.unregister_memory(ptr, size)
+
     # -- data calls -----------------------------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
         backend = self._usable_backend()

@@ -252,6 +252,15 @@ class PoolScheduler:
         )
         return 0
 
+    def may_load_async(self, request: Request) -> bool:
+        """vLLM 0.34 asks this, cheaply and before any lookup, as a request enters the waiting queue: with
+        ``--max-num-inflight-kv-loads`` such a request starts loading while the running batch is full. True for a
+        decode request whose prefill instance said it is saving the prompt to the pool (the pool's P/D hand-off, as
+        ``do_remote_prefill`` is a point-to-point one's) when hits load asynchronously. Any other request's hit is
+        unknown until its lookup, and a guess would hold back real loads."""
+        notice = (request.kv_transfer_params or {}).get(SAVING_PARAM)
+        return self.pool is not None and self.load_async and isinstance(notice, dict)
+
     def _shard_keys(self, hashes: list[bytes]) -> list[str]:
         """Block-major, shard-minor: the layout ``present_prefix_blocks`` reads."""
         return [keys.pool_key(shard, h) for h in hashes for shard in self.shards]
@@ -333,16 +342,17 @@ class PoolScheduler:
         if not self.saves_enabled:
             return meta
         scheduled = scheduler_output.num_scheduled_tokens
-        for new in scheduler_output.scheduled_new_reqs:
+        for new in scheduler_output.scheduled_new_reqs:  # on vLLM 0.34+ also resumed ones, with all their blocks
             if (state := self._requests.get(new.req_id)) is not None:
                 state.block_ids = [list(ids) for ids in new.block_ids]
                 self._plan_saves(state, new.num_computed_tokens + scheduled[new.req_id], meta)
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = compat.resumed_request_ids(cached)
         for i, req_id in enumerate(cached.req_ids):
             if (state := self._requests.get(req_id)) is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
+            if req_id in resumed:
                 state.block_ids = [list(ids) for ids in new_ids] if new_ids else [[] for _ in state.block_ids]
             elif new_ids:
                 for group_ids, added in zip(state.block_ids, new_ids, strict=True):

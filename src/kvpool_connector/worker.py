@@ -87,6 +87,7 @@ class PoolWorker:
         self.loader: BlockLoader | None = None
         self.stats = StatsCounter()
         self.stored_log = WorkerStoredLog() if kv_events else None  # for vLLM's KV events
+        self._kv_released = False  # vLLM's sleep mode released the KV cache: its regions are not registered
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> PoolWorker:
@@ -112,8 +113,7 @@ class PoolWorker:
     def kv_cache_allocation(self) -> KVCacheAt | None:
         """Where vLLM should allocate the KV cache: in memory the pool node maps, when this worker attaches to one
         through shared memory on vLLM's CPU backend and the node answers now; None leaves it to vLLM."""
-        mooncake = self._config.mooncake
-        if mooncake is None or not mooncake.real_client_address or not mooncake.kv_cache_in_shared_memory:
+        if not self._wants_kv_cache_placement():
             return None
         if not self._kv_cache_bytes:
             return None
@@ -139,6 +139,10 @@ class PoolWorker:
         self._attached = backend
         self.kv_cache_placement = KVCacheAt(memory.base, memory.nbytes)
         return self.kv_cache_placement
+
+    def _wants_kv_cache_placement(self) -> bool:
+        mooncake = self._config.mooncake
+        return mooncake is not None and bool(mooncake.real_client_address) and mooncake.kv_cache_in_shared_memory
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
         self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes, self.group_layers)
@@ -194,6 +198,13 @@ class PoolWorker:
             on_stored = self.stored_log.note if self.stored_log is not None else None
             self.saver = StagingSaver(self.pool, self.pages, capacity, runtime, self.stats, on_stored)
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
+        if self._wants_kv_cache_placement() and not compat.places_kv_cache():
+            logger.info(
+                "KV cache placement in the pool node's shared memory (kv_cache_in_shared_memory) is off: vLLM %s does "
+                "not let a connector choose where the KV cache is allocated (get_mem_pool_context, vLLM 0.32+); "
+                "transfers copy through the shared areas",
+                compat.VLLM_VERSION,
+            )
         groups = zip(self.shards, self.layout.groups, strict=False)  # empty with one group
         groups_note = ", ".join(f"{shard} {kind}" for shard, kind in groups)
         logger.info(
@@ -220,6 +231,28 @@ class PoolWorker:
                     "memory set aside for it stay unused",
                     self.kv_cache_placement.nbytes / 2**30,
                 )
+
+    def release_kv_memory(self, timeout_s: float = 30.0) -> None:
+        """Before vLLM's sleep mode releases the KV cache's memory: let loads in flight land, then drop the KV regions'
+        registrations, which would otherwise point the pool client's RDMA engine at released pages. Staged saves go
+        on (they read the staging area, not the KV cache). Idempotent."""
+        if self.pool is None or self.pages is None or self._kv_released:
+            return
+        if self.loader is not None and not self.loader.drain(timeout_s):
+            logger.warning("sleep: KV pool loads still running after %.0f s; releasing the KV cache anyway", timeout_s)
+        for ptr, size in self.pages.regions:
+            self.pool.unregister_memory(ptr, size)
+        self._kv_released = True
+        logger.info("KV cache registrations dropped for sleep mode (%d regions)", len(self.pages.regions))
+
+    def restore_kv_memory(self) -> None:
+        """After wake-up backed the KV cache again (same addresses, new pages): register it again. Idempotent."""
+        if self.pool is None or self.pages is None or not self._kv_released:
+            return
+        for ptr, size in self.pages.regions:
+            self.pool.register_memory(ptr, size)
+        self._kv_released = False
+        logger.info("KV cache registered again after wake-up (%d regions)", len(self.pages.regions))
 
     def load(self, meta: PoolConnectorMetadata) -> None:
         """Synchronous loads, now: the forward pass reads them next."""

@@ -4,8 +4,8 @@ A backend owns one pool client and is the only code that reads that pool's retur
 :class:`Outcome` values; a raw negative code is never mistaken for data.
 
 Calls, in the order they happen: ``connect`` (may block for long: the pool handle calls it off the hot path),
-``register_memory`` for each KV region, then any mix of ``exists`` / ``put`` / ``get`` / ``remove``, and finally
-``close``.
+``register_memory`` for each KV region, then any mix of ``exists`` / ``put`` / ``get`` / ``remove`` (and
+``unregister_memory`` / ``register_memory`` around vLLM's sleep mode), and finally ``close``.
 An object is one KV block of every layer this worker holds, gathered from (``put``) or scattered to (``get``)
 several page buffers: ``addrs[i]`` and ``sizes[i]`` list the pages of ``keys[i]``.
 """
@@ -54,6 +54,11 @@ class PoolBackend(ABC):
     def register_memory(self, ptr: int, size: int) -> None:
         """Make [ptr, ptr+size) usable for zero-copy transfers; raise RegistrationRefused naming the region if the pool
         answers no, PoolUnavailable if it cannot be asked."""
+
+    @abstractmethod
+    def unregister_memory(self, ptr: int, size: int) -> None:
+        """Undo ``register_memory`` (the memory is about to be released: vLLM's sleep mode); raise PoolUnavailable
+        if the client refuses."""
 
     @abstractmethod
     def exists(self, keys: Sequence[str]) -> list[bool]:

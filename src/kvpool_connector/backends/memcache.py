@@ -214,6 +214,13 @@ class MemcacheBackend(PoolBackend):
                 f"memcache refused to register the KV region [{ptr:#x}, {ptr + size:#x}) ({size} bytes): code {rc}"
             )
 
+    def unregister_memory(self, ptr: int, size: int) -> None:
+        if not self._runtime.is_device_address(ptr) or not self._client.with_bm:
+            return  # never registered (host memory), or no client that could hold it
+        rc = self._store.unregister_buffer(ptr, size)
+        if rc != 0:
+            raise PoolUnavailable(f"memcache unregister_buffer({ptr:#x}, {size} bytes) returned {rc}")
+
     def answers(self) -> bool:
         return knock(self._settings.meta_service_url, ANSWER_TIMEOUT_S).answers
 

@@ -240,6 +240,13 @@ class MooncakeBackend(PoolBackend):
         if rc != 0:
             raise PoolUnavailable(f"Mooncake register_buffer({size} bytes) returned {rc}")
 
+    def unregister_memory(self, ptr: int, size: int) -> None:
+        if self.shared_memory:
+            return
+        rc = self._store.unregister_buffer(ptr)
+        if rc != 0:
+            raise PoolUnavailable(f"Mooncake unregister_buffer({ptr:#x}, {size} bytes) returned {rc}")
+
     def exists(self, keys: Sequence[str]) -> list[bool]:
         codes = self._store.batch_is_exist(list(keys))
         if down := sorted({c for c in codes if c in _MASTER_DOWN}):
