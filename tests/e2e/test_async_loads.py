@@ -28,7 +28,7 @@ from kvpool_connector.testing.mooncake_pool import connector_config, mooncake_po
 from kvpool_connector.testing.server import vllm_server
 from kvpool_connector.testing.workloads import distinct_prompts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm_engines]
 
 BLOCK = 128
 PROMPTS = distinct_prompts(12, 3 * BLOCK + 120, seed=31)  # 504 tokens: 4 blocks, a 5th from the 9th token decoded

@@ -24,7 +24,7 @@ from kvpool_connector.testing.inspection import prompt_block_keys
 from kvpool_connector.testing.memcache_meta import memcache_meta_service
 from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm_engines]
 
 DOUBLE_DIR = Path(__file__).parents[1] / "doubles" / "pymmc"
 PROMPTS = standard_prompts()

@@ -26,7 +26,7 @@ from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.pd import Instance, pd_deployment
 from kvpool_connector.testing.workloads import SEED_REQUESTS, distinct_prompts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm_engines]
 
 BLOCK = 128
 WAIT_MS = 4000  # the consumers' producer_wait_ms

@@ -4,6 +4,8 @@ import pytest
 
 from kvpool_connector.keys import KVLayout, block_hashes, fingerprint, pool_key, shard_fingerprints, shard_groups
 
+pytestmark = pytest.mark.vllm_api
+
 LAYOUT = KVLayout(
     model="/models/llama",
     model_dtype="torch.float32",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 from vllm.distributed.kv_events import AllBlocksCleared, BlockStored
 from vllm.lora.request import LoRARequest
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
@@ -12,6 +13,8 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 from kvpool_connector.keys import pool_key
 from kvpool_connector.kv_events import MEDIUM, PoolEvents, StoredInPool, WorkerStoredLog, pool_block_stored
 from kvpool_connector.testing.scheduler_side import BLOCK, Requests
+
+pytestmark = pytest.mark.vllm_api
 
 SHARD0, SHARD1 = "00000000000000a0", "00000000000000a1"  # two ranks' head shards (GQA at TP 2)
 TOKENS = list(range(3, 3 + 2 * BLOCK + 5))  # two full blocks
@@ -93,9 +96,13 @@ def test_the_event_carries_what_vllms_own_event_carries_for_the_block():
     """The extra keys vLLM's block hash covers (cache salt on the first block, the LoRA adapter on every block), the
     adapter's id and name, and the session, so a router can match the pool tier to a request as it matches vLLM's."""
     lora = LoRARequest("adapter-a", 7, "/adapters/a")
-    request = REQUESTS.make("r", TOKENS, cache_salt="tenant-a", lora_request=lora, session_id="chat-1")
+    sessions = "session_id" in BlockStored.__struct_fields__  # vLLM 0.32+; 0.23's events carry none
+    request = REQUESTS.make(
+        "r", TOKENS, cache_salt="tenant-a", lora_request=lora, **({"session_id": "chat-1"} if sessions else {})
+    )
     hashes = [bytes(h) for h in request.block_hashes]
     first, second = (pool_block_stored(request, i, hashes[i], hashes[i - 1] if i else None, BLOCK) for i in (0, 1))
     assert first.extra_keys == [("adapter-a", "tenant-a")]
     assert second.extra_keys == [("adapter-a",)]
-    assert (first.lora_id, first.lora_name, first.session_id) == (7, "adapter-a", "chat-1")
+    assert (first.lora_id, first.lora_name) == (7, "adapter-a")
+    assert getattr(first, "session_id", None) == ("chat-1" if sessions else None)

@@ -1,6 +1,9 @@
+import pytest
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
 from kvpool_connector import plugin
+
+pytestmark = pytest.mark.vllm_api
 
 
 def test_register_is_idempotent_and_resolves_our_class():

@@ -2,7 +2,6 @@
 (a client call that hangs, one that raises); the real Mooncake client is exercised in test_mooncake_backend.py."""
 
 import threading
-import time
 
 from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable
 from kvpool_connector.pool import PoolHandle

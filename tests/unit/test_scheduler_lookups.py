@@ -17,6 +17,8 @@ from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.scheduler import SAVING_PARAM, _RequestState, group_blocks
 from kvpool_connector.testing.scheduler_side import BLOCK, Requests, pool_scheduler
 
+pytestmark = pytest.mark.vllm_api
+
 
 def tokens(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)

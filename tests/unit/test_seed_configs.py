@@ -12,6 +12,8 @@ import torch
 
 from kvpool_connector.config import parse_config
 
+pytestmark = pytest.mark.vllm_api
+
 EXAMPLES = Path(__file__).parents[2] / "examples" / "ascend"
 
 

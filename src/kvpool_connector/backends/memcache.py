@@ -15,9 +15,13 @@ Facts of pymmc 1.3.0 this module is built on (memcache ``mmcache_store.cpp``, ``
   ``H2G``/``G2H`` for host memory. pymmc treats every buffer of an L2G call as HBM, so a host staging buffer sent
   as L2G is read as a device address. We ask the device runtime where the first buffer of each object lives.
 - ``register_buffer`` is for device RDMA; host memory is not registered (production never does).
-- Batch calls take at most 16,384 keys (more returns one ``-3000`` for the whole batch), keys of 1..256 bytes and
-  1..255 buffers per key (else every key of the batch gets ``-3000``); a client that is not initialised answers an
-  empty list. A put of a key already present returns 0.
+- Batches are cut at memcache's documented limits (``mmc_def.h``: 16,384 keys, 255 buffers per key, keys of 1..256
+  bytes), although pymmc's wrapper passed 200,000 keys and 1,024 buffers on a client without pool memory; a put of a
+  key already present returns 0.
+- 1.2.0, 1.2.1 (vllm-ascend 0.23 pins 1.2.0) and 1.3.0 have the same calls and codes, except that 1.2.0 answers a get
+  of a missing key with -1 (counted as ``failed``, recomputed all the same). memcache-hybrid must be installed with
+  memfabric-hybrid of the very same version (any other pair crashes its meta service or fails ``init``), and 1.2.x
+  blocks 30 s in ``init`` against an absent meta service (1.3.0: 5 s): ``connect`` knocks on it first.
 
 Return codes are read here and nowhere else (:func:`_put_outcome`, :func:`_get_outcome`).
 """
@@ -29,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from kvpool_connector.backends.base import (
@@ -63,6 +68,7 @@ NOT_CONNECTED_LOCAL = -3018
 CLIENT_NOT_INIT = -3019
 UNMATCHED_KEY = -3102
 _UNAVAILABLE = frozenset({TIMEOUT, LINK_NOT_FOUND, NOT_CONNECTED_META, NOT_CONNECTED_LOCAL, CLIENT_NOT_INIT})
+_KNOCK_TIMEOUT_S = 2.0
 _INIT_SETTLE_S = 0.1  # pymmc starts its service threads after init returns (production waits as long)
 
 
@@ -86,7 +92,22 @@ def _get_outcome(code: int) -> Outcome:
     return Outcome.FAILED
 
 
+def _check_matched_pair() -> None:
+    """memcache-hybrid 1.2.x declares ``memfabric-hybrid>=1.2.0``, so pip pairs it with a newer memfabric, which crashes
+    memcache's meta service and fails ``init``: refuse any pair of two versions with the fix."""
+    try:
+        memcache, memfabric = version("memcache-hybrid"), version("memfabric-hybrid")
+    except PackageNotFoundError:
+        return  # installed outside pip (an Ascend image): nothing to compare
+    if memcache != memfabric:
+        raise ImportError(
+            f"memcache-hybrid {memcache} runs only with memfabric-hybrid {memcache}, found memfabric-hybrid "
+            f"{memfabric}: `pip install memfabric-hybrid=={memcache}`"
+        )
+
+
 def _import_store_class() -> type:
+    _check_matched_pair()
     try:
         from memcache_hybrid import DistributedObjectStore
     except ImportError as exc:
@@ -195,6 +216,10 @@ class MemcacheBackend(PoolBackend):
         self._joined = True
 
     def connect(self) -> None:
+        door = knock(self._settings.meta_service_url, _KNOCK_TIMEOUT_S)
+        if not door.answers:  # init would wait 5 s (1.3.0) or 30 s (1.2.x) holding the process client's lock
+            self.close()
+            raise PoolUnavailable(f"memcache meta service at {self._settings.meta_service_url}: {door.reason}")
         try:
             self._store = self._client.init(self._holds_data, self._settings.meta_service_url)
         except PoolUnavailable:

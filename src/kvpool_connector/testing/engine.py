@@ -93,8 +93,15 @@ def engine_env(cache_root: Path, extra: dict[str, str] | None = None, tp: int = 
     return env
 
 
-def run_engine(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = None, timeout_s: float = 600) -> EngineRun:
-    """Run ``spec`` in a new process; raise with the engine log's tail if it fails."""
+def run_engine(
+    spec: EngineSpec,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 600,
+    python: str | None = None,
+) -> EngineRun:
+    """Run ``spec`` in a new process (``python``: another environment's interpreter, i.e. another vLLM release; its
+    environment needs this package installed); raise with the engine log's tail if it fails."""
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = f"{time.time_ns()}"
     spec_file, out_file, log_file = (workdir / f"engine-{stamp}.{ext}" for ext in ("spec.json", "out.json", "log"))
@@ -107,7 +114,7 @@ def run_engine(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = Non
     start = time.monotonic()
     with log_file.open("w") as log:
         proc = subprocess.run(
-            [sys.executable, "-m", "kvpool_connector.testing.engine", str(spec_file), str(out_file)],
+            [python or sys.executable, "-m", "kvpool_connector.testing.engine", str(spec_file), str(out_file)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -1,21 +1,25 @@
-"""TEST DOUBLE of pymmc (``memcache_hybrid`` of memcache-hybrid 1.3.0), for machines without Ascend NPUs.
+"""TEST DOUBLE of pymmc (``memcache_hybrid`` of memcache-hybrid 1.2.0 - 1.3.0), for machines without Ascend NPUs.
 
 The real client's data path needs the Ascend driver and CANN; everything up to its meta service runs here, and the
 tests keep using the real one for that. This double stands in for the data path, written from pymmc's documented and
 observed behaviour (``../shared/reference/pymmc-1.3.0-api.txt``; memcache's ``mmcache_store.cpp``, ``mmc.cpp``,
-``mmc_types.h``), never from the connector's code:
+``mmc_types.h``; calls made on the real 1.2.0, 1.2.1 and 1.3.0 clients without pool memory), never from the
+connector's code. It follows the release of the real package installed beside it where releases differ:
 - ``init(device_id, init_bm)`` / ``close()`` act on one client per process: once an init succeeded, a later init
   returns 0 and does nothing (no BM is started by it); close ends the client for every instance. A client without
-  BM answers -1 to puts and gets; an uninitialised one answers ``[]`` to batch calls and -3019 to register_buffer.
+  BM answers -1 to puts and gets. An uninitialised one answers ``[]`` to the ``*_layers`` calls, -3019 per key to
+  ``batch_is_exist`` / ``remove_batch`` and -3019 to register_buffer.
 - Directions: ``L2G``/``G2L`` name device (HBM) buffers, which must lie in registered device memory; ``H2G``/``G2H``
-  name host memory. A buffer of the wrong kind fails its key (-1). Which addresses are device memory is known from
-  the device double attached with :func:`attach_device` (without one, no address is).
-- Batches of at most 16,384 keys (more: ``[-3000]``), keys of 1..256 bytes and 1..255 buffers each (else every key
-  of the batch gets -3000). A put of a key already present returns 0 and keeps the first copy. A get whose buffers do
-  not add up to the object's size fails (-1); a missing key answers -3007 (``MMC_OBJECT_NOT_EXISTS``).
+  name host memory. A buffer of the wrong kind fails its key (-1); a direction the call does not take fails every
+  key (-3000). Which addresses are device memory is known from the device double attached with
+  :func:`attach_device` (without one, no address is).
+- Keys of 1..256 bytes: a longer or empty key gets -3000 (that key alone in ``batch_is_exist``, every key of a put
+  or get); 1..65,534 buffers per key (else every key: -3000). A put of a key already present returns 0 and keeps the
+  first copy. A get whose buffers do not add up to the object's size fails (-1); a missing key answers -3007
+  (``MMC_OBJECT_NOT_EXISTS``; -1 on 1.2.0); removing a missing key answers -3102 (``MMC_UNMATCHED_KEY``).
 - The meta service named by ``ock.mmc.meta_service_url`` in ``MMC_LOCAL_CONFIG_PATH`` (read once, at import, as
-  pymmc does) must accept connections: init fails without it, and data calls answer -3017 (``MMC_NOT_CONNET_META``)
-  while it is down (existence queries -1).
+  pymmc does) must accept connections: init fails without it; while it is down, existence queries and removals
+  answer -3014 (``MMC_LINK_NOT_FOUND``) per key and puts and gets -3017 (``MMC_NOT_CONNET_META``).
 Objects live as files under ``MMC_DOUBLE_STORE`` (default: a directory in /dev/shm), so a fresh engine process sees
 what an earlier one stored. Each init call is appended to ``inits.log`` there (pid, device, init_bm, did it act), and
 each batch put/get to ``ops.log`` (pid, op, keys done, keys failed), so tests count transfers across processes.
@@ -41,11 +45,25 @@ MMC_OK = 0
 MMC_ERROR = -1
 MMC_INVALID_PARAM = -3000
 MMC_OBJECT_NOT_EXISTS = -3007
+MMC_LINK_NOT_FOUND = -3014
 MMC_NOT_CONNET_META = -3017
 MMC_CLIENT_NOT_INIT = -3019
-MAX_BATCH = 16_384
-MAX_LAYERS = 255
+MMC_UNMATCHED_KEY = -3102
+MAX_LAYERS = 65_534
 MAX_KEY_LEN = 256
+
+
+def _real_release() -> str:
+    """The release of the real memcache-hybrid installed beside this double (the one it stands in for)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memcache-hybrid")
+    except PackageNotFoundError:
+        return "1.3.0"
+
+
+MISSING_ON_GET = MMC_ERROR if _real_release() == "1.2.0" else MMC_OBJECT_NOT_EXISTS
 
 _CONFIG_PATH = os.environ.get("MMC_LOCAL_CONFIG_PATH", "")
 _STORE = Path(os.environ.get("MMC_DOUBLE_STORE", "/dev/shm/kvpool-pymmc-double"))
@@ -119,18 +137,28 @@ def _object_path(key: str) -> Path:
     return _STORE / hashlib.sha256(key.encode()).hexdigest()
 
 
-def _batch_check(keys: list[str], buffers: list[list[int]] | None = None) -> list[int] | None:
-    """The whole-batch answers pymmc gives before touching any key; None when the batch may go on."""
+def _key_ok(key: str) -> bool:
+    return 0 < len(key.encode()) <= MAX_KEY_LEN
+
+
+def _batch_check(keys: list[str], buffers: list[list[int]]) -> list[int] | None:
+    """The whole-batch answers pymmc's ``*_layers`` calls give before touching any key; None when it may go on."""
+    if not _initialised or not keys:
+        return []
+    if not all(_key_ok(k) for k in keys):
+        return [MMC_INVALID_PARAM] * len(keys)
+    if len(buffers) != len(keys) or any(not 0 < len(b) <= MAX_LAYERS for b in buffers):
+        return [MMC_INVALID_PARAM] * len(keys)
+    return None
+
+
+def _per_key_check(keys: list[str]) -> list[int] | None:
+    """What ``batch_is_exist`` / ``remove_batch`` answer before asking the meta service; None when they ask it."""
     if not _initialised:
-        return []
-    if not keys:
-        return []
-    if len(keys) > MAX_BATCH:
-        return [MMC_INVALID_PARAM]
-    if any(not 0 < len(k.encode()) <= MAX_KEY_LEN for k in keys):
-        return [MMC_INVALID_PARAM] * len(keys)
-    if buffers is not None and (len(buffers) != len(keys) or any(not 0 < len(b) <= MAX_LAYERS for b in buffers)):
-        return [MMC_INVALID_PARAM] * len(keys)
+        return [MMC_CLIENT_NOT_INIT] * len(keys)
+    _count_call()
+    if not _meta_up():
+        return [MMC_LINK_NOT_FOUND] * len(keys)
     return None
 
 
@@ -172,12 +200,9 @@ class DistributedObjectStore:
         return list(_registered)
 
     def batch_is_exist(self, keys: list[str]) -> list[int]:
-        if (early := _batch_check(keys)) is not None:
+        if (early := _per_key_check(keys)) is not None:
             return early
-        _count_call()
-        if not _meta_up():
-            return [-1] * len(keys)
-        return [1 if _object_path(k).exists() else 0 for k in keys]
+        return [(1 if _object_path(k).exists() else 0) if _key_ok(k) else MMC_INVALID_PARAM for k in keys]
 
     def _buffers_ok(self, ptrs: list[int], sizes: list[int], device: bool) -> bool:
         for ptr, size in zip(ptrs, sizes, strict=True):
@@ -236,7 +261,7 @@ class DistributedObjectStore:
             try:
                 data = _object_path(key).read_bytes()
             except FileNotFoundError:
-                codes.append(MMC_OBJECT_NOT_EXISTS)
+                codes.append(MISSING_ON_GET)
                 continue
             if len(data) != sum(lens):
                 codes.append(MMC_ERROR)
@@ -249,7 +274,7 @@ class DistributedObjectStore:
         return _log_op("get", codes)
 
     def remove_batch(self, keys: list[str]) -> list[int]:
-        if (early := _batch_check(keys)) is not None:
+        if (early := _per_key_check(keys)) is not None:
             return early
         codes = []
         for key in keys:
@@ -257,7 +282,7 @@ class DistributedObjectStore:
                 _object_path(key).unlink()
                 codes.append(MMC_OK)
             except FileNotFoundError:
-                codes.append(MMC_OBJECT_NOT_EXISTS)
+                codes.append(MMC_UNMATCHED_KEY)
         return codes
 
 
