@@ -145,33 +145,19 @@ _LEGACY_LAYOUT_NAMES = {"HND": "LBHNC", "NHD": "LBNHC"}
 
 def kv_cache_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
     """The physical KV layout every worker adopts, named as vLLM 0.32+ names it (``LBHNC``: layer, block, head,
-    token, content), so a page vLLM 0.23 wrote and one 0.32 writes in the same order get the same name.
+    token, content), the same in the scheduler and in every worker.
 
-    0.32+ resolves it in the engine core and hands it to every worker in ``KVCacheConfig.kv_cache_layout``. 0.23
-    sets it in each worker process when the attention backend is chosen (the backend's required layout, else the
-    process default): the same choice is made here, so the scheduler, which chooses no backend, names what its
-    workers will use.
+    0.32+ resolves it in the engine core and hands it to every worker in ``KVCacheConfig.kv_cache_layout``. 0.23 sets
+    it in each worker process when that worker picks its attention backend, which the scheduler never does; so here
+    it is named from what every process sees alike: on vLLM's CPU backend its one layout (HND: ``(blocks, heads,
+    block_size, 2*head_size)``, read as K then V per head), elsewhere the user's ``VLLM_KV_CACHE_LAYOUT`` or the
+    platform's default (off the CPU the release is in the key as well: ``page_format``).
     """
     if hasattr(kv_cache_config, "kv_cache_layout"):
         return str(kv_cache_config.kv_cache_layout or "default")  # unresolved: a config built outside an engine
-    return _LEGACY_LAYOUT_NAMES.get(_legacy_worker_layout(vllm_config, kv_cache_config), "default")
-
-
-def _legacy_worker_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
-    from vllm.config import set_current_vllm_config
-    from vllm.v1.attention.backends.utils import get_kv_cache_layout
-    from vllm.v1.attention.selector import get_attn_backend
-
-    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-    model_config = vllm_config.model_config
-    with set_current_vllm_config(vllm_config):
-        backend = get_attn_backend(
-            int(spec.head_size),
-            model_config.dtype,
-            vllm_config.cache_config.cache_dtype,
-            use_mla=bool(getattr(model_config, "use_mla", False)),
-        )
-    return str(backend.get_required_kv_cache_layout() or get_kv_cache_layout())
+    if platform_device_type() == "cpu":
+        return _LEGACY_LAYOUT_NAMES["HND"]
+    return _LEGACY_LAYOUT_NAMES.get(os.environ.get("VLLM_KV_CACHE_LAYOUT", ""), "default")
 
 
 def page_format(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, device_type: str) -> str:
@@ -233,6 +219,25 @@ def block_stored_event(
     if "session_id" in BlockStored.__struct_fields__:
         fields["session_id"] = getattr(request, "session_id", None)
     return BlockStored(**fields)
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+
+
+class ConnectorStatsBase(KVConnectorStats):
+    """vLLM's ``KVConnectorStats``, also readable as the dict it is serialized to (``stats["data"]``): vLLM 0.23's
+    MultiConnector reads its children's stats that way, and an engine in one process (TP 1) hands it the objects."""
+
+    def __getitem__(self, field: str) -> Any:
+        return getattr(self, field)
+
+
+def workers_report_stats_every_step() -> bool:
+    """Whether the workers must hand over connector stats every step, empty or not: vLLM before 0.32 (0.23 read) merges
+    the scheduler side's stats (lookups, hits, producer waits) only into a step whose workers reported stats, so on
+    a consumer that moves nothing they would never be seen. Releases between 0.23 and 0.32 are treated as 0.23 (an
+    empty report per step costs a few bytes)."""
+    return _release(VLLM_VERSION) < (0, 32)
 
 
 # -- scheduler ---------------------------------------------------------------------------------------------------

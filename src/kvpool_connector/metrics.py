@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvpool_connector.compat import KVConnectorPromMetrics, KVConnectorStats
+from kvpool_connector.compat import ConnectorStatsBase, KVConnectorPromMetrics, KVConnectorStats
 
 PLAIN_COUNTERS = (
     ("lookups", "Prompts looked up in the KV pool."),
@@ -37,7 +37,7 @@ REASON_COUNTERS = (
 )
 
 
-class PoolConnectorStats(KVConnectorStats):
+class PoolConnectorStats(ConnectorStatsBase):
     """A window of counters, summed across workers and the scheduler."""
 
     def reset(self) -> None:

@@ -324,7 +324,7 @@ class PoolWorker:
 
     def take_stats(self) -> PoolConnectorStats | None:
         window = self.stats.take()
-        return PoolConnectorStats(data=window) if window else None
+        return PoolConnectorStats(data=window) if window or compat.workers_report_stats_every_step() else None
 
     def take_load_errors(self) -> set[int]:
         return self.loader.take_load_errors() if self.loader is not None else set()

@@ -7,8 +7,8 @@ no-connector engine's. Loads are held in flight by stopping the pool node (SIGST
 the transfer (the node) waits. Checked: hits and partial hits; preemption of running requests while loads are in
 flight, and while their blocks are being saved; a request aborted mid-load (its blocks stay reserved until the load
 is over, then the server serves on); an object removed between the lookup and its load (that block and the rest are
-recomputed); synchronous loads (``load_async: false``) in a fresh engine; and the node killed mid-load (the load
-fails, the prompt is recomputed).
+recomputed); and the node killed mid-load (the load fails, the prompt is recomputed). Synchronous loads
+(``load_async: false``) are checked in test_engine_pool.py.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import pytest
 
 from kvpool_connector.processes import stop_process
 from kvpool_connector.testing.client import CheckedClient, server_metrics, wait_for
-from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
+from kvpool_connector.testing.engine import engine_env
 from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.mooncake_pool import connector_config, mooncake_pool
 from kvpool_connector.testing.server import vllm_server
 from kvpool_connector.testing.workloads import distinct_prompts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm_engines]
+pytestmark = pytest.mark.e2e
 
 BLOCK = 128
 PROMPTS = distinct_prompts(12, 3 * BLOCK + 120, seed=31)  # 504 tokens: 4 blocks, a 5th from the 9th token decoded
@@ -177,16 +177,6 @@ def test_an_object_removed_between_lookup_and_load_is_recomputed(client, server,
         for answer in (first, second):
             answer.result(timeout=60)  # each checked against the baseline
     assert metric(server, "vllm:kvpool_load_failed_total[missing]") == missing + 1
-
-
-def test_synchronous_loads_answer_alike(tiny_model, pool, baseline_outputs, tmp_path):
-    """A fresh engine with ``load_async: false`` and ``lookup_async: false`` on blocks the server stored."""
-    config = pool.connector_config(reconnect_interval_s=1.0, load_async=False, lookup_async=False)
-    prompts = [PROMPTS[i] for i in (5, 6)]
-    spec = EngineSpec(model=tiny_model, prompts=prompts, max_tokens=MAX_TOKENS, kv_transfer_config=config)
-    run = run_engine(spec, tmp_path, env=engine_env(tmp_path / "cache"))
-    assert [r.num_cached_tokens for r in run.results] == [FULL_HIT, FULL_HIT]
-    assert run.outputs == [baseline_outputs[5], baseline_outputs[6]]
 
 
 def test_the_pool_node_killed_mid_load_costs_the_hit_only(client, server, pool):

@@ -20,7 +20,7 @@ from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.mooncake_pool import connector_config
 from kvpool_connector.testing.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm_engines]
+pytestmark = pytest.mark.e2e
 
 PROMPTS = standard_prompts()
 EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255, 0]
@@ -52,11 +52,13 @@ def loaded(tiny_model, pool, saved, tmp_path_factory):
     return run_engine(spec, tmp_path_factory.mktemp("load"))
 
 
+@pytest.mark.vllm_engines
 def test_empty_pool_run_matches_baseline(saved, baseline):
     assert saved.outputs == baseline.outputs
     assert "Traceback" not in saved.log
 
 
+@pytest.mark.vllm_engines
 def test_fresh_engine_loads_from_pool(loaded, baseline):
     assert [r.num_cached_tokens for r in loaded.results] == EXPECTED_HITS
     assert next(r.num_cached_tokens for r in baseline.results) == 0  # the baseline computed the first prompt
@@ -64,6 +66,17 @@ def test_fresh_engine_loads_from_pool(loaded, baseline):
     # 2 + 3 + 2 blocks come from the pool; prompt 2 shares its first two blocks with prompt 1, which vLLM's own
     # prefix cache may serve instead when both are in one batch.
     assert 5 <= loaded.loaded_blocks <= 7
+
+
+@pytest.mark.vllm_engines
+def test_a_fresh_engine_loading_synchronously_answers_alike(tiny_model, pool, saved, baseline, tmp_path):
+    """``load_async: false`` and ``lookup_async: false``: hits asked inside the scheduler loop, loaded before the
+    forward pass."""
+    config = connector_config(pool.client_config(), reconnect_interval_s=1.0, load_async=False, lookup_async=False)
+    run = run_engine(EngineSpec(model=tiny_model, prompts=PROMPTS, kv_transfer_config=config), tmp_path)
+    assert [r.num_cached_tokens for r in run.results] == EXPECTED_HITS
+    assert run.outputs == baseline.outputs
+    assert "Traceback" not in run.log
 
 
 def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, mooncake_client, tmp_path):
@@ -135,6 +148,7 @@ def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):
     assert "Traceback" not in run.log
 
 
+@pytest.mark.vllm_engines
 def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, loaded, baseline, tmp_path):
     """ExampleConnector (first, empty storage) beside ours: MultiConnector must take the hits from our pool. With
     vLLM's KV events on, the blocks our child saves are published as the pool tier (MultiConnector forwards each

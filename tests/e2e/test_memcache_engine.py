@@ -24,7 +24,7 @@ from kvpool_connector.testing.inspection import prompt_block_keys
 from kvpool_connector.testing.memcache_meta import memcache_meta_service
 from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm_engines]
+pytestmark = pytest.mark.e2e
 
 DOUBLE_DIR = Path(__file__).parents[1] / "doubles" / "pymmc"
 PROMPTS = standard_prompts()
@@ -179,12 +179,14 @@ def tp2(tiny_model, meta, tmp_path_factory):
     return baseline, saved, loaded, store
 
 
+@pytest.mark.vllm_engines
 def test_tp2_saves_both_head_shards_and_a_fresh_engine_loads_identical_outputs(tp2):
     baseline, saved, loaded, _ = tp2
     assert saved.engine.outputs == baseline.outputs and loaded.engine.outputs == baseline.outputs
     assert saved.puts == (10, 0)  # each rank stores its own heads: 5 objects each
 
 
+@pytest.mark.vllm_engines
 def test_tp2_a_block_missing_one_head_shard_is_recomputed(tp2):
     _, _, loaded, _ = tp2
     # a lookup hits only where both shards are there: the second prompt's third block is not (EXPECTED_HITS[1]: 384)
@@ -192,6 +194,7 @@ def test_tp2_a_block_missing_one_head_shard_is_recomputed(tp2):
     assert loaded.gets == (12, 0)  # per rank 2 + 2 + 2: the block one shard lacks is loaded by neither
 
 
+@pytest.mark.vllm_engines
 def test_tp2_each_process_inits_once_and_only_workers_hold_pool_memory(tp2):
     *_, store = tp2
     inits = inits_by_process(store)

@@ -26,7 +26,7 @@ from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
 from kvpool_connector.testing.pd import Instance, pd_deployment
 from kvpool_connector.testing.workloads import SEED_REQUESTS, distinct_prompts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm_engines]
+pytestmark = pytest.mark.e2e
 
 BLOCK = 128
 WAIT_MS = 4000  # the consumers' producer_wait_ms
@@ -60,6 +60,7 @@ def store(gqa):
     client.close()
 
 
+@pytest.mark.vllm_engines
 def test_1p1d_through_the_pool(gqa, tiny_model):
     prompt, max_tokens = SEED_REQUESTS[1]  # the long seed request: several full blocks
     via = complete(gqa.proxy_url, tiny_model, prompt, max_tokens)
@@ -87,6 +88,7 @@ def prefill_then_take_back(gqa, store, model: str, prompt: list[int]) -> tuple[d
     return answer, objects
 
 
+@pytest.mark.vllm_engines
 def test_a_consumer_waits_for_the_producers_puts_then_loads_them(gqa, store, tiny_model):
     notice, objects = prefill_then_take_back(gqa, store, tiny_model, PROMPTS[0])
     assert notice["kv_transfer_params"]["kvpool_saving"]["blocks"] == 3
@@ -103,6 +105,7 @@ def test_a_consumer_waits_for_the_producers_puts_then_loads_them(gqa, store, tin
     assert answer["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]
 
 
+@pytest.mark.vllm_engines
 def test_a_consumer_computes_the_prompt_when_the_producers_puts_never_land(gqa, store, tiny_model):
     expired = server_metrics(gqa.consumer_url).get("vllm:kvpool_producer_wait_expired_total", 0)
     notice, _ = prefill_then_take_back(gqa, store, tiny_model, PROMPTS[1])
