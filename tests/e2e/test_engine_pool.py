@@ -198,10 +198,16 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
             extra_keys = e.extra_keys or [None] * len(e.block_hashes)
             for i, block_hash in enumerate(e.block_hashes):
                 tokens = e.token_ids[i * BLOCK : (i + 1) * BLOCK]
-                own_tier[block_hash] = (tokens, parents[i], extra_keys[i], e.lora_name, e.session_id)
+                own_tier[block_hash] = (tokens, parents[i], extra_keys[i], e.lora_name, getattr(e, "session_id", None))
     for event in stored:  # vLLM stored the same block in its KV cache under the same hash, with the same keys
         [extra_keys] = event.extra_keys
-        published = (event.token_ids, event.parent_block_hash, extra_keys, event.lora_name, event.session_id)
+        published = (
+            event.token_ids,
+            event.parent_block_hash,
+            extra_keys,
+            event.lora_name,
+            getattr(event, "session_id", None),
+        )
         assert own_tier[event.block_hashes[0]] == published
 
 
