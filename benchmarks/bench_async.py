@@ -17,8 +17,8 @@ costs the scheduler step, with the connector's synchronous and asynchronous mode
 
 Model: the ``bench`` preset (random-weight Llama, 16 KiB of fp32 KV per token: a 4,098-token hit is 64 MiB).
 
-Run: ``python benchmarks/bench_async.py [--parts itl lookup pd] [--out benchmarks/results]`` -> tables and
-``bench_async.json``.
+Run: ``python benchmarks/bench_async.py [--parts itl lookup pd] [--preset bench|tiny] [--out benchmarks/results]``
+-> tables and ``bench_async.json``.
 """
 
 from __future__ import annotations
@@ -39,18 +39,20 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpool_connector import keys
-from kvpool_connector.testing.client import server_metrics
-from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
-from kvpool_connector.testing.pd import pd_deployment
-from kvpool_connector.testing.scheduler_side import BLOCK, Requests, pool_scheduler
-from kvpool_connector.testing.server import vllm_server
-from kvpool_connector.testing.tiny_model import PRESETS, build_model
+from kvpool_testkit.client import server_metrics
+from kvpool_testkit.engine import engine_env
+from kvpool_testkit.inspection import wait_connected
+from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool
+from kvpool_testkit.pd import pd_deployment
+from kvpool_testkit.scheduler_side import BLOCK, Requests, pool_scheduler
+from kvpool_testkit.server import vllm_server
+from kvpool_testkit.tiny_model import PRESETS, build_model
 
-PRESET = "bench"
-VOCAB = PRESETS[PRESET].vocab_size
 SERVER_ARGS = ["--no-enable-prefix-caching", "--max-model-len", "8192", "--max-num-batched-tokens", "8192"]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}
+
+
+VOCAB = min(p.vocab_size for p in PRESETS.values())  # token ids every preset's model knows
 
 
 def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -104,7 +106,7 @@ async def _decode_with_arrivals(
     return itls, latencies
 
 
-def _seed_pool(model: str, pool: MooncakePool, hits: list[list[int]], work: Path) -> None:
+def _seed_pool(model: str, pool: PoolOnFreePorts, hits: list[list[int]], work: Path) -> None:
     """Store the arriving prompts' blocks once, from a server of their own."""
     env = engine_env(work / "cache", ENV)
     with vllm_server(model, work / "seed", pool.connector_config(), SERVER_ARGS, env=env) as s:
@@ -170,7 +172,7 @@ def bench_lookup(model: str, work: Path, args: argparse.Namespace) -> list[dict]
         for mode, lookup_async in (("inline (lookup_async false)", False), ("off the loop (lookup_async true)", True)):
             config = {"backend": "mooncake", "mooncake": pool.client_config(), "lookup_async": lookup_async}
             scheduler = pool_scheduler(model, config)
-            assert scheduler.pool is not None and scheduler.pool.wait_connected(30)
+            assert scheduler.pool is not None and wait_connected(scheduler.pool, 30)
             scheduler.pool.register_memory(marker.ctypes.data, marker.nbytes)
             ask_ms, collect_ms, steps = [], [], []
             for rep in range(args.lookup_reps + 1):  # the first repetition warms the connection up
@@ -198,7 +200,7 @@ def bench_lookup(model: str, work: Path, args: argparse.Namespace) -> list[dict]
                 expected = args.hit_tokens // BLOCK * BLOCK - (1 if args.hit_tokens % BLOCK == 0 else 0)
                 assert answers == [expected, 0] * (args.arrivals // 2), answers[:4]
                 for request in batch:
-                    scheduler.request_finished(request, [])
+                    scheduler.request_finished(request)
                 if rep:
                     ask_ms.append(asked * 1e3)
                     collect_ms.append(collected * 1e3)
@@ -278,6 +280,7 @@ def main() -> None:
     parser.add_argument("--arrivals", type=int, default=64, help="requests arriving in one scheduler step")
     parser.add_argument("--lookup-reps", type=int, default=20)
     parser.add_argument("--pd-reps", type=int, default=4)
+    parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="tiny: check the benchmark runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     console = Console(width=150)
@@ -285,7 +288,7 @@ def main() -> None:
     results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = str(build_model(work / PRESET, preset=PRESET))
+        model = str(build_model(work / args.preset, preset=args.preset))
         if "lookup" in args.parts:
             results["lookup"] = bench_lookup(model, work, args)
             _table(console, f"Scheduler step time, {args.arrivals} requests arriving at once", results["lookup"])

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpool_connector.ops import copy_batch
+from kvpool_testkit.inspection import wait_connected
 
 PAGE_SIZES = {"4 KiB": 4 << 10, "64 KiB": 64 << 10, "1 MiB": 1 << 20}
 
@@ -99,7 +100,7 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
     from kvpool_connector.kv_pages import KVPages
     from kvpool_connector.pool import PoolHandle
     from kvpool_connector.staging import StagingSaver
-    from kvpool_connector.testing.mooncake_pool import mooncake_pool
+    from kvpool_testkit.mooncake_pool import mooncake_pool
 
     layers, heads, block, dim, num_blocks, prompt_blocks = 8, 4, 128, 64, 64, 16
     caches = {f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, heads, block, 2 * dim) for i in range(layers)}
@@ -114,7 +115,7 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
                 handle.register_memory(ptr, size)
             saver = StagingSaver(handle, pages, 64, CpuRuntime())
             handle.start()
-            assert handle.wait_connected(30), "Mooncake did not connect"
+            assert wait_connected(handle, 30), "Mooncake did not connect"
             warm_segment(handle, pages, settings.segment_bytes or (1 << 30), "bench")
             rows += _measure(handle, saver, pages, prompt_blocks, repeat, where)
             saver.close()

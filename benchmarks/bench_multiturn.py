@@ -30,9 +30,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvpool_connector.testing.engine import EngineRun, EngineSpec, engine_env, run_engine
-from kvpool_connector.testing.mooncake_pool import mooncake_pool
-from kvpool_connector.testing.tiny_model import PRESETS, build_model
+from kvpool_testkit.engine import EngineRun, EngineSpec, engine_env, run_engine
+from kvpool_testkit.mooncake_pool import mooncake_pool
+from kvpool_testkit.tiny_model import PRESETS, build_model
 
 MODES = ("prompt blocks", "decode cache", "vLLM prefix cache")
 

@@ -39,6 +39,7 @@ from kvpool_connector.config import parse_config
 from kvpool_connector.keys import KVLayout, pool_key
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.worker import PoolWorker
+from kvpool_testkit.inspection import wait_connected
 
 LAYERS, BLOCK = 8, 128
 
@@ -92,7 +93,7 @@ def bench_data_path(
             if mooncake.get("real_client_address"):
                 load_mode = "shm, one copy" if placement is not None and placement.served else "shm, via area"
             worker.register_kv_caches(caches)
-            assert worker.pool is not None and worker.pool.wait_connected(60), "Mooncake did not connect"
+            assert worker.pool is not None and wait_connected(worker.pool, 60), "Mooncake did not connect"
             warm_segment(worker.pool, worker.pages, segment_bytes, worker.shards[0])
             for n in blocks:
                 nbytes = n * LAYERS * kib * 1024
@@ -136,11 +137,11 @@ def bench_data_path(
 
 def bench_lookup(mooncake: dict, model_dir: str, lengths: list[int], repeat: int, bar: tqdm) -> list[dict]:
     from kvpool_connector import keys
-    from kvpool_connector.testing.scheduler_side import Requests, pool_scheduler
+    from kvpool_testkit.scheduler_side import Requests, pool_scheduler
 
     # the inline lookup's own latency (bench_async.py measures lookups off the scheduler loop)
     scheduler = pool_scheduler(model_dir, {"backend": "mooncake", "mooncake": mooncake, "lookup_async": False})
-    assert scheduler.pool is not None and scheduler.pool.wait_connected(60)
+    assert scheduler.pool is not None and wait_connected(scheduler.pool, 60)
     requests = Requests()
     rng = np.random.default_rng(0)
     marker = np.zeros(64, dtype=np.uint8)
@@ -250,7 +251,7 @@ def main() -> None:
         if args.master:
             master = args.master
         else:
-            from kvpool_connector.testing.mooncake_pool import mooncake_pool
+            from kvpool_testkit.mooncake_pool import mooncake_pool
 
             pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="4 GB"))
             master = pool.master_address
@@ -266,7 +267,7 @@ def main() -> None:
         if args.shared_memory:
             mooncake = pool.client_config(shared_memory=True)
             segment_bytes = 4 << 30  # the pool node's
-        from kvpool_connector.testing.tiny_model import build_model
+        from kvpool_testkit.tiny_model import build_model
 
         model = str(build_model(workdir / "tiny-llama"))
         total = len(page_kib) * 2 * len(blocks) * repeat + len(lengths) * 2 * max(repeat, 20)

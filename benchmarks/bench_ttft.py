@@ -1,6 +1,6 @@
 """End-to-end TTFT and all-miss throughput on the vLLM CPU engine, every phase in its own fresh engine process.
 
-Model: the ``bench`` preset of ``kvpool_connector.testing.tiny_model`` (random-weight Llama, hidden 1024, 8 layers,
+Model: the ``bench`` preset of ``kvpool_testkit.tiny_model`` (random-weight Llama, hidden 1024, 8 layers,
 16 heads / 4 KV heads x 64, fp32: 16 KiB of KV per token), large enough that prefill dominates on a CPU.
 Prompts are k*128 + 2 tokens, so a full hit leaves two tokens to compute and TTFT shows the load cost. (Not
 k*128 + 1: vLLM's ExampleConnector stores a prompt under its first align(n) tokens but looks it up under align(n - 1),
@@ -50,9 +50,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvpool_connector.testing.engine import EngineRun, EngineSpec, engine_env, run_engine
-from kvpool_connector.testing.mooncake_pool import connector_config, mooncake_pool
-from kvpool_connector.testing.tiny_model import PRESETS, build_model
+from kvpool_testkit.engine import EngineRun, EngineSpec, engine_env, run_engine
+from kvpool_testkit.mooncake_pool import connector_config, mooncake_pool
+from kvpool_testkit.tiny_model import PRESETS, build_model
 
 THROUGHPUT_PHASES = ("no connector", "connector", "connector, lookups only", "connector, shared memory")
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvpool_connector.testing.client import cached_tokens, complete, server_metrics
-from kvpool_connector.testing.pd import Instance, pd_deployment
-from kvpool_connector.testing.tiny_model import build_model
-from kvpool_connector.testing.workloads import SEED_REQUESTS
+from kvpool_testkit.client import cached_tokens, complete, server_metrics
+from kvpool_testkit.pd import Instance, pd_deployment
+from kvpool_testkit.tiny_model import build_model
+from kvpool_testkit.workloads import SEED_REQUESTS
 
 LAYOUTS = {  # model -> (preset, producer, consumers)
     "mla": ("tiny-mla", Instance(tp=2, dtype="bfloat16"), (Instance(tp=2, dtype="bfloat16"), Instance(1, "bfloat16"))),

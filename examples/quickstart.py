@@ -19,9 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvpool_connector.testing.engine import EngineRun, EngineSpec, run_engine
-from kvpool_connector.testing.mooncake_pool import mooncake_pool
-from kvpool_connector.testing.tiny_model import build_model
+from kvpool_testkit.engine import EngineRun, EngineSpec, run_engine
+from kvpool_testkit.mooncake_pool import mooncake_pool
+from kvpool_testkit.tiny_model import build_model
 
 
 def demo_prompts(seed: int = 7) -> list[list[int]]:

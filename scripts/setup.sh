@@ -59,6 +59,7 @@ setup_release() {
   [ "$release" = 0.23.0 ] && memcache=1.2.0  # vllm-ascend 0.23's release branch pins memcache_hybrid 1.2.0
   "$py" -m pip install -q -r requirements-dev.txt "memcache-hybrid==$memcache" "memfabric-hybrid==$memcache"
   "$py" -m pip install -q --no-build-isolation -e .
+  "$py" -m pip install -q -e testkit  # the test kit, from the checkout: never in the wheel
   "$py" -c 'import vllm, kvpool_connector.ops; print("[setup] ok: vllm", vllm.__version__, "in", "'"$VENV"'")'
 }
 

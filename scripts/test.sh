@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/vllm_legs.sh
 bash scripts/setup.sh all
-"$(vllm_venv 0.32.0)/bin/python" -m ruff check src tests benchmarks examples scripts
-"$(vllm_venv 0.32.0)/bin/python" -m ruff format --check src tests benchmarks examples scripts
+"$(vllm_venv 0.32.0)/bin/python" -m ruff check src testkit tests benchmarks examples scripts
+"$(vllm_venv 0.32.0)/bin/python" -m ruff format --check src testkit tests benchmarks examples scripts
 
 export KVPOOL_MODELS_DIR=${KVPOOL_MODELS_DIR:-$PWD/.work/models}  # tiny models built once, shared by every leg
 export KVPOOL_VLLM023_PYTHON=$PWD/$(vllm_venv 0.23.0)/bin/python  # the cross-release test: 0.23 stores, 0.32 loads

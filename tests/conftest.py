@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
-from kvpool_connector.testing.tiny_model import build_model
+from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool, plain_client
+from kvpool_testkit.tiny_model import build_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,8 +41,8 @@ def standard_baseline(tiny_model: str, tmp_path_factory):
     """A no-connector engine's run of ``standard_prompts()`` (12 greedy tokens each, one batch): the oracle of every
     module that serves those prompts, whatever its executor or prefix-cache setting (greedy tokens do not depend on
     them; the modules' own pool runs must equal it)."""
-    from kvpool_connector.testing.engine import EngineSpec, run_engine
-    from kvpool_connector.testing.workloads import standard_prompts
+    from kvpool_testkit.engine import EngineSpec, run_engine
+    from kvpool_testkit.workloads import standard_prompts
 
     return run_engine(EngineSpec(model=tiny_model, prompts=standard_prompts()), tmp_path_factory.mktemp("standard"))
 
@@ -51,7 +51,7 @@ def standard_baseline(tiny_model: str, tmp_path_factory):
 def baseline_outputs(request: pytest.FixtureRequest, tiny_model: str, tmp_path_factory) -> list[list[int]]:
     """A no-connector engine's greedy outputs for the requesting module's ``PROMPTS`` (one at a time, ``MAX_TOKENS``
     each): the oracle the module's answers are compared with, token for token."""
-    from kvpool_connector.testing.engine import EngineSpec, run_engine
+    from kvpool_testkit.engine import EngineSpec, run_engine
 
     module = request.module
     spec = EngineSpec(model=tiny_model, prompts=module.PROMPTS, max_tokens=module.MAX_TOKENS, sequential=True)
@@ -66,11 +66,37 @@ def pool(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def mooncake_client(pool: MooncakePool):
+def mooncake_client(pool: PoolOnFreePorts):
     """A plain Mooncake client (no segment) for tests that inspect or tamper with the pool directly."""
-    from mooncake.store import MooncakeDistributedStore
+    with plain_client(pool) as store:
+        yield store
 
-    store = MooncakeDistributedStore()
-    assert store.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "", pool.master_address) == 0
-    yield store
-    store.close()
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory: pytest.TempPathFactory):
+    """A real memcache meta service for the module (one per machine at a time: memcache holds a process lock)."""
+    from kvpool_testkit.memcache_meta import memcache_meta_service
+
+    with memcache_meta_service(tmp_path_factory.mktemp("mmc-meta")) as running:
+        yield running
+
+
+@pytest.fixture
+def pymmc(meta, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The pymmc test double, pointed at the module's real meta service, in place of memcache's data path."""
+    from doubles.npu_worker import load_pymmc_double
+
+    from kvpool_connector.backends import memcache as memcache_backend
+
+    yield load_pymmc_double(monkeypatch, meta.local_config, tmp_path / "store")
+    assert memcache_backend._PROCESS_CLIENT.users == 0, "a test left a memcache client open"
+
+
+@pytest.fixture
+def device(pymmc):
+    """The accelerator double, whose memory the pymmc double knows as device memory."""
+    from doubles.device_double import RecordingDevice
+
+    device = RecordingDevice()
+    pymmc.attach_device(device)
+    return device

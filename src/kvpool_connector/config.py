@@ -1,7 +1,8 @@
 """The connector's configuration, parsed once at startup into frozen, typed objects.
 
 Sources, in the order they are read:
-1. ``kv_connector_extra_config`` of the connector's ``--kv-transfer-config`` entry (the seed's JSON works as written);
+1. ``kv_connector_extra_config`` of the connector's ``--kv-transfer-config`` entry (vllm-ascend deployments' JSON works
+   as written: ``use_layerwise``, ``memcache_rpc_port``);
 2. for Mooncake, an inline ``"mooncake": {...}`` object, else the JSON file named by ``MOONCAKE_CONFIG_PATH``;
 3. for memcache, the ``key = value`` file named by ``MMC_LOCAL_CONFIG_PATH`` (pymmc reads it itself; we check it).
 
@@ -30,8 +31,8 @@ DEFAULT_SHARED_BUFFER_SIZE = 128 << 20
 ASCEND_SEGMENT_ALIGN = 1 << 30
 MOONCAKE_MASTER_ENV = "MOONCAKE_MASTER"  # overrides master_server_address, as vllm-ascend and Mooncake's tools do
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*((?:[kmgt]i?)?b?)\s*$", re.IGNORECASE | re.ASCII)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _MAX_SIZE = 1 << 60  # sizes go to C++ as 64-bit integers
 
 
@@ -143,11 +144,11 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Everything ``kv_connector_extra_config`` may hold for MemcacheConnectorStoreV1."""
 
     backend: Literal["memcache", "mooncake"] = "memcache"
-    """Which pool: ``memcache`` (Huawei memcache, Ascend; the seed's default) or ``mooncake`` (Mooncake Store)."""
+    """Which pool: ``memcache`` (Huawei memcache, Ascend; the default) or ``mooncake`` (Mooncake Store)."""
     use_layerwise: bool = False
     """Per-layer load/save overlapping the forward pass; only ``false`` (whole blocks before/after it) so far."""
     memcache_rpc_port: int | str = 0
-    """vllm-ascend's per-instance lookup-channel id (the seed gives "0" on P, "1" on D). This connector's scheduler
+    """vllm-ascend's per-instance lookup-channel id (deployments give "0" on P, "1" on D). This connector's scheduler
     asks the pool directly, so no port is opened; the value labels the instance in logs and metrics."""
     lookup_timeout_ms: Annotated[int, msgspec.Meta(gt=0, le=60_000)] = 500
     """Upper bound of one scheduler-side existence query; past it the lookup counts as a miss."""
@@ -371,20 +372,3 @@ def parse_config(extra_config: dict[str, Any] | None, env: dict[str, str] | None
     if pool.backend == "mooncake":
         return ResolvedConfig(pool=pool, mooncake=_mooncake_settings(pool, env), notes=notes)
     return ResolvedConfig(pool=pool, memcache=_memcache_settings(pool, env), notes=notes)
-
-
-def check_pool_fits_device(config: ResolvedConfig, device_type: str) -> None:
-    """Refuse, at start-up, pool settings that cannot move KV pages living on ``device_type``."""
-    mooncake = config.mooncake
-    if mooncake is None:
-        return
-    if device_type == "npu" and mooncake.protocol != "ascend":
-        raise ConfigError(
-            f'mooncake `protocol`: KV pages on an Ascend NPU move only over the "ascend" transport, got '
-            f"{mooncake.protocol!r}"
-        )
-    if mooncake.protocol == "ascend" and mooncake.local_hostname in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError(
-            'mooncake `local_hostname`: with protocol "ascend" peers on other hosts read this worker\'s segment at '
-            f"that address, and {mooncake.local_hostname!r} is loopback; set this host's IP"
-        )

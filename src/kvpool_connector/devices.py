@@ -40,6 +40,8 @@ class DeviceRuntime(ABC):
     """One worker's device: streams, events, thread binding, and where an address lives."""
 
     kind: str = "cpu"
+    helper_cpus: set[int] | None = None
+    """CPUs the helper threads are bound to (vLLM's CPU backend: those the forward pass leaves free); None: unbound."""
 
     def __init__(self) -> None:
         self._starts: list[int] = []

@@ -14,7 +14,7 @@ Calls:
    load errors before it returns, as vLLM requires (no later than the step that reports the request finished). While
    vLLM has nothing to run but waits for loads, it steps in a tight loop (an empty step per loop); waiting here for
    a load to end, a few milliseconds at most, turns that loop into a poll that still reports a load the moment it
-   ends (measured on this 2-core host: the spin delayed the API server's /health by up to 8 s).
+   ends (without it, on a 2-core host, the spin delayed the API server's /health by up to 8 s).
 4. ``take_load_errors()``: failed blocks, for ``get_block_ids_with_load_errors``; vLLM recomputes them.
 5. ``close(timeout_s)``: let queued reads end (their blocks belong to live requests), then stop the thread.
 """

@@ -7,8 +7,9 @@ since the last call as a :class:`PoolConnectorStats`; vLLM aggregates them, logs
 
 Counter names (``data`` keys): ``lookups``, ``lookup_tokens`` (prompt tokens looked up past the local hit),
 ``hit_tokens``, ``loaded_blocks``, ``loaded_bytes``, ``load_seconds``, ``saved_blocks``, ``saved_bytes``,
-``save_seconds``, ``save_skipped_present``, and per reason ``load_failed.<reason>``, ``save_failed.<reason>``,
-``save_dropped.<reason>`` (``staging_full``, ``unavailable``, ``shutdown``).
+``save_seconds``, ``save_skipped_present``, ``producer_wait_expired``, ``outages``, and per reason
+``load_failed.<reason>``, ``save_failed.<reason>``, ``save_dropped.<reason>`` (``staging_full``, ``unavailable``,
+``shutdown``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpool_connector.compat import ConnectorStatsBase, KVConnectorPromMetrics, KVConnectorStats
+from kvpool_connector.counters import StatsCounter
 
 PLAIN_COUNTERS = (
     ("lookups", "Prompts looked up in the KV pool."),
@@ -29,6 +31,7 @@ PLAIN_COUNTERS = (
     ("save_seconds", "Seconds spent storing to the pool."),
     ("save_skipped_present", "KV blocks not stored because the pool already held them."),
     ("producer_wait_expired", "Decode requests whose prefill instance's blocks did not reach the pool in time."),
+    ("outages", "Times the KV pool became unreachable; each opens a back-off window of reconnect_interval_s."),
 )
 REASON_COUNTERS = (
     ("load_failed", "KV blocks whose load failed (recomputed), by reason."),
@@ -70,6 +73,13 @@ class PoolConnectorStats(ConnectorStatsBase):
             if failed:
                 out[f"pool_{prefix}_blocks"] = int(failed)
         return out
+
+
+def take_stats(counter: StatsCounter, every_step: bool = False) -> PoolConnectorStats | None:
+    """What ``counter`` counted since the last call, as vLLM's stats object; None when nothing happened, unless
+    ``every_step`` (a vLLM that needs a report from the workers every step: ``compat``)."""
+    window = counter.take()
+    return PoolConnectorStats(data=window) if window or every_step else None
 
 
 class PoolPromMetrics(KVConnectorPromMetrics):

@@ -26,19 +26,19 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvpool_connector import compat, keys
-from kvpool_connector.backends import create_backend
+from kvpool_connector.backends import backend_class, create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
-from kvpool_connector.devices import runtime_for
 from kvpool_connector.kv_events import PoolEvents, StoredInPool, pool_block_stored
 from kvpool_connector.logs import init_logger
+from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.metrics import PoolConnectorStats
+from kvpool_connector.metrics import PoolConnectorStats, take_stats
 from kvpool_connector.pool import PoolHandle
 
 if TYPE_CHECKING:
@@ -53,15 +53,6 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 SAVING_PARAM = "kvpool_saving"  # the producer's notice in kv_transfer_params: {"blocks": n, "shards": [...]}
-
-
-def _lookup_thread_binding(config: ResolvedConfig) -> Callable[[], None] | None:
-    """Mooncake's ``ascend`` transport sets up its memory in the calling thread's ACL context, so even the lookup
-    client, which holds no KV, needs a device there: device 0, as vllm-ascend's scheduler client does. Other pools
-    need no device in the scheduler (and a CUDA context there would cost device memory)."""
-    if config.mooncake is not None and config.mooncake.protocol == "ascend":
-        return runtime_for("npu", 0).bind_thread
-    return None
 
 
 def present_prefix_blocks(found: list[bool], num_shards: int, windows: Sequence[int | None] | None = None) -> int:
@@ -130,10 +121,24 @@ def group_blocks(
 
 @dataclass
 class _RequestState:
+    """Everything the scheduler keeps about one request, from its first lookup to ``request_finished``: one record,
+    so forgetting a request is one ``pop``."""
+
     request: Request
-    block_ids: list[list[int]]  # per KV cache group
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group, once vLLM allocated them
     next_save_block: int = 0  # prompt blocks below this are planned, saved, or known to be in the pool
     loaded: range = range(0)  # block indices that came from the pool: no need to save them back
+    answer: _LoadAnswer | None = None  # the latest lookup's answer, for update_state_after_alloc
+    asked_tokens: int | None = None  # the latest lookup's tokens past the local hit, counted once allocated
+    lookup: _Lookup | None = None  # an asynchronous existence query, asked or answered
+    producer_wait: _ProducerWait | None = None  # its prefill instance is still saving its blocks
+    loading: set[int] = field(default_factory=set)  # blocks of its asynchronous load in flight
+    load_failed: bool = False  # its asynchronous load failed: no second try
+
+    def forget_lookup(self) -> None:
+        if self.lookup is not None:
+            self.lookup.future.cancel()
+            self.lookup = None
 
 
 class PoolScheduler:
@@ -160,25 +165,22 @@ class PoolScheduler:
         self.events = PoolEvents() if compat.kv_events_enabled(vllm_config) else None
         self.reset_policy = config.pool.reset_cache
         self._reset_pending = False  # tell the workers at the next step
+        self.stats = StatsCounter()
         self.pool: PoolHandle | None = None
+        self.lookups: LookupBatcher | None = None
         if self.loads_enabled:
             self.pool = PoolHandle(
                 lambda: create_backend(config, holds_data=False),
                 config.pool.reconnect_interval_s,
                 label=f"lookup/instance {config.pool.instance_id}",
-                bind_thread=_lookup_thread_binding(config),
+                bind_thread=backend_class(config).lookup_thread_binding(config),
+                stats=self.stats,
             )
+            self.lookups = LookupBatcher(self.pool)
             self.pool.start(wait_s=config.pool.startup_wait_s)
-        self._answers: dict[str, _LoadAnswer] = {}
-        self._asked_tokens: dict[str, int] = {}  # latest lookup per request, counted once it is allocated
-        self.stats = StatsCounter()
         self._requests: dict[str, _RequestState] = {}
         self._step_loads: list[BlockTransfer] = []
         self._step_async_loads: list[BlockTransfer] = []
-        self._lookups: dict[str, _Lookup] = {}
-        self._waits: dict[str, _ProducerWait] = {}
-        self._loading: dict[str, set[int]] = {}  # asynchronous loads in flight: their blocks
-        self._failed_loads: set[str] = set()  # requests whose asynchronous load failed: no second try
         for note in config.notes:
             logger.info("MemcacheConnectorStoreV1 config: %s", note)
         logger.info(
@@ -194,55 +196,63 @@ class PoolScheduler:
         return keys.block_hashes(request.block_hashes, self.block_size, self.hash_block_size, num_blocks)
 
     # -- 1. lookup --------------------------------------------------------------------------------------------
+    def _state(self, request: Request) -> _RequestState:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = self._requests[request.request_id] = _RequestState(request)
+        return state
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Extra tokens the pool holds past the local hit, and whether they load asynchronously; ``None`` while the
         answer is not in yet (vLLM asks again next step). Asking again changes nothing but the latest answer."""
-        req_id = request.request_id
-        self._answers.pop(req_id, None)
         if self.pool is None:
             return 0, False
+        state = self._state(request)
+        state.answer = None
         hashes = self._block_hashes(request, compat.prompt_length(request) // self.block_size)
         start = num_computed_tokens // self.block_size
         if start >= len(hashes):
-            self._forget_lookup(req_id)
+            state.forget_lookup()
             return 0, False
-        if req_id in self._failed_loads:
+        if state.load_failed:
             return 0, False  # its load just failed: vLLM asks again only when the first block did; compute it
-        found = self._found_blocks(req_id, start, hashes)
+        found = self._found_blocks(state, start, hashes)
         if found is None:
             return None, False
-        if (wait := self._producer_wait(request)) is not None and start + found < wait.blocks:
+        if (wait := self._producer_wait(state)) is not None and start + found < wait.blocks:
             if time.monotonic() < wait.deadline:
-                self._forget_lookup(req_id)  # ask again next step: the producer's put may land any moment
+                state.forget_lookup()  # ask again next step: the producer's put may land any moment
                 return None, False
             wait.blocks = 0  # waited once: a later ask (say, after a failed allocation) takes what is there
             self.stats.add("producer_wait_expired")
             self.pool.warn(
                 "producer-wait",
                 "request %s: its prefill instance's blocks did not reach the pool within %.0f ms; computing them",
-                req_id,
+                request.request_id,
                 self.producer_wait_s * 1e3,
             )
-        self._forget_lookup(req_id)
-        self._asked_tokens[req_id] = (len(hashes) - start) * self.block_size
+        state.forget_lookup()
+        state.asked_tokens = (len(hashes) - start) * self.block_size
         extra = matched_tokens(start, found, self.block_size, request.num_tokens, num_computed_tokens)
-        logger.debug("pool lookup %s: %d blocks past %d tokens, %d extra", req_id, found, num_computed_tokens, extra)
+        logger.debug(
+            "pool lookup %s: %d blocks past %d tokens, %d extra", request.request_id, found, num_computed_tokens, extra
+        )
         if extra <= 0:
             return 0, False
-        self._answers[req_id] = _LoadAnswer(start, found, hashes[start : start + found], self.load_async)
+        state.answer = _LoadAnswer(start, found, hashes[start : start + found], self.load_async)
         return extra, self.load_async
 
-    def _found_blocks(self, req_id: str, start: int, hashes: list[bytes]) -> int | None:
+    def _found_blocks(self, state: _RequestState, start: int, hashes: list[bytes]) -> int | None:
         """Leading blocks from ``start`` the pool holds on every shard; None while an asynchronous query runs."""
-        assert self.pool is not None
+        assert self.pool is not None and self.lookups is not None
         if not self.lookup_async:
-            found = self.pool.exists_within(self._shard_keys(hashes[start:]), self.lookup_timeout_s)
+            found = self.lookups.exists_within(self._shard_keys(hashes[start:]), self.lookup_timeout_s)
             return present_prefix_blocks(found, len(self.shards), self.shard_windows)
         question = (start, len(hashes))
-        lookup = self._lookups.get(req_id)
+        lookup = state.lookup
         if lookup is None or lookup.question != question:  # keys are built only for a new question
-            future = self.pool.exists_async(self._shard_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
-            lookup = self._lookups[req_id] = _Lookup(question, future, time.monotonic() + self.lookup_timeout_s)
+            future = self.lookups.exists_async(self._shard_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
+            lookup = state.lookup = _Lookup(question, future, time.monotonic() + self.lookup_timeout_s)
         if lookup.future.done():
             return present_prefix_blocks(lookup.future.result(), len(self.shards), self.shard_windows)
         if time.monotonic() < lookup.deadline:
@@ -265,49 +275,40 @@ class PoolScheduler:
         """Block-major, shard-minor: the layout ``present_prefix_blocks`` reads."""
         return [keys.pool_key(shard, h) for h in hashes for shard in self.shards]
 
-    def _forget_lookup(self, req_id: str) -> None:
-        if (lookup := self._lookups.pop(req_id, None)) is not None:
-            lookup.future.cancel()
-
-    def _producer_wait(self, request: Request) -> _ProducerWait | None:
+    def _producer_wait(self, state: _RequestState) -> _ProducerWait | None:
         """The producer's notice in a decode request's ``kv_transfer_params``, when this engine can use its blocks:
         same shards (model, layout), and no point-to-point partner delivering the KV instead (MultiConnector)."""
-        req_id = request.request_id
-        if (wait := self._waits.get(req_id)) is not None:
-            return wait
-        params = request.kv_transfer_params or {}
+        if state.producer_wait is not None:
+            return state.producer_wait
+        params = state.request.kv_transfer_params or {}
         notice = params.get(SAVING_PARAM)
         if not isinstance(notice, dict) or params.get("do_remote_prefill"):
             return None
         if notice.get("shards") != self.shards or not isinstance(notice.get("blocks"), int):
             return None  # another model or parallel layout: its blocks are not ours to wait for
-        wait = self._waits[req_id] = _ProducerWait(notice["blocks"], time.monotonic() + self.producer_wait_s)
-        return wait
+        state.producer_wait = _ProducerWait(notice["blocks"], time.monotonic() + self.producer_wait_s)
+        return state.producer_wait
 
     # -- 2. after allocation ----------------------------------------------------------------------------------
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        answer = self._answers.pop(request.request_id, None)
-        self._waits.pop(request.request_id, None)
-        if (asked := self._asked_tokens.pop(request.request_id, None)) is not None:
+        state = self._state(request)
+        answer, state.answer, state.producer_wait = state.answer, None, None
+        if state.asked_tokens is not None:
             self.stats.add("lookups")
-            self.stats.add("lookup_tokens", asked)
+            self.stats.add("lookup_tokens", state.asked_tokens)
             if answer is not None:
                 self.stats.add("hit_tokens", max(num_external_tokens, 0))
-        block_ids = [list(ids) for ids in blocks.get_block_ids()]
-        state = self._requests.get(request.request_id)
-        if state is None:
-            state = self._requests[request.request_id] = _RequestState(request, block_ids)
-        else:
-            state.block_ids = block_ids
+            state.asked_tokens = None
+        state.block_ids = [list(ids) for ids in blocks.get_block_ids()]
         if num_external_tokens <= 0 or answer is None:
             return
         count = min(-(-num_external_tokens // self.block_size), answer.num_blocks)
         first = answer.start_block
-        ids, hashes, groups = group_blocks(block_ids, range(first, first + count), answer.block_hashes)
+        ids, hashes, groups = group_blocks(state.block_ids, range(first, first + count), answer.block_hashes)
         transfer = BlockTransfer(request.request_id, ids, hashes, groups)
         if answer.load_async:
             self._step_async_loads.append(transfer)
-            self._loading[request.request_id] = set(transfer.block_ids)
+            state.loading = set(transfer.block_ids)
         else:
             self._step_loads.append(transfer)
         state.loaded = range(first, first + count)
@@ -317,11 +318,12 @@ class PoolScheduler:
         for the prompt again, and the pool, which still lists the objects (a node just died, say), would offer the
         same failing hit again and again."""
         if output.invalid_block_ids:
-            for req_id, blocks in self._loading.items():
-                if blocks & output.invalid_block_ids:
-                    self._failed_loads.add(req_id)
+            for state in self._requests.values():
+                if state.loading & output.invalid_block_ids:
+                    state.load_failed = True
         for req_id in output.finished_recving or ():
-            self._loading.pop(req_id, None)
+            if (state := self._requests.get(req_id)) is not None:
+                state.loading = set()
         if self.events is not None and isinstance(output.kv_connector_worker_meta, StoredInPool):
             self.events.stored(output.kv_connector_worker_meta)
 
@@ -391,14 +393,8 @@ class PoolScheduler:
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         """Forgets the request. A prefill for a remote decode (the P/D proxy's ``do_remote_decode``) answers with a
         notice of the prompt blocks it is saving, so the decode instance can wait for a put still in flight."""
-        req_id = request.request_id
-        self._requests.pop(req_id, None)
-        self._answers.pop(req_id, None)
-        self._asked_tokens.pop(req_id, None)
-        self._waits.pop(req_id, None)
-        self._loading.pop(req_id, None)
-        self._failed_loads.discard(req_id)
-        self._forget_lookup(req_id)
+        if (state := self._requests.pop(request.request_id, None)) is not None:
+            state.forget_lookup()
         if not self.saves_enabled or not (request.kv_transfer_params or {}).get("do_remote_decode"):
             return False, None
         blocks = compat.prompt_length(request) // self.block_size
@@ -415,14 +411,14 @@ class PoolScheduler:
             return False
         removed = 0
         if self.pool is not None:  # a kv_producer's scheduler has no client: its workers remove
-            counts = [self.pool.remove_prefix(keys.shard_prefix(shard)) for shard in self.shards]
-            if None in counts:
+            count = self.pool.remove_shards([keys.shard_prefix(shard) for shard in self.shards])
+            if count is None:
                 logger.warning(
-                    "KV pool cache reset: the pool could not remove this layout's entries (memcache cannot select "
-                    "them by prefix; or the pool is unreachable): they stay"
+                    "KV pool cache reset: the pool could not remove this layout's entries (it cannot select them by "
+                    "key prefix, or it is unreachable): they stay"
                 )
                 return False
-            removed = sum(c for c in counts if c is not None)
+            removed = count
         self._reset_pending = True
         if self.events is not None:
             self.events.cleared()
@@ -430,9 +426,10 @@ class PoolScheduler:
         return True
 
     def take_stats(self) -> PoolConnectorStats | None:
-        window = self.stats.take()
-        return PoolConnectorStats(data=window) if window else None
+        return take_stats(self.stats)
 
     def shutdown(self) -> None:
+        if self.lookups is not None:
+            self.lookups.close()
         if self.pool is not None:
             self.pool.close()

@@ -3,18 +3,24 @@
 1. The CUDA copy backend on torch CUDA tensors: batch and per-copy paths, both directions, poisoned destinations
    (bytes between the pages must stay untouched), copy bandwidth against one contiguous torch copy.
 2. A save/load round trip of flash-attn-shaped KV tensors ``(2, num_blocks, block_size, heads, head_dim)`` per
-   layer through the staging saver and ``StreamRuntime("cuda")``, against a host-memory pool (a test double of a
-   pool, below). Stream order: the blocks are written by kernels queued behind ~0.2 s of matmuls; ``stage`` must
-   return while they still run (the forward thread is not blocked), the staged copy must hold the final values
-   (the copy waited for the event), and a later kernel that overwrites the blocks must not change what was staged
-   (the compute stream waited for the copy). The synchronous path (wait for the event, put from the pages) too.
-3. A failing copy is reported as CopyError naming the call (last: a CUDA error may poison the context).
+   layer through the connector's save path (``BlockSaver.save``: it records the compute stream's event itself) and
+   ``StreamRuntime("cuda")``, against a host-memory pool (a test double of a pool, below) whose engine reads device
+   pages on a stream of its own, unordered with the compute stream, as an RDMA engine would: a put that does not
+   wait for the forward pass's event reads stale KV. Stream order: the blocks are written by kernels queued behind
+   ~0.2 s of matmuls; an asynchronous save must return while they still run (the forward thread is not blocked),
+   the staged copy must hold the final values (the copy waited for the event), and a later kernel that overwrites
+   the blocks must not change what was staged (the compute stream waited for the copy). A synchronous save must
+   wait for the event before the pool reads the pages.
+3. A failing copy is reported as CopyError naming the call (in a child process: a CUDA error may kill it).
+4. The compile results of gpu_check.sh (``KVPOOL_GPU_COMPILE``), one check each.
 Prints one line per check and "N passed, M failed" at the end; exits non-zero if any failed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -26,10 +32,12 @@ import torch
 from kvpool_connector.backends.base import Outcome, PoolBackend
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import StreamRuntime
+from kvpool_connector.keys import pool_key
 from kvpool_connector.kv_pages import KVPages
-from kvpool_connector.ops import CopyError, backend_status, copy_batch
+from kvpool_connector.metadata import BlockTransfer
+from kvpool_connector.ops import backend_status, copy_batch
 from kvpool_connector.pool import PoolHandle
-from kvpool_connector.staging import StagingSaver
+from kvpool_connector.saving import BlockSaver
 
 RESULTS: list[tuple[str, bool, str]] = []
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}", flush=True)
@@ -107,8 +115,9 @@ def _() -> str:
 
 
 class HostMemoryPool(PoolBackend):
-    """TEST DOUBLE of a pool: objects are host bytes; device buffers are read and written with the CUDA copy (as a
-    device-aware pool client's own engine would), host buffers with memmove."""
+    """TEST DOUBLE of a pool: objects are host bytes. Device buffers are read and written with the CUDA copy on a
+    stream of the pool's own, not ordered with the compute stream (as a device-aware pool client's RDMA engine reads
+    HBM); host buffers with memmove."""
 
     name = "host-memory-double"
 
@@ -116,6 +125,11 @@ class HostMemoryPool(PoolBackend):
         self.objects: dict[str, bytes] = {}
         self.runtime = runtime
         self.device_reads = 0
+        self.engine = torch.cuda.Stream()  # non-blocking: it does not wait for the legacy default stream
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        raise NotImplementedError
 
     def connect(self) -> None:
         return None
@@ -123,13 +137,15 @@ class HostMemoryPool(PoolBackend):
     def register_memory(self, ptr: int, size: int) -> None:
         return None
 
+    def unregister_memory(self, ptr: int, size: int) -> None:
+        return None
+
     def exists(self, keys: Sequence[str]) -> list[bool]:
         return [k in self.objects for k in keys]
 
     def _move(self, dsts: list[int], srcs: list[int], sizes: list[int], device_side: int) -> None:
         if self.runtime.is_device_address(device_side):
-            torch.cuda.synchronize()
-            copy_batch(dsts, srcs, sizes, backend="cuda")
+            copy_batch(dsts, srcs, sizes, backend="cuda", stream=self.engine.cuda_stream, synchronize=True)
         else:
             for d, s, n in zip(dsts, srcs, sizes, strict=True):
                 ctypes.memmove(d, s, n)
@@ -183,8 +199,7 @@ def _kv_setup() -> tuple[dict[str, torch.Tensor], KVPages, StreamRuntime, HostMe
         runtime.add_device_memory(ptr, size)
     pool = HostMemoryPool(runtime)
     handle = PoolHandle(lambda: pool, 1.0, "gpu-check", bind_thread=runtime.bind_thread)
-    handle.start(wait_s=5)
-    assert handle.wait_connected(5)
+    assert handle.start(wait_s=5), "the pool double did not connect"
     return caches, pages, runtime, pool, handle
 
 
@@ -201,63 +216,103 @@ def _block_values(caches: dict[str, torch.Tensor], block: int) -> torch.Tensor:
     return torch.stack([t[:, block].float().cpu() for t in caches.values()])
 
 
+def _transfer(blocks: list[int], tag: str) -> BlockTransfer:
+    return BlockTransfer(f"req-{tag}", blocks, [f"{tag}{b}".encode().ljust(32, b".") for b in blocks])
+
+
+def _stored(pool: HostMemoryPool, transfer: BlockTransfer) -> list[np.ndarray]:
+    return [np.frombuffer(pool.objects[pool_key("gpu", h)], dtype=np.uint16) for h in transfer.block_hashes]
+
+
 @check("async save: staged after the event, forward thread not blocked, reuse cannot corrupt the copy")
 def _() -> str:
     caches, pages, runtime, pool, handle = _kv_setup()
-    saver = StagingSaver(handle, pages, capacity_blocks=16, runtime=runtime, stats=StatsCounter())
+    saver = BlockSaver(handle, pages, ["gpu"], runtime, StatsCounter(), staging_blocks=16)
     blocks = [3, 4, 9]
+    transfer = _transfer(blocks, "a")
     _busy_then_write(caches, blocks, 7.0)
-    written = runtime.record_event()
+    probe = runtime.record_event()
     start = time.perf_counter()
-    saver.stage([f"b{b}" for b in blocks], blocks, written)
-    stage_s = time.perf_counter() - start
-    still_running = not written.query()
+    saver.save([transfer])  # what wait_for_save runs: records the event itself, queues the copy after it
+    save_s = time.perf_counter() - start
+    still_running = not probe.query()
     for t in caches.values():  # a later step reuses the blocks: must wait for the copy on the compute stream
         t[:, blocks] = -1.0
     assert saver.flush(30)
-    assert still_running, "stage() returned only after the forward pass's kernels finished: it blocked"
+    assert still_running, "save() returned only after the forward pass's kernels finished: it blocked"
     assert saver.stats["saved_blocks"] == 3, saver.stats.total()
-    for key, block in zip([f"b{b}" for b in blocks], blocks, strict=True):
-        stored = np.frombuffer(pool.objects[key], dtype=np.uint16)  # bf16 bits
+    for block, stored in zip(blocks, _stored(pool, transfer), strict=True):
         assert bool((stored == np.uint16(0x40E0)).all()), f"block {block}: staged bytes are not the final 7.0s"
     # load them back into other blocks, straight into the device pages
     targets = [20, 21, 22]
     addrs, sizes = pages.addresses(targets)
-    assert handle.get([f"b{b}" for b in blocks], addrs, sizes) == [Outcome.OK] * 3
+    keys = [pool_key("gpu", h) for h in transfer.block_hashes]
+    assert handle.get(keys, addrs, sizes) == [Outcome.OK] * 3
+    torch.cuda.synchronize()
     for block in targets:
         assert bool((_block_values(caches, block) == 7.0).all()), f"loaded block {block} differs"
     saver.close()
     handle.close()
-    return f"stage() returned in {stage_s * 1e3:.1f} ms while the compute stream was still busy"
+    return f"save() returned in {save_s * 1e3:.1f} ms while the compute stream was still busy"
 
 
-@check("sync save: waits for the event, then the pool reads the device pages")
+@check("sync save: waits for the event, then the pool's engine reads the device pages")
 def _() -> str:
     caches, pages, runtime, pool, handle = _kv_setup()
+    saver = BlockSaver(handle, pages, ["gpu"], runtime, StatsCounter(), staging_blocks=0)
     blocks = [5, 6]
+    transfer = _transfer(blocks, "s")
     _busy_then_write(caches, blocks, 3.0)
-    written = runtime.record_event()
-    runtime.wait_on_host(written)
-    addrs, sizes = pages.addresses(blocks)
-    handle.put_missing([f"s{b}" for b in blocks], addrs, sizes, StatsCounter())
+    saver.save([transfer])  # the pool reads the pages on its own stream: only the event wait orders it
     assert pool.device_reads == 2
-    for block in blocks:
-        stored = np.frombuffer(pool.objects[f"s{block}"], dtype=np.uint16)
-        assert bool((stored == np.uint16(0x4040)).all()), f"block {block}: put read KV before it was written"
+    for block, stored in zip(blocks, _stored(pool, transfer), strict=True):
+        assert bool((stored == np.uint16(0x4040)).all()), f"block {block}: the put read KV before it was written"
     handle.close()
     return "ok"
 
 
+@check("the pool double reads stale KV without the event (the sync check above can fail)")
+def _() -> str:
+    caches, pages, _, pool, handle = _kv_setup()
+    blocks = [7]
+    _busy_then_write(caches, blocks, 5.0)
+    addrs, sizes = pages.addresses(blocks)
+    pool.put(["gpu/unfenced"], addrs, sizes)  # no event wait: the engine's stream races the compute stream
+    torch.cuda.synchronize()
+    stored = np.frombuffer(pool.objects["gpu/unfenced"], dtype=np.uint16)
+    assert not bool((stored == np.uint16(0x40A0)).all()), "the double read final values without a fence"
+    handle.close()
+    return "an unfenced read saw KV still being written"
+
+
+FAILING_COPY = """
+import torch
+from kvpool_connector.ops import CopyError, copy_batch
+host = torch.zeros(4096, dtype=torch.uint8).pin_memory()
+try:
+    copy_batch([host.data_ptr()], [0x10], [4096], backend="cuda", batch=False)  # 0x10: not a mapped address
+except CopyError as exc:
+    print("COPYERROR", exc)
+"""
+
+
 @check("a failing copy is a CopyError naming the call")
 def _() -> str:
-    host = torch.zeros(4096, dtype=torch.uint8).pin_memory()
-    bogus = 0x10  # not a mapped address
-    try:
-        copy_batch([host.data_ptr()], [bogus], [4096], backend="cuda", batch=False)
-    except CopyError as exc:
-        assert "cuMemcpyAsync" in str(exc) or "cuStreamSynchronize" in str(exc), str(exc)
-        return str(exc)
-    raise AssertionError("a copy from an unmapped address was not reported")
+    done = subprocess.run([sys.executable, "-c", FAILING_COPY], capture_output=True, text=True, timeout=120)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("COPYERROR")), "")
+    assert line, f"no CopyError (exit {done.returncode}): {done.stdout[-500:]} {done.stderr[-1500:]}"
+    assert "cuMemcpyAsync" in line or "cuStreamSynchronize" in line, line
+    return line
+
+
+for compiled in filter(None, os.environ.get("KVPOOL_GPU_COMPILE", "").split(";")):
+    status, _, what = compiled.partition(" ")
+
+    def _compiled(status: str = status, what: str = what) -> str:
+        assert status == "PASS", what
+        return what
+
+    check(f"compiles as CUDA: {what.split(':')[0]}")(_compiled)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,22 @@ echo "[gpu-check] building the native extension for $("$PY" --version)"
 g++ -O2 -std=c++17 -shared -fPIC -fvisibility=hidden -I"$INC" -I"$NB/include" -I"$NB/ext/robin_map/include" \
   -Icsrc "$NB/src/nb_combined.cpp" csrc/module.cpp csrc/cpu_copy.cpp csrc/acl_copy.cpp csrc/cuda_copy.cpp \
   -o "$SITE/kvpool_connector/_native$SUFFIX" -ldl -lpthread
+# Compile checks report and go on: the driver-ABI check needs CUDA 13's headers, and a CUDA 12 toolkit must not stop
+# the data-plane checks below. gpu_check.py turns each result into a check of its own.
+compiled=()
 if command -v nvcc >/dev/null; then
+  toolkit=$(nvcc --version | tail -1)
   for source in csrc/cuda_copy.cpp tests/native/cuda_abi_check.cpp; do
-    nvcc -std=c++17 -c -x cu "$source" -Icsrc -o "$KIT/$(basename "$source").o"
+    if nvcc -std=c++17 -c -x cu "$source" -Icsrc -o "$KIT/$(basename "$source").o" 2>"$KIT/$(basename "$source").log"; then
+      compiled+=("PASS $source: $toolkit")
+    else
+      compiled+=("FAIL $source: $toolkit: $(head -c 300 "$KIT/$(basename "$source").log" | tr '\n;' '  ')")
+    fi
   done
-  echo "[gpu-check] nvcc $(nvcc --version | tail -1): csrc/cuda_copy.cpp and the driver-ABI check compile as CUDA"
 else
-  echo "[gpu-check] nvcc not found: CUDA compile check skipped"
+  compiled+=("FAIL nvcc: not found")
 fi
+export KVPOOL_GPU_COMPILE
+KVPOOL_GPU_COMPILE=$(IFS=';'; echo "${compiled[*]}")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 PYTHONPATH="$SITE" exec timeout 480 "$PY" tests/device/gpu_check.py

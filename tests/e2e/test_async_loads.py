@@ -21,12 +21,12 @@ import httpx
 import pytest
 
 from kvpool_connector.processes import stop_process
-from kvpool_connector.testing.client import CheckedClient, server_metrics, wait_for
-from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
-from kvpool_connector.testing.mooncake_pool import connector_config, mooncake_pool
-from kvpool_connector.testing.server import vllm_server
-from kvpool_connector.testing.workloads import distinct_prompts
+from kvpool_testkit.client import CheckedClient, server_metrics, wait_for
+from kvpool_testkit.engine import engine_env
+from kvpool_testkit.inspection import prompt_block_keys, worker_shard
+from kvpool_testkit.mooncake_pool import connector_config, mooncake_pool
+from kvpool_testkit.server import vllm_server
+from kvpool_testkit.workloads import distinct_prompts
 
 pytestmark = pytest.mark.e2e
 

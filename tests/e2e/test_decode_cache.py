@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvpool_connector.testing.engine import EngineSpec, run_engine
-from kvpool_connector.testing.mooncake_pool import connector_config
-from kvpool_connector.testing.workloads import distinct_prompts
+from kvpool_testkit.engine import EngineSpec, run_engine
+from kvpool_testkit.mooncake_pool import connector_config
+from kvpool_testkit.workloads import distinct_prompts
 
 pytestmark = pytest.mark.e2e
 

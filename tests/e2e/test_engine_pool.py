@@ -14,11 +14,11 @@ import pytest
 from kvpool_connector import compat
 from kvpool_connector.kv_events import MEDIUM
 from kvpool_connector.processes import free_port
-from kvpool_connector.testing.client import KVEventSubscriber, wait_for
-from kvpool_connector.testing.engine import EngineSpec, run_engine
-from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
-from kvpool_connector.testing.mooncake_pool import connector_config
-from kvpool_connector.testing.workloads import distinct_prompts, expected_pool_hits, standard_prompts
+from kvpool_testkit.client import KVEventSubscriber, wait_for
+from kvpool_testkit.engine import EngineSpec, run_engine
+from kvpool_testkit.inspection import prompt_block_keys, worker_shard
+from kvpool_testkit.mooncake_pool import connector_config
+from kvpool_testkit.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +129,7 @@ def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline,
     assert "Traceback" not in first.log + second.log
     for run in (first, second):
         if compat.places_kv_cache():  # the KV cache sat in memory the node maps: loads made one copy
-            assert "placed in the pool node's shared memory: loads land in its pages in one copy" in run.log
+            assert "placed in the pool client's memory: loads land in its pages in one copy" in run.log
         else:  # vLLM 0.23 lets no connector place it: one line says so, and transfers copy through the shared areas
             assert f"is off: vLLM {compat.VLLM_VERSION} does not let a connector choose" in run.log
 
@@ -215,9 +215,9 @@ def test_an_engine_started_while_the_master_is_stopped_serves_then_connects(tiny
     """A master that accepts connections but does not answer (SIGSTOP) at engine start: the engine starts anyway
     (start-up waits ``startup_wait_s`` for the pool, never on a client call that holds the GIL), serves with misses,
     and takes hits once the master answers again."""
-    from kvpool_connector.testing.client import cached_tokens, complete, wait_for
-    from kvpool_connector.testing.engine import engine_env
-    from kvpool_connector.testing.server import vllm_server
+    from kvpool_testkit.client import cached_tokens, complete, wait_for
+    from kvpool_testkit.engine import engine_env
+    from kvpool_testkit.server import vllm_server
 
     config = connector_config(pool.client_config(), reconnect_interval_s=1.0, startup_wait_s=3.0)
     prompt = distinct_prompts(1, 2 * 128 + 9, seed=41)[0]

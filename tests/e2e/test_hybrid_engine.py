@@ -16,12 +16,12 @@ import re
 import pytest
 
 from kvpool_connector.processes import free_port
-from kvpool_connector.testing.client import KVEventSubscriber, wait_for
-from kvpool_connector.testing.engine import EngineSpec, run_engine
-from kvpool_connector.testing.inspection import prompt_block_keys
-from kvpool_connector.testing.mooncake_pool import connector_config
-from kvpool_connector.testing.tiny_model import PRESETS, build_model
-from kvpool_connector.testing.workloads import distinct_prompts
+from kvpool_testkit.client import KVEventSubscriber, wait_for
+from kvpool_testkit.engine import EngineSpec, run_engine
+from kvpool_testkit.inspection import prompt_block_keys
+from kvpool_testkit.mooncake_pool import connector_config
+from kvpool_testkit.tiny_model import PRESETS, build_model
+from kvpool_testkit.workloads import distinct_prompts
 
 pytestmark = pytest.mark.e2e
 

@@ -11,17 +11,10 @@ import pytest
 
 from kvpool_connector.backends.memcache import MemcacheBackend
 from kvpool_connector.config import parse_config
-from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
-from kvpool_connector.testing.memcache_meta import memcache_meta_service
-from kvpool_connector.testing.workloads import standard_prompts
+from kvpool_testkit.engine import EngineSpec, engine_env, run_engine
+from kvpool_testkit.workloads import standard_prompts
 
 SEED_EXTRA = {"use_layerwise": False, "memcache_rpc_port": "0"}
-
-
-@pytest.fixture(scope="module")
-def meta(tmp_path_factory):
-    with memcache_meta_service(tmp_path_factory.mktemp("mmc")) as running:
-        yield running
 
 
 def _settings(meta):

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpool_connector.testing.engine import EngineRun, EngineSpec, engine_env, run_engine
-from kvpool_connector.testing.inspection import prompt_block_keys
-from kvpool_connector.testing.memcache_meta import memcache_meta_service
-from kvpool_connector.testing.workloads import expected_pool_hits, standard_prompts
+from kvpool_testkit.engine import EngineRun, EngineSpec, engine_env, run_engine
+from kvpool_testkit.inspection import prompt_block_keys
+from kvpool_testkit.workloads import expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +34,6 @@ SEED = {
     "kv_connector_extra_config": {"use_layerwise": False, "memcache_rpc_port": "0"},
 }
 LAYOUTS = {1: {"distributed_executor_backend": "uni"}, 2: {"tensor_parallel_size": 2}}
-
-
-@pytest.fixture(scope="module")
-def meta(tmp_path_factory):
-    with memcache_meta_service(tmp_path_factory.mktemp("mmc-meta")) as running:
-        yield running
 
 
 def double_env(meta, store: Path, cache: Path, faults: dict | None = None, tp: int = 1) -> dict[str, str]:

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvpool_connector.testing import netns
-from kvpool_connector.testing.client import cached_tokens, complete, server_metrics, wait_for
-from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.mooncake_pool import MooncakePool, connector_config
-from kvpool_connector.testing.server import Server, start_vllm_server, stop_server, wait_healthy
-from kvpool_connector.testing.workloads import distinct_prompts
+from kvpool_testkit import netns
+from kvpool_testkit.client import cached_tokens, complete, server_metrics, wait_for
+from kvpool_testkit.engine import engine_env
+from kvpool_testkit.mooncake_pool import PoolOnFreePorts, connector_config
+from kvpool_testkit.server import Server, start_vllm_server, stop_server, wait_healthy
+from kvpool_testkit.workloads import distinct_prompts
 
 pytestmark = [
     pytest.mark.e2e,
@@ -63,7 +63,7 @@ class Engine:
 @dataclass
 class Hosts:
     topo: netns.Topology
-    pool: MooncakePool
+    pool: PoolOnFreePorts
     a: Engine
     b: Engine
     reference: dict[int, list[int]]  # prompt index -> A's answer computed with nothing from the pool
@@ -95,7 +95,7 @@ def hosts(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with netns.topology("m", "p", "h1", "h2") as topo:
         # The master keeps a silent node (and its objects) for client_ttl: 120 s outlasts the partition at the
         # engines' start-up (~45 s) and the later ones; with Mooncake's 10 s default, P would be dropped.
-        pool = MooncakePool(
+        pool = PoolOnFreePorts(
             workdir, segment_size="512 MB", client_ttl_s=120, host=topo.address("m"), node_host=topo.address("p")
         )
         servers: list[Server] = []

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from kvpool_connector.testing.client import cached_tokens, complete, server_metrics
-from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.server import vllm_server
-from kvpool_connector.testing.workloads import SEED_REQUESTS
+from kvpool_testkit.client import cached_tokens, complete, server_metrics
+from kvpool_testkit.engine import engine_env
+from kvpool_testkit.server import vllm_server
+from kvpool_testkit.workloads import SEED_REQUESTS
 
 pytestmark = pytest.mark.e2e
 

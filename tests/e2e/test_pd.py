@@ -20,11 +20,11 @@ import time
 import numpy as np
 import pytest
 
-from kvpool_connector.testing.client import cached_tokens, complete, server_metrics
-from kvpool_connector.testing.engine import mla_keeps_prefix_cache
-from kvpool_connector.testing.inspection import prompt_block_keys, worker_shard
-from kvpool_connector.testing.pd import Instance, pd_deployment
-from kvpool_connector.testing.workloads import SEED_REQUESTS, distinct_prompts
+from kvpool_testkit.client import cached_tokens, complete, server_metrics
+from kvpool_testkit.engine import mla_keeps_prefix_cache
+from kvpool_testkit.inspection import prompt_block_keys, worker_shard
+from kvpool_testkit.pd import Instance, pd_deployment
+from kvpool_testkit.workloads import SEED_REQUESTS, distinct_prompts
 
 pytestmark = pytest.mark.e2e
 
@@ -38,8 +38,10 @@ def text(answer: dict) -> str:
     return answer["choices"][0]["text"]
 
 
-def full_blocks(answer: dict) -> int:
-    return answer["usage"]["prompt_tokens"] // BLOCK * BLOCK
+def full_blocks(answer: dict, block: int = BLOCK) -> int:
+    """Tokens of the prompt's full blocks, the pool's hit (a prompt of whole blocks keeps its last token to compute)."""
+    tokens = answer["usage"]["prompt_tokens"]
+    return min(tokens // block * block, tokens - 1)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,13 @@ def test_a_consumer_computes_the_prompt_when_the_producers_puts_never_land(gqa, 
     assert answer["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]
 
 
-@pytest.mark.skipif(not mla_keeps_prefix_cache(), reason="vLLM's CPU MLA turns its prefix cache, the oracle, off")
 def test_1p1d_mla_moe_at_tp2_with_decode_at_tp2_and_tp1(mla_model, tmp_path):
+    """Both consumers take every full block from the pool, whole on every rank. Where vLLM's CPU MLA keeps its own
+    prefix cache (AMX), the TP 2 consumer also answers like the producer repeating the request from that cache (the
+    same shapes); without AMX that cache is off (and the blocks are 16 tokens), so the tokens are not compared: the
+    fresh-engine pool hits of test_mla_engine are their oracle there."""
+    local_cache = mla_keeps_prefix_cache()
+    block = BLOCK if local_cache else 16  # vLLM's CPU MLA backend without AMX forces 16-token blocks
     prompt, max_tokens = SEED_REQUESTS[1]  # 608 tokens: 4 full blocks and 96 tokens computed after the hit
     mla = Instance(tp=2, dtype="bfloat16")
     consumers = (mla, Instance(tp=1, dtype="bfloat16"))
@@ -135,11 +142,12 @@ def test_1p1d_mla_moe_at_tp2_with_decode_at_tp2_and_tp1(mla_model, tmp_path):
         single = complete(pd.producer_url, mla_model, prompt, max_tokens)
         via_tp1 = complete(to_tp1.proxy_url, mla_model, prompt, max_tokens)
         metrics = [server_metrics(route.consumer_url) for route in pd.routes]
-    assert cached_tokens(single) == full_blocks(single) > 0  # the producer's own prefix hit: the same blocks
-    assert text(via_tp2) == text(single)
+    if local_cache:
+        assert cached_tokens(single) == full_blocks(single) > 0  # the producer's own prefix hit: the same blocks
+        assert text(via_tp2) == text(single)
     for via, consumer, ranks in zip((via_tp2, via_tp1), metrics, (2, 1), strict=True):
-        assert cached_tokens(via) == full_blocks(via)
-        assert consumer.get("vllm:kvpool_hit_tokens_total") == full_blocks(via)
-        assert consumer.get("vllm:kvpool_loaded_blocks_total") == full_blocks(via) // BLOCK * ranks  # whole, per rank
+        assert cached_tokens(via) == full_blocks(via, block) > 0
+        assert consumer.get("vllm:kvpool_hit_tokens_total") == full_blocks(via, block)
+        assert consumer.get("vllm:kvpool_loaded_blocks_total") == -(-full_blocks(via, block) // block) * ranks
         assert not consumer.get("vllm:kvpool_load_failed_total")
     assert via_tp1["usage"]["completion_tokens"] == max_tokens

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 def test_kvpool_pool_starts_prints_its_config_serves_and_stops(tmp_path):
     assert shutil.which("kvpool-pool", path=str(Path(sys.executable).parent)), "the console script is installed"
     ports = [free_port() for _ in range(3)]
-    args = [sys.executable, "-m", "kvpool_connector.pool_service", "--master-port", str(ports[0])]
+    args = [sys.executable, "-m", "kvpool_connector.backends.mooncake_service", "--master-port", str(ports[0])]
     args += ["--node-port", str(ports[1]), "--metrics-port", str(ports[2]), "--segment-size", "64MB"]
     args += ["--workdir", str(tmp_path / "pool"), "--config-out", str(tmp_path / "mooncake.json")]
     args += ["--health-interval", "0.5"]

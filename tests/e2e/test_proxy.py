@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from kvpool_connector.processes import free_port, stop_process
-from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.pd import start_proxy
-from kvpool_connector.testing.server import vllm_server
-from kvpool_connector.testing.workloads import SEED_LONG_PROMPT
+from kvpool_testkit.engine import engine_env
+from kvpool_testkit.pd import start_proxy
+from kvpool_testkit.server import vllm_server
+from kvpool_testkit.workloads import SEED_LONG_PROMPT
 
 pytestmark = pytest.mark.e2e
 

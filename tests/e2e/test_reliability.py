@@ -31,7 +31,7 @@ import pytest
 
 from kvpool_connector.keys import block_hash_of
 from kvpool_connector.processes import free_port, stop_process
-from kvpool_connector.testing.client import (
+from kvpool_testkit.client import (
     CheckedClient,
     KVEventSubscriber,
     cached_tokens,
@@ -39,11 +39,11 @@ from kvpool_connector.testing.client import (
     server_metrics,
     wait_for,
 )
-from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.inspection import prompt_block_keys, worker_block_bytes, worker_shard
-from kvpool_connector.testing.server import start_vllm_server, stop_server, vllm_server, wait_healthy
-from kvpool_connector.testing.tiny_model import build_model
-from kvpool_connector.testing.workloads import distinct_prompts, shared_prefix_prompts
+from kvpool_testkit.engine import engine_env
+from kvpool_testkit.inspection import prompt_block_keys, worker_block_bytes, worker_shard
+from kvpool_testkit.server import start_vllm_server, stop_server, vllm_server, wait_healthy
+from kvpool_testkit.tiny_model import build_model
+from kvpool_testkit.workloads import distinct_prompts, shared_prefix_prompts
 
 pytestmark = pytest.mark.e2e
 

@@ -16,10 +16,10 @@ import os
 
 import pytest
 
-from kvpool_connector.testing.engine import EngineSpec, engine_env, run_engine
-from kvpool_connector.testing.inspection import worker_shard
-from kvpool_connector.testing.mooncake_pool import connector_config
-from kvpool_connector.testing.workloads import distinct_prompts, expected_pool_hits, standard_prompts
+from kvpool_testkit.engine import EngineSpec, engine_env, run_engine
+from kvpool_testkit.inspection import worker_shard
+from kvpool_testkit.mooncake_pool import connector_config
+from kvpool_testkit.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kvpool_connector.config import ConfigError, PoolConfig, check_pool_fits_device, parse_config, parse_size
+from kvpool_connector.config import ConfigError, PoolConfig, parse_config, parse_size
 
 SEED_PRODUCER = {"use_layerwise": False, "memcache_rpc_port": "0"}
 MOONCAKE = {"master_server_address": "127.0.0.1:50088"}
@@ -121,32 +121,6 @@ def test_config_is_frozen():
     cfg = PoolConfig()
     with pytest.raises(AttributeError):
         cfg.backend = "mooncake"  # type: ignore[misc]
-
-
-def test_npu_pages_need_mooncakes_ascend_transport_and_a_reachable_address():
-    """ASCEND_REVIEW 11: vllm-ascend refuses any protocol but "ascend" on NPUs; loopback cannot serve other hosts."""
-    tcp = parse_config({"backend": "mooncake", "mooncake": {"master_server_address": "10.0.0.1:50051"}})
-    check_pool_fits_device(tcp, "cpu")
-    with pytest.raises(ConfigError, match='protocol`: KV pages on an Ascend NPU move only over the "ascend"'):
-        check_pool_fits_device(tcp, "npu")
-    loopback = parse_config(
-        {"backend": "mooncake", "mooncake": {"master_server_address": "10.0.0.1:50051", "protocol": "ascend"}}
-    )
-    with pytest.raises(ConfigError, match=r"local_hostname.*loopback"):
-        check_pool_fits_device(loopback, "npu")
-    ascend = parse_config(
-        {
-            "backend": "mooncake",
-            "mooncake": {
-                "master_server_address": "10.0.0.1:50051",
-                "protocol": "ascend",
-                "local_hostname": "10.0.0.2",
-                "global_segment_size": "3.125GB",
-            },
-        }
-    )
-    check_pool_fits_device(ascend, "npu")
-    assert ascend.mooncake.segment_bytes == 4 << 30  # the ascend transport wants 1 GiB-aligned segments
 
 
 def test_mooncake_master_env_overrides_the_address():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpool_connector.config import ConfigError, MooncakeSettings, PoolConfig, ResolvedConfig, parse_config
+from kvpool_connector.config import ConfigError, MooncakeSettings, PoolConfig, ResolvedConfig, parse_config, parse_size
 
 MOONCAKE = {"master_server_address": "127.0.0.1:50088"}
 BASE = {"backend": "mooncake", "mooncake": MOONCAKE}
@@ -43,8 +44,46 @@ def assert_usable(cfg: ResolvedConfig) -> None:
     assert pool.lookup_timeout_ms > 0 and math.isfinite(pool.lookup_timeout_ms)
     assert pool.reconnect_interval_s > 0 and math.isfinite(pool.reconnect_interval_s)
     assert pool.staging_buffer_mb > 0 and pool.instance_id >= 0
-    if cfg.mooncake is not None:
-        assert cfg.mooncake.segment_bytes >= 0 and cfg.mooncake.buffer_bytes >= 0
+    if cfg.mooncake is not None:  # each size means what it says, as the reference below reads it
+        assert cfg.mooncake.buffer_bytes == reference_size(cfg.mooncake.local_buffer_size)
+        assert cfg.mooncake.shared_buffer_bytes == reference_size(cfg.mooncake.shared_buffer_size)
+
+
+SIZE_SUFFIXES = {"": 1, "b": 1} | {
+    letter + rest: 1 << (10 * power) for power, letter in enumerate("kmgt", start=1) for rest in ("", "b", "i", "ib")
+}
+"""Every suffix a size may carry (case-insensitive), spelled out: the reference the parser is checked against."""
+
+
+def reference_size(value: int | str) -> int | None:
+    """Bytes of a size as the documentation defines it (an int is bytes; an ASCII decimal number with one of
+    SIZE_SUFFIXES, "4Gi" as in Kubernetes included, blanks around), or None if it is not one: independent of
+    config.parse_size."""
+    if isinstance(value, int):
+        return value if 0 <= value <= 1 << 60 else None
+    text = value.strip(" \t\n\r\f\v").lower()
+    for suffix in sorted(SIZE_SUFFIXES, key=len, reverse=True):
+        number = text.removesuffix(suffix).rstrip(" \t\n\r\f\v") if text.endswith(suffix) else None
+        if number and all(part.isdigit() and part.isascii() for part in number.split(".", 1)) and number[0] != ".":
+            if number.endswith("."):
+                return None
+            size = int(Decimal(number) * SIZE_SUFFIXES[suffix])
+            return size if size <= 1 << 60 else None
+    return None
+
+
+@FUZZ
+@given(
+    value=st.from_regex(r"\s?\d{1,4}(\.\d{1,3})?\s?([kKmMgGtT][iI]?)?[bB]?\s?", fullmatch=True)
+    | st.text(max_size=8)
+    | st.integers(min_value=-5, max_value=2**61)
+)
+def test_a_size_means_what_it_says_or_is_refused_naming_the_key(value):
+    expected = reference_size(value)
+    try:
+        assert parse_size(value, "the_key") == expected
+    except ConfigError as exc:
+        assert expected is None and "the_key" in str(exc), (value, expected)
 
 
 @FUZZ

@@ -5,6 +5,7 @@ import contextlib
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from kvpool_connector.config import parse_config
@@ -12,6 +13,8 @@ from kvpool_connector.keys import KVLayout
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.processes import free_port
 from kvpool_connector.worker import PoolWorker
+
+pytestmark = pytest.mark.processes
 
 BLOCK, HEADS, DIM, LAYERS, BLOCKS = 16, 4, 64, 2, 8  # fp32, K+V: 32 KiB per layer page
 PAGE = HEADS * BLOCK * 2 * DIM * 4
@@ -44,7 +47,7 @@ def test_kv_cache_placed_in_node_memory_round_trips(pool, caplog):
     assert placement.served
     with caplog.at_level(logging.INFO, logger="vllm.kvpool_connector.worker"):
         saver.register_kv_caches(caches)
-    assert "placed in the pool node's shared memory" in caplog.text
+    assert "placed in the pool client's memory" in caplog.text
     rng = np.random.default_rng(3)
     for cache in caches.values():
         cache[:2] = torch.from_numpy(rng.standard_normal(cache[:2].shape, dtype=np.float32))

@@ -12,7 +12,7 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvpool_connector.keys import pool_key
 from kvpool_connector.kv_events import MEDIUM, PoolEvents, StoredInPool, WorkerStoredLog, pool_block_stored
-from kvpool_connector.testing.scheduler_side import BLOCK, Requests
+from kvpool_testkit.scheduler_side import BLOCK, Requests
 
 pytestmark = pytest.mark.vllm_api
 

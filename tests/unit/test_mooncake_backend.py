@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvpool_connector.backends import Outcome, PoolUnavailable
+from kvpool_connector.backends import Outcome, PoolUnavailable, RegistrationRefused
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.backends.shared_area import ObjectTooLarge, SharedArea
 from kvpool_connector.config import MooncakeSettings
+from kvpool_connector.pool import PoolHandle
 from kvpool_connector.processes import free_port, stop_process
-from kvpool_connector.testing.mooncake_pool import mooncake_pool
+from kvpool_testkit.mooncake_pool import mooncake_pool
+
+pytestmark = pytest.mark.processes
 
 
 def shared_memory_settings(pool, **extra) -> MooncakeSettings:
@@ -372,3 +375,19 @@ def test_remove_prefix_removes_exactly_the_keys_under_it(backend):
     assert backend.remove_prefix("t/prefix/aa11/") == 3
     assert backend.exists(mine + others) == [False] * 3 + [True] * 3
     backend.remove(others)
+
+
+def test_memory_mooncake_refuses_is_a_start_up_error_not_an_endless_retry(pool):
+    """Mooncake's transfer engine refuses a region that overlaps one it holds (-600): asking again gets the same
+    answer, so start-up raises it, naming the region, and no reconnect loop follows."""
+    settings = MooncakeSettings(**pool.client_config())
+    buf = np.zeros(1 << 20, dtype=np.uint8)
+    made: list[MooncakeBackend] = []
+    handle = PoolHandle(lambda: made.append(MooncakeBackend(settings, holds_data=True)) or made[-1], 0.05, "refused")
+    handle.register_memory(buf.ctypes.data, buf.nbytes)
+    handle.register_memory(buf.ctypes.data + 4096, 4096)  # inside the first: refused
+    with pytest.raises(RegistrationRefused, match=r"Mooncake refused to register the KV region \[0x[0-9a-f]+"):
+        handle.start(wait_s=30)
+    time.sleep(0.3)
+    assert len(made) == 1 and not handle.connected
+    handle.close()

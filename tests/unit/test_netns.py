@@ -9,9 +9,12 @@ import time
 
 import pytest
 
-from kvpool_connector.testing import netns
+from kvpool_testkit import netns
 
-pytestmark = pytest.mark.skipif(not netns.available(), reason="network namespaces need root and iproute2")
+pytestmark = [
+    pytest.mark.skipif(not netns.available(), reason="network namespaces need root and iproute2"),
+    pytest.mark.processes,
+]
 
 
 def namespaces() -> str:

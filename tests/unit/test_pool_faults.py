@@ -18,13 +18,16 @@ import torch
 from kvpool_connector.backends import Outcome
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.config import MooncakeSettings, parse_config
-from kvpool_connector.counters import StatsCounter
 from kvpool_connector.keys import KVLayout, pool_key
+from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.processes import stop_process
-from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
 from kvpool_connector.worker import PoolWorker
+from kvpool_testkit.inspection import wait_connected
+from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool, plain_client
+
+pytestmark = pytest.mark.processes
 
 NUM_BLOCKS, HEADS, BS, DIM, LAYERS = 8, 2, 16, 32, 3
 BLOCK_BYTES = LAYERS * HEADS * BS * DIM * 4
@@ -32,7 +35,7 @@ PROBE_S = 0.5
 
 
 @pytest.fixture
-def own_pool(tmp_path) -> Iterator[MooncakePool]:
+def own_pool(tmp_path) -> Iterator[PoolOnFreePorts]:
     """A pool this test may break."""
     with mooncake_pool(tmp_path / "mooncake", segment_size="64 MB") as running:
         yield running
@@ -43,13 +46,15 @@ def buffer() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, 4 * BLOCK_BYTES, dtype=np.uint8)
 
 
-def open_handle(pool: MooncakePool, buffer: np.ndarray) -> PoolHandle:
+def open_handle(
+    pool: PoolOnFreePorts, buffer: np.ndarray, interval_s: float = PROBE_S
+) -> tuple[PoolHandle, LookupBatcher]:
     settings = MooncakeSettings(**pool.client_config())
-    handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), PROBE_S, "test")
+    handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), interval_s, "test")
     handle.register_memory(buffer.ctypes.data, buffer.nbytes)
     handle.start()
-    assert handle.wait_connected(15)
-    return handle
+    assert wait_connected(handle, 15)
+    return handle, LookupBatcher(handle)
 
 
 def spans(buffer: np.ndarray, n: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -71,85 +76,69 @@ def wait_until(predicate, timeout_s: float) -> float:
 
 
 def test_master_killed_then_restarted(own_pool, buffer, caplog):
-    handle = open_handle(own_pool, buffer)
-    stats = StatsCounter()
+    handle, lookups = open_handle(own_pool, buffer)
     addrs, sizes = spans(buffer, 2)
-    handle.put_missing(["k/0", "k/1"], addrs, sizes, stats)
-    assert stats["saved_blocks"] == 2
+    assert handle.put(["k/0", "k/1"], addrs, sizes) == [Outcome.OK] * 2
 
     own_pool.stop_master(signal.SIGKILL)
-    found, took = timed(handle.exists_within, ["k/0", "k/1"], 0.5)
+    found, took = timed(lookups.exists_within, ["k/0", "k/1"], 0.5)
     assert found == [False, False] and took < 1.0
-    assert handle.outages == 1 and not handle.available
-    # Inside the back-off window nothing waits on the dead master: loads fail fast, saves are skipped and counted.
-    got, took = timed(handle.get, ["k/0"], addrs[:1], sizes[:1])
-    assert got == [Outcome.UNAVAILABLE] and took < 0.1
-    handle.put_missing(["k/2"], addrs[:1], sizes[:1], stats)
-    assert stats["save_dropped.unavailable"] == 1
+    assert handle.stats["outages"] == 1 and not handle.available
+    # Inside the back-off window nothing waits on the dead master: loads and saves fail fast.
+    for op in (handle.get, handle.put):
+        got, took = timed(op, ["k/2"], addrs[:1], sizes[:1])
+        assert got == [Outcome.UNAVAILABLE] and took < 0.1
     assert "unreachable during lookup" in caplog.text
 
     # Mooncake's client reconnects to a restarted master, and the pool node mounts its segment again: saves and
     # hits resume. The old objects went with the master's metadata.
     own_pool.start_master()
-
-    def saved_again() -> bool:
-        handle.put_missing(["k/3"], addrs[:1], sizes[:1], stats)
-        return stats["saved_blocks"] == 3
-
-    recovered_s = wait_until(saved_again, 20)
-    assert handle.exists_within(["k/3", "k/0"], 0.5) == [True, False]
+    recovered_s = wait_until(lambda: handle.put(["k/3"], addrs[:1], sizes[:1]) == [Outcome.OK], 20)
+    assert lookups.exists_within(["k/3", "k/0"], 0.5) == [True, False]
     assert handle.get(["k/3"], addrs[1:2], sizes[1:2]) == [Outcome.OK]
     assert "reachable again" in caplog.text
-    assert handle.outages == 1
+    assert handle.stats["outages"] == 1
     print(f"saves resumed {recovered_s:.1f} s after the master restarted")
+    lookups.close()
     handle.close()
 
 
 def test_an_outage_ends_when_the_pool_is_back_not_when_the_back_off_runs_out(own_pool, buffer):
     """With the default 5-s back-off, the probe ends the outage within a probe interval or two of the master's
     return: saves and hits resume then (measured and printed), long before the window would have closed."""
-    settings = MooncakeSettings(**own_pool.client_config())
-    handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), 5.0, "test")
-    handle.register_memory(buffer.ctypes.data, buffer.nbytes)
-    handle.start()
-    assert handle.wait_connected(15)
-    stats = StatsCounter()
+    handle, lookups = open_handle(own_pool, buffer, interval_s=5.0)
     addrs, sizes = spans(buffer, 2)
     own_pool.stop_master(signal.SIGKILL)
-    assert handle.exists_within(["r/0"], 0.5) == [False] and not handle.available
+    assert lookups.exists_within(["r/0"], 0.5) == [False] and not handle.available
     time.sleep(1.0)  # the probe keeps finding nothing
     assert not handle.available
     own_pool.start_master()
     restarted = time.monotonic()
-
-    def saved() -> bool:
-        handle.put_missing(["r/1"], addrs[:1], sizes[:1], stats)
-        return stats["saved_blocks"] == 1
-
-    wait_until(saved, 20)
+    wait_until(lambda: handle.put(["r/1"], addrs[:1], sizes[:1]) == [Outcome.OK], 20)
     resumed_s = time.monotonic() - restarted
-    assert handle.exists_within(["r/1"], 0.5) == [True]
+    assert lookups.exists_within(["r/1"], 0.5) == [True]
     assert handle.get(["r/1"], addrs[1:2], sizes[1:2]) == [Outcome.OK]
     print(f"saves and hits resumed {resumed_s:.2f} s after the master restarted (back-off window 5 s)")
     assert resumed_s < 5.0, "the outage lasted as long as its back-off window: the probe did not end it"
+    lookups.close()
     handle.close()
 
 
 def test_hung_master_costs_one_lookup_timeout(own_pool, buffer):
-    handle = open_handle(own_pool, buffer)
-    stats = StatsCounter()
+    handle, lookups = open_handle(own_pool, buffer)
     addrs, sizes = spans(buffer, 1)
-    handle.put_missing(["h/0"], addrs, sizes, stats)
+    assert handle.put(["h/0"], addrs, sizes) == [Outcome.OK]
     own_pool.master.send_signal(signal.SIGSTOP)
     try:
-        found, took = timed(handle.exists_within, ["h/0"], 0.3)
+        found, took = timed(lookups.exists_within, ["h/0"], 0.3)
         assert found == [False] and took < 1.0
         # The first lookup is still inside the client (its RPC timeout is 30 s): later ones answer at once.
-        found, took = timed(handle.exists_within, ["h/0"], 5.0)
+        found, took = timed(lookups.exists_within, ["h/0"], 5.0)
         assert found == [False] and took < 0.1
     finally:
         own_pool.master.send_signal(signal.SIGCONT)
-    wait_until(lambda: handle.exists_within(["h/0"], 0.5) == [True], 10)
+    wait_until(lambda: lookups.exists_within(["h/0"], 0.5) == [True], 10)
+    lookups.close()
     handle.close()
 
 
@@ -167,7 +156,7 @@ def worker(own_pool) -> Iterator[tuple[PoolWorker, dict[str, torch.Tensor]]]:
     torch.manual_seed(0)
     caches = {f"model.layers.{i}.self_attn.attn": torch.randn(NUM_BLOCKS, HEADS, BS, DIM) for i in range(LAYERS)}
     w.register_kv_caches(caches)
-    assert w.pool is not None and w.pool.wait_connected(15)
+    assert w.pool is not None and wait_connected(w.pool, 15)
     yield w, caches
     w.shutdown()
 
@@ -178,13 +167,14 @@ def _save_blocks(w: PoolWorker, hashes: list[bytes], block_ids: list[int]) -> No
     assert w.stats["saved_blocks"] == len(block_ids)
 
 
-def test_object_removed_between_lookup_and_load_is_recomputed(worker):
+def test_object_removed_between_lookup_and_load_is_recomputed(worker, own_pool):
     w, caches = worker
     hashes = [bytes([i]) * 32 for i in range(3)]
     _save_blocks(w, hashes, [0, 1, 2])
     keys = [pool_key("faultshard", h) for h in hashes]
     assert w.pool.exists(keys) == [True, True, True]  # the scheduler's lookup saw all three
-    assert w.pool.remove(keys[1:2]) == [True]  # evicted before the worker loads
+    with plain_client(own_pool) as store:
+        assert store.batch_remove(keys[1:2], True) == [0]  # evicted before the worker loads
     before = {name: t.clone() for name, t in caches.items()}
     w.load(PoolConnectorMetadata(loads=[BlockTransfer("r-load", [5, 6, 7], hashes)]))
     assert w.take_load_errors() == {6}  # vLLM recomputes block 6 (its load-error path)
@@ -217,7 +207,8 @@ def test_an_async_load_reports_finished_only_after_its_blocks_landed_with_its_er
     w, caches = worker
     hashes = [bytes([7, i]) * 16 for i in range(3)]
     _save_blocks(w, hashes, [0, 1, 2])
-    assert w.pool.remove([pool_key("faultshard", hashes[2])]) == [True]
+    with plain_client(own_pool) as store:
+        assert store.batch_remove([pool_key("faultshard", hashes[2])], True) == [0]
     before = {name: t[:2].clone() for name, t in caches.items()}
     own_pool.node.send_signal(signal.SIGSTOP)
     try:

@@ -15,9 +15,10 @@ import pytest
 from kvpool_connector import keys
 from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.scheduler import SAVING_PARAM, _RequestState, group_blocks
-from kvpool_connector.testing.scheduler_side import BLOCK, Requests, pool_scheduler
+from kvpool_testkit.inspection import wait_connected
+from kvpool_testkit.scheduler_side import BLOCK, Requests, pool_scheduler
 
-pytestmark = pytest.mark.vllm_api
+pytestmark = [pytest.mark.vllm_api, pytest.mark.processes]
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -38,7 +39,7 @@ def marker():
 def make_scheduler(tiny_model, pool, marker, **extra):
     config = {"backend": "mooncake", "mooncake": pool.client_config(), "lookup_timeout_ms": 300, **extra}
     scheduler = pool_scheduler(tiny_model, config)
-    assert scheduler.pool is not None and scheduler.pool.wait_connected(30)
+    assert scheduler.pool is not None and wait_connected(scheduler.pool, 30)
     scheduler.pool.register_memory(marker.ctypes.data, marker.nbytes)
     return scheduler
 

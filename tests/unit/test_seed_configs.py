@@ -40,6 +40,7 @@ def test_seed_json_parses_with_vllm_and_our_config(name, tmp_path):
     assert parsed.pool.use_layerwise is False
 
 
+@pytest.mark.processes
 def test_our_child_is_built_from_the_seed_producer_json(tiny_model, pool, tmp_path, monkeypatch):
     """Build the scheduler-side child exactly as MultiConnector does (copy of VllmConfig, child KVTransferConfig)."""
     from vllm.config import KVTransferConfig

@@ -40,8 +40,9 @@ import torch
 from kvpool_connector import keys
 from kvpool_connector.config import parse_config
 from kvpool_connector.metadata import PoolConnectorMetadata
-from kvpool_connector.testing.scheduler_side import kv_cache_config, vllm_config
 from kvpool_connector.worker import PoolWorker
+from kvpool_testkit.inspection import wait_connected
+from kvpool_testkit.scheduler_side import kv_cache_config, vllm_config
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -260,8 +261,13 @@ class SchedulerLoop:
         connector = self.scheduler.connector
         assert connector is not None, "the scheduler built no KV connector"
         side = connector.connector_scheduler
-        assert side is not None and side.pool is not None and side.pool.wait_connected(timeout_s)
-        assert self.worker.pool is not None and self.worker.pool.wait_connected(timeout_s)
+        assert side is not None and side.pool is not None and wait_connected(side.pool, timeout_s)
+        assert self.worker.pool is not None and wait_connected(self.worker.pool, timeout_s)
+
+    def settle(self, timeout_s: float = 30.0) -> None:
+        """Wait until the worker's queued saves reached the pool."""
+        if self.worker.saver is not None:
+            assert self.worker.saver.flush(timeout_s), "queued saves did not reach the pool"
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, req_id: str, prompt: Sequence[int], max_tokens: int) -> None:
@@ -421,7 +427,7 @@ class SchedulerLoop:
     def check_pool(self, store: Any) -> int:
         """Every object this loop's saves put holds its block's bytes (``store``: a plain Mooncake client); returns
         how many were checked. Waits for queued saves first."""
-        self.worker.settled_totals(timeout_s=30.0)
+        self.settle()
         for key, plans in self.saves.items():
             plan = plans[0]
             hashes = PageWriter.prefix_hashes(plan.tokens, [])

@@ -19,7 +19,7 @@ from versions.scheduler_loop import BLOCK, SchedulerLoop
 
 from kvpool_connector import keys
 
-pytestmark = pytest.mark.vllm_api
+pytestmark = [pytest.mark.vllm_api, pytest.mark.processes]
 
 MAX_TOKENS = 24  # decodes past every prompt's end, across a block boundary
 
@@ -78,7 +78,7 @@ def first_run(tiny_model, pool):
     loop = SchedulerLoop(tiny_model, connector_config(pool))
     try:
         run_loop(loop, PROMPTS)
-        loop.worker.settled_totals(timeout_s=30.0)  # the staging thread's puts are in
+        loop.settle()  # the staging thread's puts are in
         saved_keys = [
             keys.pool_key(loop.shard, bytes(loop.requests[r].block_hashes[i]))
             for r, tokens in PROMPTS.items()

@@ -1,23 +1,42 @@
-"""Pool backends, one module per pool, selected by ``backend`` in the connector's config."""
+"""Pool backends, one module per pool, selected by ``backend`` in the connector's config: the only place a pool's name
+is turned into its code."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
+from kvpool_connector.backends.base import (
+    HandedOutMemory,
+    Outcome,
+    PoolBackend,
+    PoolUnavailable,
+    RegistrationRefused,
+)
 
 if TYPE_CHECKING:
     from kvpool_connector.config import ResolvedConfig
     from kvpool_connector.devices import DeviceRuntime
 
 __all__ = [
+    "HandedOutMemory",
     "Outcome",
     "PoolBackend",
     "PoolUnavailable",
     "RegistrationRefused",
+    "backend_class",
     "create_backend",
-    "max_buffers_per_object",
 ]
+
+
+def backend_class(config: ResolvedConfig) -> type[PoolBackend]:
+    """The backend class of ``config.pool.backend`` (imported on demand: each pool's client package is optional)."""
+    if config.pool.backend == "mooncake":
+        from kvpool_connector.backends.mooncake import MooncakeBackend
+
+        return MooncakeBackend
+    from kvpool_connector.backends.memcache import MemcacheBackend
+
+    return MemcacheBackend
 
 
 def create_backend(
@@ -28,27 +47,7 @@ def create_backend(
     runtime: DeviceRuntime | None = None,
     kv_cache_bytes: int = 0,
 ) -> PoolBackend:
-    """A not-yet-connected backend for ``config``.
-
-    ``holds_data`` is False for the scheduler's lookup client, which contributes no pool memory;
-    ``runtime`` tells where a call's buffers live (device or host memory: memcache's direction); ``kv_cache_bytes`` asks
-    a Mooncake shared-memory client for that much memory to place the KV cache in (see ``kv_allocation``).
-    """
-    if config.pool.backend == "mooncake":
-        from kvpool_connector.backends.mooncake import MooncakeBackend
-
-        assert config.mooncake is not None
-        return MooncakeBackend(config.mooncake, holds_data=holds_data, kv_cache_bytes=kv_cache_bytes)
-    from kvpool_connector.backends.memcache import MemcacheBackend
-
-    assert config.memcache is not None
-    return MemcacheBackend(config.memcache, holds_data=holds_data, device_id=device_id, runtime=runtime)
-
-
-def max_buffers_per_object(config: ResolvedConfig) -> int | None:
-    """How many page buffers one object of the configured pool may gather (None: no limit)."""
-    if config.pool.backend == "memcache":
-        from kvpool_connector.backends.memcache import MAX_BUFFERS_PER_KEY
-
-        return MAX_BUFFERS_PER_KEY
-    return None
+    """A not-yet-connected backend for ``config`` (see ``PoolBackend.from_config``)."""
+    return backend_class(config).from_config(
+        config, holds_data=holds_data, device_id=device_id, runtime=runtime, kv_cache_bytes=kv_cache_bytes
+    )

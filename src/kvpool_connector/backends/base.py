@@ -15,8 +15,15 @@ from __future__ import annotations
 import enum
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from kvpool_connector.config import ConfigError
+
+if TYPE_CHECKING:
+    from kvpool_connector.config import ResolvedConfig
+    from kvpool_connector.devices import DeviceRuntime
 
 
 class PoolUnavailable(RuntimeError):
@@ -41,10 +48,64 @@ class Outcome(enum.Enum):
         return self in (Outcome.OK, Outcome.EXISTS)
 
 
-class PoolBackend(ABC):
-    """One pool's client, behind three batched calls."""
+@dataclass(frozen=True)
+class HandedOutMemory:
+    """Memory a pool client handed out (``[base, base + nbytes)``) for vLLM's KV cache to be allocated in."""
 
-    name: str = "pool"
+    base: int
+    nbytes: int
+
+
+class PoolBackend(ABC):
+    """One pool's client, behind a few batched calls; its class answers every question about the pool the layers
+    above would otherwise have to ask by name (limits, settings a worker's pages rule out, placement, devices)."""
+
+    name: ClassVar[str] = "pool"
+    max_buffers_per_object: ClassVar[int | None] = None
+    """How many page buffers (runs) one object may gather; None: no limit."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(
+        cls,
+        config: ResolvedConfig,
+        *,
+        holds_data: bool,
+        device_id: int = 0,
+        runtime: DeviceRuntime | None = None,
+        kv_cache_bytes: int = 0,
+    ) -> PoolBackend:
+        """A client not connected yet. ``holds_data`` is False for the scheduler's lookup client (no pool memory, no
+        transfers); ``runtime`` tells where a call's buffers live; ``kv_cache_bytes`` asks for that much memory to
+        place vLLM's KV cache in, where the pool offers it (``places_kv_cache``)."""
+
+    @classmethod
+    def check_worker(cls, config: ResolvedConfig, device_type: str, block_bytes: int, runs_per_block: int) -> None:
+        """Refuse, at start-up and with the setting to change, what would make every transfer of a worker fail: KV
+        pages on ``device_type``, block objects of ``block_bytes`` gathered from ``runs_per_block`` page runs."""
+        limit = cls.max_buffers_per_object
+        if limit is not None and runs_per_block > limit:
+            raise ConfigError(
+                f"backend {cls.name!r} stores at most {limit} buffers per object, and one KV block of this worker is "
+                f"{runs_per_block} page runs; use another backend, or pipeline parallelism to give each worker fewer "
+                "layers"
+            )
+
+    @classmethod
+    def lookup_thread_binding(cls, config: ResolvedConfig) -> Callable[[], None] | None:
+        """What the scheduler's lookup threads must run first (a device context the client needs), or None."""
+        return None
+
+    @classmethod
+    def places_kv_cache(cls, config: ResolvedConfig) -> bool:
+        """Whether a worker should have vLLM allocate its KV cache in memory this client hands out at connect
+        (``kv_cache_memory``), so transfers reach the pages directly."""
+        return False
+
+    @property
+    def kv_cache_memory(self) -> HandedOutMemory | None:
+        """The memory handed out at connect for vLLM's KV cache (``kv_cache_bytes``), or None."""
+        return None
 
     @abstractmethod
     def connect(self) -> None:

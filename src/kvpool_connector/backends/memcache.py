@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, ClassVar
 
 from kvpool_connector.backends.base import (
     ANSWER_TIMEOUT_S,
@@ -44,7 +44,7 @@ from kvpool_connector.backends.base import (
     RegistrationRefused,
     knock,
 )
-from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, MemcacheSettings
+from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, MemcacheSettings, ResolvedConfig
 from kvpool_connector.devices import CpuRuntime, DeviceRuntime
 
 # pymmc copy directions (memcache_hybrid.L2G ...).
@@ -196,7 +196,23 @@ _PROCESS_CLIENT = _ProcessClient()
 
 
 class MemcacheBackend(PoolBackend):
-    name = "memcache"
+    name: ClassVar[str] = "memcache"
+    max_buffers_per_object: ClassVar[int | None] = MAX_BUFFERS_PER_KEY
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ResolvedConfig,
+        *,
+        holds_data: bool,
+        device_id: int = 0,
+        runtime: DeviceRuntime | None = None,
+        kv_cache_bytes: int = 0,
+    ) -> MemcacheBackend:
+        assert config.memcache is not None
+        configured = config.memcache.device_id  # memcache_device_id overrides the worker's local rank
+        device = device_id if configured is None else configured
+        return cls(config.memcache, holds_data=holds_data, device_id=device, runtime=runtime)
 
     def __init__(
         self,

@@ -22,16 +22,20 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from kvpool_connector.backends.base import (
     ANSWER_TIMEOUT_S,
+    HandedOutMemory,
     Outcome,
     PoolBackend,
     PoolUnavailable,
+    RegistrationRefused,
     knock,
 )
 from kvpool_connector.backends.shared_area import SharedArea
-from kvpool_connector.config import MooncakeSettings
+from kvpool_connector.config import ConfigError, MooncakeSettings, ResolvedConfig
+from kvpool_connector.devices import DeviceRuntime, runtime_for
 from kvpool_connector.logs import init_logger
 
 logger = init_logger(__name__)
@@ -121,8 +125,11 @@ def _import_store():
     return MooncakeDistributedStore, ReplicateConfig
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 class MooncakeBackend(PoolBackend):
-    name = "mooncake"
+    name: ClassVar[str] = "mooncake"
 
     def __init__(self, settings: MooncakeSettings, *, holds_data: bool, kv_cache_bytes: int = 0) -> None:
         self._settings = settings
@@ -132,10 +139,69 @@ class MooncakeBackend(PoolBackend):
         self._replicate_config = self._replicate_config_cls()
         self._replicate_config.replica_num = settings.replica_num
         self._kv_cache_bytes = kv_cache_bytes if self.shared_memory else 0
-        self.kv_cache_memory: SharedArea | None = None
+        self._kv_cache_area: SharedArea | None = None
         """Shared memory handed out for vLLM's KV cache at attach (``kv_cache_bytes``); pages inside it move with one
         copy. It stays mapped as long as this process lives: never closed while the KV cache may be in use."""
         self._connected = False
+
+    # -- what the layers above ask of this pool ------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        config: ResolvedConfig,
+        *,
+        holds_data: bool,
+        device_id: int = 0,
+        runtime: DeviceRuntime | None = None,
+        kv_cache_bytes: int = 0,
+    ) -> MooncakeBackend:
+        assert config.mooncake is not None
+        return cls(config.mooncake, holds_data=holds_data, kv_cache_bytes=kv_cache_bytes)
+
+    @classmethod
+    def check_worker(cls, config: ResolvedConfig, device_type: str, block_bytes: int, runs_per_block: int) -> None:
+        super().check_worker(config, device_type, block_bytes, runs_per_block)
+        s = config.mooncake
+        assert s is not None
+        if device_type == "npu" and s.protocol != "ascend":
+            raise ConfigError(
+                'mooncake `protocol`: KV pages on an Ascend NPU move only over the "ascend" transport, got '
+                f"{s.protocol!r}"
+            )
+        if s.protocol == "ascend" and s.local_hostname in _LOOPBACK:
+            raise ConfigError(
+                'mooncake `local_hostname`: with protocol "ascend" peers on other hosts read this worker\'s segment at '
+                f"that address, and {s.local_hostname!r} is loopback; set this host's IP"
+            )
+        if s.real_client_address and device_type != "cpu":
+            raise ConfigError(
+                f"`real_client_address` (Mooncake through shared memory) needs the KV cache in host memory; this "
+                f"worker's is on {device_type}. Remove it: on GPU/NPU hosts the client transfers KV pages itself."
+            )
+        if s.real_client_address and block_bytes > s.shared_buffer_bytes:
+            raise ConfigError(
+                f"`shared_buffer_size` ({s.shared_buffer_size}) is smaller than one KV block object ({block_bytes} "
+                f"bytes), so every transfer would fail; set it to at least {block_bytes} bytes in the Mooncake settings"
+            )
+
+    @classmethod
+    def lookup_thread_binding(cls, config: ResolvedConfig) -> Callable[[], None] | None:
+        """The ``ascend`` transport sets up its memory in the calling thread's ACL context, so even the lookup client,
+        which holds no KV, needs a device there: device 0, as vllm-ascend's scheduler client does. Other transports
+        need no device in the scheduler (and a CUDA context there would cost device memory)."""
+        if config.mooncake is not None and config.mooncake.protocol == "ascend":
+            return runtime_for("npu", 0).bind_thread
+        return None
+
+    @classmethod
+    def places_kv_cache(cls, config: ResolvedConfig) -> bool:
+        s = config.mooncake
+        return s is not None and bool(s.real_client_address) and s.kv_cache_in_shared_memory
+
+    @property
+    def kv_cache_memory(self) -> HandedOutMemory | None:
+        area = self._kv_cache_area
+        return None if area is None else HandedOutMemory(area.base, area.nbytes)
 
     @property
     def shared_memory(self) -> bool:
@@ -185,8 +251,8 @@ class MooncakeBackend(PoolBackend):
             areas[name] = SharedArea(base, nbytes, name)
             areas[name].fill_zeros()
         self._load_area, self._save_area = areas["load"], areas["save"]
-        self.kv_cache_memory = areas.get("KV cache")
-        for area in (self._load_area, self.kv_cache_memory):
+        self._kv_cache_area = areas.get("KV cache")
+        for area in (self._load_area, self._kv_cache_area):
             if area is not None:
                 self._map_in_node(area)
 
@@ -194,7 +260,7 @@ class MooncakeBackend(PoolBackend):
         """Have ``mooncake_client`` map every page of ``area`` now rather than during the first transfers.
 
         Its first write into fresh shared memory faults each page into its own mapping: a fresh engine's first 64 MiB
-        load took 35 ms instead of 7.5 (measured here). Storing the area as throwaway objects makes the node read all
+        load took 35 ms instead of 7.5 (BENCHMARKS.md). Storing the area as throwaway objects makes the node read all
         of it (read faults map pages in batches, and the pages stay writable); each window of objects is removed
         before the next is stored, so they hold at most ``_PREFAULT_WINDOW_BYTES`` of pool memory at a time (in a
         nearly full pool that can hasten Mooncake's eviction of older objects). They go wherever the master places
@@ -222,7 +288,7 @@ class MooncakeBackend(PoolBackend):
 
     def _in_kv_cache_memory(self, addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> bool:
         """Every page lies in the shared memory vLLM's KV cache was placed in: the node can reach it directly."""
-        memory = self.kv_cache_memory
+        memory = self._kv_cache_area
         if memory is None or not addrs:
             return False
         low = min(min(page_addrs) for page_addrs in addrs)
@@ -237,8 +303,10 @@ class MooncakeBackend(PoolBackend):
         if self.shared_memory:
             return  # a shared-memory client reaches only memory it handed out (areas, KV cache): registered at attach
         rc = self._store.register_buffer(ptr, size)
-        if rc != 0:
-            raise PoolUnavailable(f"Mooncake register_buffer({size} bytes) returned {rc}")
+        if rc != 0:  # a local refusal (the transfer engine's, no master involved): asking again gets the same answer
+            raise RegistrationRefused(
+                f"Mooncake refused to register the KV region [{ptr:#x}, {ptr + size:#x}) ({size} bytes): code {rc}"
+            )
 
     def unregister_memory(self, ptr: int, size: int) -> None:
         if self.shared_memory:
@@ -293,7 +361,7 @@ class MooncakeBackend(PoolBackend):
         return all(knock(address, ANSWER_TIMEOUT_S).answers for address in addresses)
 
     def close(self) -> None:
-        if self.kv_cache_memory is not None:
+        if self._kv_cache_area is not None:
             # Closing would unmap the shared pool, and vLLM's KV cache lives in it until the process exits (the node
             # drops this client when the process goes).
             logger.debug("leaving the shared-memory client attached: the KV cache lives in its memory")

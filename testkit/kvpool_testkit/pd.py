@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
-from kvpool_connector.testing.engine import engine_env
-from kvpool_connector.testing.mooncake_pool import MooncakePool, mooncake_pool
-from kvpool_connector.testing.server import start_vllm_server, stop_server, wait_healthy
+from kvpool_testkit.engine import engine_env
+from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool
+from kvpool_testkit.server import start_vllm_server, stop_server, wait_healthy
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Route:
 class PDDeployment:
     producer_url: str
     routes: list[Route]
-    pool: MooncakePool
+    pool: PoolOnFreePorts
     producer_log: Path
 
     @property

@@ -1,9 +1,12 @@
 """Read what a run left behind: the worker's shard fingerprint from its log, and the pool keys of a prompt derived
-independently of the connector (with vLLM's own block hash), so tests can look at the pool directly."""
+independently of the connector (with vLLM's own block hash), so tests can look at the pool directly; and wait for a
+pool client to connect."""
 
 from __future__ import annotations
 
 import re
+import time
+from typing import Any
 
 
 def worker_shard(log: str) -> str:
@@ -29,3 +32,13 @@ def prompt_block_keys(shard: str, prompt: list[int], block_size: int = 128) -> l
         parent = kv_cache_utils.hash_block_tokens(sha256, parent, prompt[start : start + block_size], None)
         out.append(f"kvp1/{shard}/{bytes(parent).hex()}")
     return out
+
+
+def wait_connected(handle: Any, timeout_s: float = 30.0) -> bool:
+    """Whether ``handle`` (a ``PoolHandle``) connects within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not handle.connected:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True

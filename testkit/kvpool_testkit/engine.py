@@ -3,7 +3,7 @@
 Each call of :func:`run_engine` is its own process (and vLLM spawns its engine core and worker under it), so "a fresh
 engine" really has nothing in memory from an earlier run: whatever it does not recompute came from the pool.
 
-CLI (used by :func:`run_engine`): ``python -m kvpool_connector.testing.engine SPEC.json OUT.json``.
+CLI (used by :func:`run_engine`): ``python -m kvpool_testkit.engine SPEC.json OUT.json``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def run_engine(
     start = time.monotonic()
     with log_file.open("w") as log:
         proc = subprocess.run(
-            [python or sys.executable, "-m", "kvpool_connector.testing.engine", str(spec_file), str(out_file)],
+            [python or sys.executable, "-m", "kvpool_testkit.engine", str(spec_file), str(out_file)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -153,7 +153,9 @@ class PoolTotalsExtension:
         for child in getattr(connector, "_connectors", [connector]):  # MultiConnector holds its children there
             worker = getattr(child, "connector_worker", None)
             if isinstance(worker, PoolWorker):
-                for name, value in worker.settled_totals().items():
+                if worker.saver is not None:
+                    worker.saver.flush(10.0)  # counted once its queued saves reached the pool
+                for name, value in worker.stats.total().items():
                     totals[name] = totals.get(name, 0) + value
         return totals
 
@@ -180,7 +182,7 @@ def _main(spec_path: str, out_path: str) -> None:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.kv_transfer_config is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(**spec.kv_transfer_config)
-        kwargs["worker_extension_cls"] = "kvpool_connector.testing.engine.PoolTotalsExtension"
+        kwargs["worker_extension_cls"] = "kvpool_testkit.engine.PoolTotalsExtension"
     llm = LLM(**kwargs)
     params = SamplingParams(
         temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True, logprobs=spec.logprobs or None

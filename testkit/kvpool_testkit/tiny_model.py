@@ -12,7 +12,7 @@ routed experts and a dense first layer, as DeepSeek-V2-Lite.
 The Gemma 3 preset is the hybrid-attention class: sliding-window layers alternate with full-attention ones, so vLLM's
 hybrid KV cache manager gives it two KV cache groups.
 
-Usage: ``python -m kvpool_connector.testing.tiny_model DIR [--preset tiny|bench|tiny-mla|bench-mla|tiny-sliding]``.
+Usage: ``python -m kvpool_testkit.tiny_model DIR [--preset tiny|bench|tiny-mla|bench-mla|tiny-sliding]``.
 """
 
 from __future__ import annotations

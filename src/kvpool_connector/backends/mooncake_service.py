@@ -6,8 +6,8 @@ restarted or second engine then finds only what other live engines hold. A pool 
 it holds outlives every engine. Engines then contribute no memory (``global_segment_size: 0``) and reach the node over
 TCP, or through shared memory from the same host (``real_client_address``).
 
-``kvpool-pool`` (or ``python -m kvpool_connector.pool_service``) starts both binaries (they ship in the ``mooncake``
-Python package), prints the ``kv_connector_extra_config`` engines should use (and writes it as a
+``kvpool-pool`` (or ``python -m kvpool_connector.backends.mooncake_service``) starts both binaries (they ship in the
+``mooncake`` Python package), prints the ``kv_connector_extra_config`` engines should use (and writes it as a
 ``MOONCAKE_CONFIG_PATH`` file with ``--config-out``), reports the pool's health every ``--health-interval`` seconds
 (objects, bytes used, live clients, segments), and stops both on Ctrl-C or SIGTERM.
 """
@@ -96,7 +96,7 @@ class MooncakePool:
         return connector_config(self.client_config(global_segment_size, shared_memory), role, **extra)
 
     def write_config_file(self, path: Path) -> Path:
-        """The settings as a ``MOONCAKE_CONFIG_PATH`` JSON file, the way the seed deploys them."""
+        """The settings as a ``MOONCAKE_CONFIG_PATH`` JSON file (``mooncake.json``, as vllm-ascend deployments use)."""
         path.write_text(json.dumps(self.client_config(), indent=2))
         return path
 
@@ -164,8 +164,8 @@ class MooncakePool:
         stop_process(self.master, sig)
 
     def stop(self) -> None:
-        """Node first, then master; each gets ``STOP_GRACE_S`` after SIGTERM before SIGKILL (a pool's objects die with
-        it either way; the service once took over 60 s to stop in CI)."""
+        """Node first, then master; each gets ``STOP_GRACE_S`` after SIGTERM before SIGKILL: a pool's objects die with
+        it either way, and a node busy with transfers may take long to stop by itself."""
         stop_process(self.node, timeout_s=STOP_GRACE_S)
         stop_process(self.master, timeout_s=STOP_GRACE_S)
 

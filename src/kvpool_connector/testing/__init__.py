@@ -1,1 +1,0 @@
-"""Helpers that tests, the demo and the benchmarks share: a local random-weight model and a local Mooncake pool."""

@@ -1,0 +1,51 @@
+"""A real Mooncake Store on loopback for tests, the demo and benchmarks: ``kvpool-pool``'s master and pool node
+(:mod:`kvpool_connector.backends.mooncake_service`) on free ports, started and stopped around a block.
+
+The pool node keeps objects alive across engine restarts (a segment vanishes with the process that mounted it), so
+an engine can save, exit, and a fresh engine can load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvpool_connector.backends import mooncake_service
+from kvpool_connector.backends.mooncake_service import connector_config, mooncake_bin
+from kvpool_connector.processes import free_port
+
+__all__ = ["PoolOnFreePorts", "connector_config", "free_port", "mooncake_bin", "mooncake_pool", "plain_client"]
+
+
+@dataclass
+class PoolOnFreePorts(mooncake_service.MooncakePool):
+    """The pool service on free ports (on 127.0.0.1 unless told another host), so any number of tests and benchmarks
+    can run side by side."""
+
+    master_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    node_port: int = field(default_factory=free_port)
+
+
+@contextmanager
+def mooncake_pool(workdir: str | Path, segment_size: str = "1 GB", client_ttl_s: int = 10) -> Iterator[PoolOnFreePorts]:
+    """Start master and pool node on free loopback ports; stop both on exit."""
+    pool = PoolOnFreePorts(Path(workdir), segment_size=segment_size, client_ttl_s=client_ttl_s)
+    with mooncake_service.running(pool):
+        yield pool
+
+
+@contextmanager
+def plain_client(pool: mooncake_service.MooncakePool) -> Iterator[Any]:
+    """A Mooncake client of ``pool`` that contributes no memory, for tests that inspect or tamper with the pool."""
+    from mooncake.store import MooncakeDistributedStore
+
+    store = MooncakeDistributedStore()
+    assert store.setup(pool.host, "P2PHANDSHAKE", 0, 16 << 20, "tcp", "", pool.master_address) == 0
+    try:
+        yield store
+    finally:
+        store.close()

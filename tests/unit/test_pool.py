@@ -1,0 +1,139 @@
+"""PoolHandle's guarantees, with a scripted backend standing in only for faults a real pool cannot produce on demand
+(a client call that hangs, one that raises); the real Mooncake client is exercised in test_mooncake_backend.py and
+test_pool_faults.py."""
+
+import threading
+
+import pytest
+
+from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
+from kvpool_connector.pool import PoolHandle
+from kvpool_testkit.inspection import wait_connected
+
+
+class ScriptedBackend(PoolBackend):
+    name = "scripted"
+
+    def __init__(self, fail_connects=0, hang: threading.Event | None = None, raise_on_get=False, refuse=None):
+        self.fail_connects = fail_connects
+        self.hang = hang
+        self.raise_on_get = raise_on_get
+        self.refuse = refuse  # an exception register_memory raises
+        self.registered = []
+        self.closed = False
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        return cls()
+
+    def connect(self):
+        if self.fail_connects > 0:
+            self.fail_connects -= 1
+            raise PoolUnavailable("scripted outage")
+
+    def register_memory(self, ptr, size):
+        if self.refuse is not None:
+            raise self.refuse
+        self.registered.append((ptr, size))
+
+    def unregister_memory(self, ptr, size):
+        self.registered.remove((ptr, size))
+
+    def exists(self, keys):
+        if self.hang is not None:
+            self.hang.wait(10)
+        return [True] * len(keys)
+
+    def put(self, keys, addrs, sizes):
+        return [Outcome.OK] * len(keys)
+
+    def get(self, keys, addrs, sizes):
+        if self.raise_on_get:
+            raise RuntimeError("client exploded")
+        return [Outcome.OK] * (len(keys) - 1)  # a short answer must not be trusted
+
+    def remove(self, keys):
+        return [True] * len(keys)
+
+    def close(self):
+        self.closed = True
+
+
+def test_unreachable_then_recovers_and_replays_registrations(caplog):
+    backend = ScriptedBackend(fail_connects=2)
+    handle = PoolHandle(lambda: backend, reconnect_interval_s=0.05, label="t")
+    handle.register_memory(0x1000, 4096)
+    assert handle.exists(["a"]) == [False]
+    assert handle.get(["a"], [[1]], [[1]]) == [Outcome.UNAVAILABLE]
+    handle.start()
+    assert wait_connected(handle, 5)
+    assert backend.registered == [(0x1000, 4096)]
+    assert handle.exists(["a"]) == [True]
+    handle.close()
+    assert "unavailable" in caplog.text
+
+
+def test_an_unregistered_region_is_dropped_now_and_never_registered_by_a_later_connect():
+    """vLLM's sleep mode releases the KV cache: its registration goes at once, and a connection made while it is
+    released (the pool was down) must not register it again."""
+    backend = ScriptedBackend()
+    connected = PoolHandle(lambda: backend, reconnect_interval_s=0.05, label="t")
+    connected.register_memory(0x1000, 4096)
+    connected.register_memory(0x9000, 4096)
+    connected.start()
+    assert wait_connected(connected, 5)
+    connected.unregister_memory(0x1000, 4096)
+    assert backend.registered == [(0x9000, 4096)]
+    connected.close()
+
+    later = ScriptedBackend(fail_connects=1)
+    handle = PoolHandle(lambda: later, reconnect_interval_s=0.05, label="t")
+    handle.register_memory(0x1000, 4096)
+    handle.register_memory(0x9000, 4096)
+    handle.unregister_memory(0x1000, 4096)  # while not connected
+    handle.start()
+    assert wait_connected(handle, 5)
+    assert later.registered == [(0x9000, 4096)]
+    handle.close()
+
+
+def test_a_failed_attempt_closes_its_client_before_the_next_one():
+    """A client whose memory registration failed, or whose set-up raised, is closed: memcache's per-process client
+    would otherwise keep a user that never leaves, and every retry would register the regions again."""
+    attempts = [
+        ScriptedBackend(refuse=PoolUnavailable("registration: client not ready")),
+        ScriptedBackend(fail_connects=1),
+        ScriptedBackend(),
+    ]
+    clients = iter(attempts)
+    handle = PoolHandle(lambda: next(clients), reconnect_interval_s=0.05, label="t")
+    handle.register_memory(0x1000, 4096)
+    handle.start()
+    assert wait_connected(handle, 5)
+    assert [c.closed for c in attempts] == [True, True, False]
+    handle.close()
+    assert attempts[2].closed
+
+
+def test_a_value_error_from_a_client_set_up_is_retried():
+    """pymmc's init raises ValueError for a bad local-service file, which can be fixed while the engine serves."""
+    attempts = [ScriptedBackend(), ScriptedBackend()]
+    attempts[0].connect = lambda: (_ for _ in ()).throw(ValueError("bad local service config"))
+    clients = iter(attempts)
+    handle = PoolHandle(lambda: next(clients), 0.05, "flaky")
+    handle.start()
+    assert wait_connected(handle, 5)
+    assert attempts[0].closed
+    handle.close()
+
+
+def test_a_refused_registration_is_raised_at_start_up_and_never_retried():
+    refusing = ScriptedBackend(refuse=RegistrationRefused("refused to register the KV region [0x1000, 0x2000)"))
+    made: list[ScriptedBackend] = []
+    handle = PoolHandle(lambda: made.append(refusing) or refusing, 0.05, "t")
+    handle.register_memory(0x1000, 4096)
+    with pytest.raises(RegistrationRefused, match=r"KV region \[0x1000, 0x2000\)"):
+        handle.start(wait_s=5)
+    handle._thread.join(2)
+    assert not handle._thread.is_alive() and len(made) == 1 and refusing.closed
+    handle.close()
