@@ -47,3 +47,10 @@ def test_bench_checksum_quick(tmp_path):
     _run(["benchmarks/bench_checksum.py", "--total-mb", "16"], tmp_path)
     rows = json.loads((tmp_path / "checksum.json").read_text())
     assert len(rows) == 3 and all(r["crc32 (zlib)_GBps"] > 0 for r in rows)
+
+
+def test_bench_async_lookup_part_quick(tmp_path):
+    args = ["--parts", "lookup", "--preset", "tiny", "--arrivals", "8", "--lookup-reps", "2", "--hit-tokens", "258"]
+    _run(["benchmarks/bench_async.py", *args], tmp_path)
+    rows = json.loads((tmp_path / "bench_async.json").read_text())["lookup"]
+    assert [r["arrivals"] for r in rows] == [8, 8] and all(r["step that asks, median ms"] > 0 for r in rows)

@@ -3,6 +3,7 @@
 test_pool_faults.py."""
 
 import threading
+import time
 
 import pytest
 
@@ -136,4 +137,37 @@ def test_a_refused_registration_is_raised_at_start_up_and_never_retried():
         handle.start(wait_s=5)
     handle._thread.join(2)
     assert not handle._thread.is_alive() and len(made) == 1 and refusing.closed
+    handle.close()
+
+
+class SlowConnect(ScriptedBackend):
+    def __init__(self, connect_s: float = 0.0, refuse: bool = False) -> None:
+        super().__init__(fail_connects=10**6 if refuse else 0)
+        self.connect_s = connect_s
+
+    def connect(self):
+        time.sleep(self.connect_s)
+        super().connect()
+
+
+def test_start_waits_for_a_slow_connection():
+    handle = PoolHandle(lambda: SlowConnect(connect_s=0.3), 5.0, "slow")
+    began = time.monotonic()
+    assert handle.start(wait_s=5) and 0.3 <= time.monotonic() - began < 3
+    handle.close()
+
+
+def test_start_gives_up_on_a_silent_pool_after_its_wait_and_connects_later(caplog):
+    handle = PoolHandle(lambda: SlowConnect(connect_s=1.0), 5.0, "silent")
+    began = time.monotonic()
+    assert not handle.start(wait_s=0.2) and time.monotonic() - began < 0.9
+    assert "not connected after 0.2 s of start-up" in caplog.text
+    assert wait_connected(handle, 5)  # in the background, while vLLM serves
+    handle.close()
+
+
+def test_start_does_not_wait_out_a_refusal():
+    handle = PoolHandle(lambda: SlowConnect(refuse=True), 5.0, "refused")
+    began = time.monotonic()
+    assert not handle.start(wait_s=5) and time.monotonic() - began < 1
     handle.close()
