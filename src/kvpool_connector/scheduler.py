@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvpool_connector import compat, keys
-from kvpool_connector.backends import backend_class, create_backend
+from kvpool_connector.backends import ClientRole, backend_class, create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.kv_events import PoolEvents, StoredInPool, pool_block_stored
@@ -170,7 +170,7 @@ class PoolScheduler:
         self.lookups: LookupBatcher | None = None
         if self.loads_enabled:
             self.pool = PoolHandle(
-                lambda: create_backend(config, holds_data=False),
+                lambda: create_backend(config, ClientRole(holds_data=False)),
                 config.pool.reconnect_interval_s,
                 label=f"lookup/instance {config.pool.instance_id}",
                 bind_thread=backend_class(config).lookup_thread_binding(config),

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpool_connector import compat, keys
-from kvpool_connector.backends import PoolBackend, PoolUnavailable, backend_class, create_backend
+from kvpool_connector.backends import ClientRole, PoolBackend, PoolUnavailable, backend_class, create_backend
 from kvpool_connector.config import ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
@@ -116,7 +116,7 @@ class PoolWorker:
             return None
         if not compat.on_cpu_platform():
             return None  # refused with the reason at register_kv_caches
-        backend = create_backend(self._config, holds_data=True, kv_cache_bytes=self._kv_cache_bytes)
+        backend = create_backend(self._config, ClientRole(holds_data=True, kv_cache_bytes=self._kv_cache_bytes))
         # The client's threads inherit the connecting thread's CPUs: connect from one off the forward pass's cores.
         with concurrent.futures.ThreadPoolExecutor(
             1, initializer=pin_current_thread, initargs=(compat.helper_thread_cpus(),)
@@ -174,7 +174,7 @@ class PoolWorker:
     def _pool_handle(self, runtime: DeviceRuntime) -> PoolHandle:
         attached, self._attached = self._attached, None  # its memory holds the KV cache: it serves first
         return PoolHandle(
-            lambda: create_backend(self._config, holds_data=True, device_id=self._device_id, runtime=runtime),
+            lambda: create_backend(self._config, ClientRole(True, device_id=self._device_id, runtime=runtime)),
             self._config.pool.reconnect_interval_s,
             label=f"worker shard {self.shards[0]}",
             bind_thread=runtime.bind_thread,

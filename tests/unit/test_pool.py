@@ -24,7 +24,7 @@ class ScriptedBackend(PoolBackend):
         self.closed = False
 
     @classmethod
-    def from_config(cls, config, **kwargs):
+    def from_config(cls, config, role):
         return cls()
 
     def connect(self):

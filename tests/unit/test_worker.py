@@ -14,7 +14,7 @@ import pytest
 import torch
 from doubles.npu_worker import NUM_BLOCKS, block_bytes, forward_writes, init_lines, memcache_config, open_worker, save
 
-from kvpool_connector.backends import create_backend
+from kvpool_connector.backends import ClientRole, create_backend
 from kvpool_connector.config import parse_config
 from kvpool_connector.keys import KVLayout, pool_key
 from kvpool_connector.lookups import LookupBatcher
@@ -195,7 +195,7 @@ def test_ranks_holding_the_same_kv_split_the_puts_and_write_each_object_once(met
 def test_memcache_device_id_reaches_pymmcs_init_in_place_of_the_local_rank(meta, pymmc, device, extra, expected):
     """``memcache_device_id`` picks the device the worker's pymmc client binds; unset, the worker's local rank (what
     the worker hands every backend as ``device_id``)."""
-    backend = create_backend(memcache_config(meta, **extra), holds_data=True, device_id=2, runtime=device)
+    backend = create_backend(memcache_config(meta, **extra), ClientRole(True, device_id=2, runtime=device))
     backend.connect()
     backend.close()
     assert init_lines(pymmc)[-1].split(" ", 1)[1] == f"device={expected} init_bm=True initialised"

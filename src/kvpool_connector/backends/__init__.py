@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvpool_connector.backends.base import (
+    ClientRole,
     HandedOutMemory,
     Outcome,
     PoolBackend,
@@ -15,9 +16,9 @@ from kvpool_connector.backends.base import (
 
 if TYPE_CHECKING:
     from kvpool_connector.config import ResolvedConfig
-    from kvpool_connector.devices import DeviceRuntime
 
 __all__ = [
+    "ClientRole",
     "HandedOutMemory",
     "Outcome",
     "PoolBackend",
@@ -39,15 +40,6 @@ def backend_class(config: ResolvedConfig) -> type[PoolBackend]:
     return MemcacheBackend
 
 
-def create_backend(
-    config: ResolvedConfig,
-    *,
-    holds_data: bool,
-    device_id: int = 0,
-    runtime: DeviceRuntime | None = None,
-    kv_cache_bytes: int = 0,
-) -> PoolBackend:
-    """A not-yet-connected backend for ``config`` (see ``PoolBackend.from_config``)."""
-    return backend_class(config).from_config(
-        config, holds_data=holds_data, device_id=device_id, runtime=runtime, kv_cache_bytes=kv_cache_bytes
-    )
+def create_backend(config: ResolvedConfig, role: ClientRole) -> PoolBackend:
+    """A not-yet-connected client of the configured pool, for ``role``."""
+    return backend_class(config).from_config(config, role)

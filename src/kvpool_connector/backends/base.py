@@ -49,6 +49,20 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True)
+class ClientRole:
+    """What a pool client is for."""
+
+    holds_data: bool
+    """False for the scheduler's lookup client: no pool memory, no transfers."""
+    device_id: int = 0
+    """The worker's local rank: the device its client binds (memcache's ``init``), unless the config names one."""
+    runtime: DeviceRuntime | None = None
+    """Where a call's buffers live (device or host memory: memcache's transfer direction)."""
+    kv_cache_bytes: int = 0
+    """Memory to hand out for vLLM's KV cache at connect, where the pool offers it (``places_kv_cache``)."""
+
+
+@dataclass(frozen=True)
 class HandedOutMemory:
     """Memory a pool client handed out (``[base, base + nbytes)``) for vLLM's KV cache to be allocated in."""
 
@@ -66,18 +80,8 @@ class PoolBackend(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(
-        cls,
-        config: ResolvedConfig,
-        *,
-        holds_data: bool,
-        device_id: int = 0,
-        runtime: DeviceRuntime | None = None,
-        kv_cache_bytes: int = 0,
-    ) -> PoolBackend:
-        """A client not connected yet. ``holds_data`` is False for the scheduler's lookup client (no pool memory, no
-        transfers); ``runtime`` tells where a call's buffers live; ``kv_cache_bytes`` asks for that much memory to
-        place vLLM's KV cache in, where the pool offers it (``places_kv_cache``)."""
+    def from_config(cls, config: ResolvedConfig, role: ClientRole) -> PoolBackend:
+        """A client for ``role``, not connected yet."""
 
     @classmethod
     def check_worker(cls, config: ResolvedConfig, device_type: str, block_bytes: int, runs_per_block: int) -> None:

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 from kvpool_connector.backends.base import (
     ANSWER_TIMEOUT_S,
+    ClientRole,
     Outcome,
     PoolBackend,
     PoolUnavailable,
@@ -200,19 +201,11 @@ class MemcacheBackend(PoolBackend):
     max_buffers_per_object: ClassVar[int | None] = MAX_BUFFERS_PER_KEY
 
     @classmethod
-    def from_config(
-        cls,
-        config: ResolvedConfig,
-        *,
-        holds_data: bool,
-        device_id: int = 0,
-        runtime: DeviceRuntime | None = None,
-        kv_cache_bytes: int = 0,
-    ) -> MemcacheBackend:
+    def from_config(cls, config: ResolvedConfig, role: ClientRole) -> MemcacheBackend:
         assert config.memcache is not None
         configured = config.memcache.device_id  # memcache_device_id overrides the worker's local rank
-        device = device_id if configured is None else configured
-        return cls(config.memcache, holds_data=holds_data, device_id=device, runtime=runtime)
+        device = role.device_id if configured is None else configured
+        return cls(config.memcache, holds_data=role.holds_data, device_id=device, runtime=role.runtime)
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from kvpool_connector.backends.base import (
     ANSWER_TIMEOUT_S,
+    ClientRole,
     HandedOutMemory,
     Outcome,
     PoolBackend,
@@ -35,7 +36,7 @@ from kvpool_connector.backends.base import (
 )
 from kvpool_connector.backends.shared_area import SharedArea
 from kvpool_connector.config import ConfigError, MooncakeSettings, ResolvedConfig
-from kvpool_connector.devices import DeviceRuntime, runtime_for
+from kvpool_connector.devices import runtime_for
 from kvpool_connector.logs import init_logger
 
 logger = init_logger(__name__)
@@ -146,17 +147,9 @@ class MooncakeBackend(PoolBackend):
 
     # -- what the layers above ask of this pool ------------------------------------------------------------------
     @classmethod
-    def from_config(
-        cls,
-        config: ResolvedConfig,
-        *,
-        holds_data: bool,
-        device_id: int = 0,
-        runtime: DeviceRuntime | None = None,
-        kv_cache_bytes: int = 0,
-    ) -> MooncakeBackend:
+    def from_config(cls, config: ResolvedConfig, role: ClientRole) -> MooncakeBackend:
         assert config.mooncake is not None
-        return cls(config.mooncake, holds_data=holds_data, kv_cache_bytes=kv_cache_bytes)
+        return cls(config.mooncake, holds_data=role.holds_data, kv_cache_bytes=role.kv_cache_bytes)
 
     @classmethod
     def check_worker(cls, config: ResolvedConfig, device_type: str, block_bytes: int, runs_per_block: int) -> None:
