@@ -3,7 +3,7 @@ several consumers (at other TP sizes, say), one proxy per consumer, all sharing 
 
 The producer (kv_producer) computes prompts and saves their full blocks to the pool in the background; its answer
 carries a notice of the blocks it is saving, which the proxy hands to the consumer (kv_consumer, vLLM's own prefix
-cache off, as in the seed's decode node), so the consumer waits for puts still in flight, then loads and decodes.
+cache off, as in the field's decode node), so the consumer waits for puts still in flight, then loads and decodes.
 Everything is stopped by PID on exit.
 """
 

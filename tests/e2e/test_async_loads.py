@@ -60,7 +60,7 @@ def pool(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_model, pool, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("async-server")
-    # load_async and lookup_async: the defaults. Eight requests decoding on this 2-core host can starve the lookup
+    # load_async and lookup_async: the defaults. Eight requests decoding on a 2-core host can starve the lookup
     # thread past the default 500-ms deadline (a miss: correct, but not the hit these phases need).
     # The phases hold loads by stopping the node for seconds: Mooncake's stall timeout (5 s by default here) must not
     # end them first, which a loaded CI machine once saw (the loads failed as stalls, not as the missing object).

@@ -1,5 +1,6 @@
-"""memcache backend as far as it runs without Ascend: a real meta service, client-only calls, and an engine started
-with the seed's exact connector config, whose worker cannot hold pool memory here and must degrade to misses."""
+"""memcache backend as far as it runs without Ascend: a real meta service, client-only calls, and an engine started with
+the field's exact connector config (examples/ascend), whose worker cannot hold pool memory here and must degrade to
+misses."""
 
 from __future__ import annotations
 

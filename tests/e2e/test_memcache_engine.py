@@ -1,4 +1,4 @@
-"""``backend: "memcache"`` (the seed's default) end to end on a real vLLM CPU engine, with the real meta service and the
+"""``backend: "memcache"`` (the default) end to end on a real vLLM CPU engine, with the real meta service and the
 pymmc test double standing in for memcache's data path (which needs Ascend): save in one engine, a fresh engine
 loads, identical greedy outputs; a code in the middle of a batch; the meta service down; TP 1 (scheduler and worker
 in one process, one pymmc client) and TP 2 (a client per process, pool memory in the workers only).

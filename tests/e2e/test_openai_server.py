@@ -1,8 +1,7 @@
-"""The OpenAI server with the connector answers the seed's requests; a repeat is served from the pool, and the
-connector's counters on /metrics show it.
+"""The OpenAI server with the connector answers the field's validation requests; a repeat is served from the pool, and
+the connector's counters on /metrics show it.
 
-vLLM's own prefix cache is off here, so any cached prompt tokens on the repeat can only have come from the pool.
-"""
+vLLM's own prefix cache is off here, so any cached prompt tokens on the repeat can only have come from the pool."""
 
 from __future__ import annotations
 

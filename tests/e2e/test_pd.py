@@ -1,16 +1,15 @@
-"""1P1D with real processes: answers through the proxy equal a single instance's, and the decode node took the
-prompt's KV from the pool (its /metrics show the hit). The producer saves asynchronously (the default): its answer
-carries a notice of the blocks it is saving, and a consumer request waits for them (up to ``producer_wait_ms``). The
-late put is made by hand: the producer's objects are read, removed, and put back while the consumer waits.
+"""1P1D with real processes: answers through the proxy equal a single instance's, and the decode node took the prompt's
+KV from the pool (its /metrics show the hit). The producer saves asynchronously (the default): its answer carries a
+notice of the blocks it is saving, and a consumer request waits for them (up to ``producer_wait_ms``). The late put is
+made by hand: the producer's objects are read, removed, and put back while the consumer waits.
 
-Two deployments: the seed's GQA Llama at TP 1 (fp32), and the field's model class, a DeepSeek-V2 (MLA + MoE, bf16)
-with the producer and one consumer at TP 2 and a second consumer at TP 1. "A single instance's answer" is the
-producer's own answer to the same prompt sent straight to it after the P/D request: its prompt then hits its own
-prefix cache for the same full blocks the consumer took from the pool, so the computation matches the consumer's
-shape for shape, the condition for bf16 greedy tokens to match (see test_mla_engine). A TP 1 consumer computes with
-other shapes than the TP 2 producer, and this random bf16 model's tokens follow the shapes, so for it the test checks
-the load (every full block, on its one rank) and not the tokens.
-"""
+Two deployments: the field's validation model class, a GQA Llama at TP 1 (fp32), and the field's model class, a
+DeepSeek-V2 (MLA + MoE, bf16) with the producer and one consumer at TP 2 and a second consumer at TP 1. "A single
+instance's answer" is the producer's own answer to the same prompt sent straight to it after the P/D request: its prompt
+then hits its own prefix cache for the same full blocks the consumer took from the pool, so the computation matches the
+consumer's shape for shape, the condition for bf16 greedy tokens to match (see test_mla_engine). A TP 1 consumer
+computes with other shapes than the TP 2 producer, and this random bf16 model's tokens follow the shapes, so for it the
+test checks the load (every full block, on its one rank) and not the tokens."""
 
 from __future__ import annotations
 

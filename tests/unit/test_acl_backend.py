@@ -106,7 +106,7 @@ def test_bad_direction_is_rejected(fake_libs):
 
 
 def test_npu_runtime_falls_back_to_one_copy_per_call_when_the_batch_api_fails(fake_libs, monkeypatch, caplog):
-    """ASCEND_REVIEW 8: CANN marks aclrtMemcpyBatchAsync experimental; its first failure switches the NPU runtime's
+    """CANN marks aclrtMemcpyBatchAsync experimental; its first failure switches the NPU runtime's
     copy-out to aclrtMemcpyAsync per copy for good, and the copies still land."""
     monkeypatch.delenv("FAKE_ACL_FAIL_AT", raising=False)
     monkeypatch.setenv("FAKE_ACL_BATCH_FAIL", "1")

@@ -97,7 +97,7 @@ def test_block_hashes_from_finer_hash_blocks():
 
 
 def test_context_parallelism_is_refused_until_supported():
-    """ASCEND_REVIEW 5: with DCP/PCP each rank holds another token shard of a block; keys would serve rank 0's."""
+    """With DCP/PCP each rank holds another token shard of a block; keys would serve rank 0's."""
     import torch
     from vllm.config import ParallelConfig
     from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -111,7 +111,7 @@ def test_context_parallelism_is_refused_until_supported():
 
 
 def test_layers_with_their_own_page_sizes_are_refused():
-    """ASCEND_REVIEW 6: UniformTypeKVCacheSpecs' page size is already summed over layers (indexer caches...)."""
+    """UniformTypeKVCacheSpecs' page size is already summed over layers (indexer caches...)."""
     import torch
     from vllm.config import ParallelConfig
     from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs

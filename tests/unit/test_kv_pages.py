@@ -102,7 +102,7 @@ def test_addresses_vectorised_over_blocks():
 
 
 def test_registered_regions_are_the_tensors_not_their_padded_storage():
-    """ASCEND_REVIEW 4: vllm-ascend allocates size + 2 MiB and slices an aligned start; production registers from the
+    """vllm-ascend allocates size + 2 MiB and slices an aligned start; production registers from the
     tensor's first byte to its last block's end."""
     num_blocks, page = 4, 2 * 16 * 16 * 4
     raw = torch.zeros(num_blocks * page // 4 + 4096)
@@ -112,7 +112,7 @@ def test_registered_regions_are_the_tensors_not_their_padded_storage():
 
 
 def test_kernel_blocks_fold_into_the_block_they_split():
-    """ASCEND_REVIEW 6: vllm-ascend may split each block into kernel blocks (shape[0] = num_blocks * scale)."""
+    """vllm-ascend may split each block into kernel blocks (shape[0] = num_blocks * scale)."""
     num_blocks, scale, kernel_bs, heads, dim = 4, 2, 8, 2, 8
     k = torch.randn(num_blocks * scale, kernel_bs, heads, dim)
     v = torch.randn(num_blocks * scale, kernel_bs, heads, dim)

@@ -1,5 +1,6 @@
-"""The seed's --kv-transfer-config JSON (MultiConnector: MooncakeConnectorV1 + MemcacheConnectorStoreV1) works as
-written: vLLM parses it, and our child connector is built from it the way MultiConnector builds its children."""
+"""The field's --kv-transfer-config JSON (examples/ascend) (MultiConnector: MooncakeConnectorV1 +
+MemcacheConnectorStoreV1) works as written: vLLM parses it, and our child connector is built from it the way
+MultiConnector builds its children."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_our_child_is_built_from_the_seed_producer_json(tiny_model, pool, tmp_pa
 
     plugin.register()
     raw = json.loads((EXAMPLES / "kv_transfer_producer.json").read_text())
-    # The seed names memcache; point our child at this machine's Mooncake instead, through the seed's env file.
+    # The field's JSON names memcache; point our child at this machine's Mooncake instead, through its env file.
     mooncake_json = pool.write_config_file(tmp_path / "mooncake.json")
     monkeypatch.setenv("MOONCAKE_CONFIG_PATH", str(mooncake_json))
     _ours(raw)["kv_connector_extra_config"]["backend"] = "mooncake"
