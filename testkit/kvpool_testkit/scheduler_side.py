@@ -36,10 +36,12 @@ def vllm_config(
     max_model_len: int = MAX_MODEL_LEN,
     max_num_seqs: int = 16,
     max_num_batched_tokens: int | None = None,
+    kv_transfer_config: dict[str, Any] | None = None,
 ) -> VllmConfig:
     """The ``VllmConfig`` an fp32 engine of ``model_dir`` with MemcacheConnectorStoreV1 would run on, built from its
     parts rather than through ``EngineArgs``: that path asks the platform (CPU kernels, a GPU) for defaults, and fails
-    with a CUDA build of vLLM on a host without one, while the scheduler side needs none of it."""
+    with a CUDA build of vLLM on a host without one, while the scheduler side needs none of it. ``kv_transfer_config``:
+    a whole ``--kv-transfer-config`` (MultiConnector, say) in place of ours alone with ``extra_config``."""
     from vllm.config import (
         CacheConfig,
         DeviceConfig,
@@ -52,7 +54,14 @@ def vllm_config(
 
     load_general_plugins()  # registers the connector's name, which VllmConfig checks (EngineArgs loads them too)
     transfer = KVTransferConfig(
-        kv_connector="MemcacheConnectorStoreV1", kv_role=kv_role, kv_connector_extra_config=extra_config
+        **(
+            kv_transfer_config
+            or {
+                "kv_connector": "MemcacheConnectorStoreV1",
+                "kv_role": kv_role,
+                "kv_connector_extra_config": extra_config,
+            }
+        )
     )
     model = ModelConfig(model=model_dir, dtype="float32", max_model_len=max_model_len, seed=0, enforce_eager=True)
     scheduler = SchedulerConfig(

@@ -47,11 +47,11 @@ def test_our_child_is_built_from_the_seed_producer_json(tiny_model, pool, tmp_pa
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
     from kvpool_connector import plugin
     from kvpool_connector.connector import MemcacheConnectorStoreV1
+    from kvpool_testkit import scheduler_side
 
     plugin.register()
     raw = json.loads((EXAMPLES / "kv_transfer_producer.json").read_text())
@@ -64,13 +64,7 @@ def test_our_child_is_built_from_the_seed_producer_json(tiny_model, pool, tmp_pa
     # the engine config here carries the MultiConnector with our child only.
     runnable = copy.deepcopy(raw)
     runnable["kv_connector_extra_config"]["connectors"] = [_ours(raw)]
-    vllm_config = EngineArgs(
-        model=tiny_model,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=1024,
-        kv_transfer_config=KVTransferConfig(**runnable),
-    ).create_engine_config()
+    vllm_config = scheduler_side.vllm_config(tiny_model, {}, kv_transfer_config=runnable)
     child_config = copy.copy(vllm_config)
     child_config.kv_transfer_config = KVTransferConfig(**_ours(raw), engine_id=vllm_config.kv_transfer_config.engine_id)
     spec = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32)
