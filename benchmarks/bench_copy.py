@@ -96,10 +96,11 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
 
     from kvpool_connector.backends.mooncake import MooncakeBackend
     from kvpool_connector.config import MooncakeSettings
+    from kvpool_connector.counters import StatsCounter
     from kvpool_connector.devices import CpuRuntime
     from kvpool_connector.kv_pages import KVPages
     from kvpool_connector.pool import PoolHandle
-    from kvpool_connector.staging import StagingSaver
+    from kvpool_connector.saving import BlockSaver
     from kvpool_testkit.mooncake_pool import mooncake_pool
 
     layers, heads, block, dim, num_blocks, prompt_blocks = 8, 4, 128, 64, 64, 16
@@ -113,37 +114,40 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
             handle = PoolHandle(lambda s=settings: MooncakeBackend(s, holds_data=True), 1.0, "bench")
             for ptr, size in pages.regions:
                 handle.register_memory(ptr, size)
-            saver = StagingSaver(handle, pages, 64, CpuRuntime())
+            savers = {
+                mode: BlockSaver(handle, pages, ["bench"], CpuRuntime(), StatsCounter(), staging_blocks=staging)
+                for mode, staging in (("sync", 0), ("staged", 4 * prompt_blocks))
+            }
             handle.start()
             assert wait_connected(handle, 30), "Mooncake did not connect"
             warm_segment(handle, pages, settings.segment_bytes or (1 << 30), "bench")
-            rows += _measure(handle, saver, pages, prompt_blocks, repeat, where)
-            saver.close()
+            rows += _measure(handle, savers, pages, prompt_blocks, repeat, where)
+            for saver in savers.values():
+                saver.close()
             handle.close()
     return rows
 
 
-def _measure(handle, saver, pages, prompt_blocks: int, repeat: int, where: str) -> list[dict]:
+def _measure(handle, savers: dict, pages, prompt_blocks: int, repeat: int, where: str) -> list[dict]:
+    from kvpool_connector.keys import pool_key
+    from kvpool_connector.metadata import BlockTransfer
+
     block_ids = list(range(prompt_blocks))
-    sync_ms, staged_ms = [], []
+    waits: dict[str, list[float]] = {mode: [] for mode in savers}
     for r in range(repeat):
-        keys = [f"bench/sync/{r}/{b}" for b in block_ids]
-        addrs, sizes = pages.addresses(block_ids)
-        t0 = time.perf_counter()
-        present = handle.exists(keys)
-        outcomes = handle.put([k for k, p in zip(keys, present, strict=True) if not p], addrs, sizes)
-        sync_ms.append((time.perf_counter() - t0) * 1e3)
-        assert all(o.ok for o in outcomes), outcomes
-        keys = [f"bench/staged/{r}/{b}" for b in block_ids]
-        t0 = time.perf_counter()
-        saver.stage(keys, block_ids, None)  # on the CPU the forward pass has written them: no event
-        staged_ms.append((time.perf_counter() - t0) * 1e3)
-        assert saver.flush(60)
-    assert saver.stats["saved_blocks"] == repeat * prompt_blocks, saver.stats.total()
+        for mode, saver in savers.items():
+            hashes = [f"{mode}/{r}/{b}".encode() for b in block_ids]
+            t0 = time.perf_counter()
+            saver.save([BlockTransfer("bench", block_ids, hashes)])  # what wait_for_save waits for
+            waits[mode].append((time.perf_counter() - t0) * 1e3)
+            assert saver.flush(60)
+    for mode, saver in savers.items():
+        assert saver.stats["saved_blocks"] == repeat * prompt_blocks, (mode, saver.stats.total())
+    sync_ms, staged_ms = waits["sync"], waits["staged"]
     # Loads: straight into the KV pages (zero-copy), or into a staging area then a batched scatter.
     stage = np.zeros(prompt_blocks * pages.block_bytes, dtype=np.uint8)
     handle.register_memory(stage.ctypes.data, stage.nbytes)
-    keys = [f"bench/sync/0/{b}" for b in block_ids]
+    keys = [pool_key("bench", f"sync/0/{b}".encode()) for b in block_ids]
     target = list(range(prompt_blocks, 2 * prompt_blocks))
     addrs, sizes = pages.addresses(target)
     run_offsets = np.concatenate([[0], np.cumsum(pages.run_sizes)[:-1]])

@@ -110,7 +110,8 @@ def bench_data_path(
                     load_s.append(_timed(lambda w=worker, plan=load: w.load(plan)))
                     assert not worker.take_load_errors(), "a load failed: the numbers would be fake"
                     # free the pool for the next sizes: a shared pool node would otherwise evict under them
-                    worker.pool.remove([pool_key(worker.shards[0], h) for h in hashes])
+                    # (hex keys: the common prefix of this repeat's hashes selects exactly its objects)
+                    worker.pool.remove_shards([pool_key(worker.shards[0], f"{mode}-{kib}-{n}-{r}-".encode())])
                     bar.update(1)
                 ceiling = _memcpy_gbps(nbytes, 3)
                 measured = [("save", save_s)] + ([("load", load_s)] if mode == "async" else [])

@@ -18,4 +18,4 @@ def warm_segment(pool: PoolHandle, pages: KVPages, segment_bytes: int, prefix: s
         chunk = keys[start : start + pages.num_blocks]
         addrs, sizes = pages.addresses(list(range(len(chunk))))
         pool.put(chunk, addrs, sizes)
-    pool.remove(keys)
+    assert pool.remove_shards([f"{prefix}/warm/"]) == count, "the warm-up objects stayed in the pool"

@@ -40,6 +40,7 @@ from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, take_stats
 from kvpool_connector.pool import PoolHandle
+from kvpool_connector.routing import SAVING_PARAM
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
-
-SAVING_PARAM = "kvpool_saving"  # the producer's notice in kv_transfer_params: {"blocks": n, "shards": [...]}
 
 
 def present_prefix_blocks(found: list[bool], num_shards: int, windows: Sequence[int | None] | None = None) -> int:

@@ -14,7 +14,8 @@ import pytest
 
 from kvpool_connector import keys
 from kvpool_connector.metadata import PoolConnectorMetadata
-from kvpool_connector.scheduler import SAVING_PARAM, _RequestState, group_blocks
+from kvpool_connector.routing import SAVING_PARAM
+from kvpool_connector.scheduler import _RequestState, group_blocks
 from kvpool_testkit.inspection import wait_connected
 from kvpool_testkit.scheduler_side import BLOCK, Requests, pool_scheduler
 
