@@ -4,9 +4,10 @@ costs the scheduler step, with the connector's synchronous and asynchronous mode
 1. ``itl``: decode inter-token latency of ``--streams`` running streams (OpenAI server, streaming, vLLM's own prefix
    cache off) while long-prompt pool hits arrive one after another, in fresh servers: no arrivals (the baseline),
    arrivals recomputed (no connector), and arrivals loaded from the pool synchronously (``load_async: false``: the
-   forward pass waits for the load) or asynchronously (the default), over loopback TCP and through shared memory
-   (``real_client_address``). ITL p50/p99 is taken over the window in which the hits arrive; each hit's own TTFT is
-   its request's latency (``max_tokens`` 1).
+   forward pass waits for the load), asynchronously (``true``) or as ``auto`` (the default) picks per hit, over
+   loopback TCP and through shared memory (``real_client_address``). ITL p50/p99 is taken over the window in which
+   the hits arrive; each hit's own TTFT is its request's latency (``max_tokens`` 1).
+   ``idle``: the same hits on an engine with nothing else running: their TTFT in each load mode.
 2. ``lookup``: ``--arrivals`` requests of ``--hit-tokens`` tokens (half of them stored) arriving in one step at a
    real :class:`PoolScheduler` on a real Mooncake Store: the time ``get_num_new_matched_tokens`` adds to the step,
    asked inline (``lookup_async: false``) vs off the loop (the step that asks, and the step that collects the
@@ -17,7 +18,7 @@ costs the scheduler step, with the connector's synchronous and asynchronous mode
 
 Model: the ``bench`` preset (random-weight Llama, 16 KiB of fp32 KV per token: a 4,098-token hit is 64 MiB).
 
-Run: ``python benchmarks/bench_async.py [--parts itl lookup pd] [--preset bench|tiny] [--out benchmarks/results]``
+Run: ``python benchmarks/bench_async.py [--parts itl idle lookup pd] [--preset bench|tiny] [--out benchmarks/results]``
 -> tables and ``bench_async.json``.
 """
 
@@ -53,6 +54,9 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}
 
 
 VOCAB = min(p.vocab_size for p in PRESETS.values())  # token ids every preset's model knows
+
+
+PARTS = ("itl", "idle", "lookup", "pd")
 
 
 def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -123,43 +127,45 @@ def _seed_pool(model: str, pool: PoolOnFreePorts, hits: list[list[int]], work: P
             httpx.post(f"{s.url}/v1/completions", json=body, timeout=600).raise_for_status()
 
 
-def bench_itl(model: str, work: Path, args: argparse.Namespace, console: Console) -> list[dict]:
+def _load_modes(pool: PoolOnFreePorts) -> list[tuple[str, dict]]:
+    return [
+        (f"{mode} loads, {where}", pool.connector_config(shared_memory=shm, load_async=value))
+        for where, shm in (("TCP", False), ("shared memory", True))
+        for mode, value in (("sync", False), ("async", True), ("auto", "auto"))
+    ]
+
+
+def bench_itl(model: str, work: Path, args: argparse.Namespace, console: Console, idle: bool = False) -> list[dict]:
+    """Decode streams while hits arrive (``idle``: the hits alone, their TTFT on an engine with nothing else to do)."""
     hits = _prompts(args.hits, args.hit_tokens, seed=1)
-    streams = _prompts(args.streams, 64, seed=2)
+    streams = [] if idle else _prompts(args.streams, 64, seed=2)
     rows = []
     with mooncake_pool(work / "mooncake", segment_size="4 GB") as pool:
         console.print("seeding the pool with the arriving prompts ...")
         _seed_pool(model, pool, hits, work)
-        modes = [
-            ("no arrivals (baseline)", pool.connector_config(), []),
-            ("arrivals recomputed (no connector)", None, hits),
-            ("sync loads, TCP", pool.connector_config(load_async=False), hits),
-            ("async loads, TCP", pool.connector_config(), hits),
-            ("sync loads, shared memory", pool.connector_config(shared_memory=True, load_async=False), hits),
-            ("async loads, shared memory", pool.connector_config(shared_memory=True), hits),
-        ]
+        modes = [] if idle else [("no arrivals (baseline)", pool.connector_config(), [])]
+        modes += [("arrivals recomputed (no connector)", None, hits)]
+        modes += [(label, config, hits) for label, config in _load_modes(pool)]
         for label, config, arrivals in modes:
             console.print(f"[bold]{label}[/] ...")
             env = engine_env(work / "cache", ENV)
             with vllm_server(model, work / label.replace(" ", "-"), config, SERVER_ARGS, env=env) as server:
                 httpx.post(  # warm-up: the first request of a server pays one-off costs
                     f"{server.url}/v1/completions",
-                    json={"model": model, "prompt": streams[0], "max_tokens": 4},
+                    json={"model": model, "prompt": _prompts(1, 64, seed=3)[0], "max_tokens": 4},
                     timeout=600,
                 ).raise_for_status()
                 itls, latencies = asyncio.run(_decode_with_arrivals(server.url, model, streams, arrivals, args))
                 hit_tokens = server_metrics(server.url).get("vllm:kvpool_hit_tokens_total", 0.0)
-            rows.append(
-                {
-                    "mode": label,
+            row = {"mode": label, "arrival TTFT median ms": _pct(latencies, 50), "pool hit tokens": int(hit_tokens)}
+            if not idle:
+                row |= {
                     "ITL p50 ms": _pct(itls, 50),
                     "ITL p99 ms": _pct(itls, 99),
                     "ITL max ms": _pct(itls, 100),
-                    "arrival TTFT median ms": _pct(latencies, 50),
-                    "pool hit tokens": int(hit_tokens),
                     "ITL samples": len(itls),
                 }
-            )
+            rows.append(row)
             console.print(f"  {rows[-1]}")
     return rows
 
@@ -271,7 +277,7 @@ def _table(console: Console, title: str, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["itl", "lookup", "pd"], default=["itl", "lookup", "pd"])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--streams", type=int, default=8, help="running decode streams")
     parser.add_argument("--hits", type=int, default=6, help="long-prompt hits arriving during the decode")
     parser.add_argument("--hit-tokens", type=int, default=4098)
@@ -299,6 +305,9 @@ def main() -> None:
                 f"Decode ITL of {args.streams} streams while {args.hits} hits of {args.hit_tokens} tokens arrive",
                 results["itl"],
             )
+        if "idle" in args.parts:
+            results["idle"] = bench_itl(model, work, args, console, idle=True)
+            _table(console, f"TTFT of {args.hits} hits of {args.hit_tokens} tokens on an idle engine", results["idle"])
         if "pd" in args.parts:
             results["pd"] = bench_pd(model, work, args, console)
             _table(console, "1P1D TTFT through the proxy", results["pd"])

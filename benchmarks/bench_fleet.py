@@ -169,7 +169,7 @@ def _bench(url: str, model: str, traffic: list[str], args: argparse.Namespace, o
         sys.executable, "-c", BENCH_CLIENT,
         "--backend", "vllm", "--base-url", url, "--model", model, "--tokenizer", model,
         "--max-concurrency", str(args.concurrency), "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
-        "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
+        "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm", "--save-detailed",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name, *traffic,
     ]  # fmt: skip
     log = out.with_suffix(".log")
@@ -294,12 +294,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="tiny: check the benchmark runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--workdir", type=Path, help="keep servers' logs and bench results here (default: a temp dir)")
     args = parser.parse_args()
     console = Console(width=160)
     args.out.mkdir(parents=True, exist_ok=True)
-    report_json: dict[str, object] = {"args": {k: v for k, v in vars(args).items() if k != "out"}}
+    report_json: dict[str, object] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.workdir or Path(tmp)
         model = str(build_model(work / f"{args.preset}-llama", preset=args.preset))
         report_json["model"] = args.preset
         for workload in args.workload:

@@ -6,10 +6,10 @@ since the last call as a :class:`PoolConnectorStats`; vLLM aggregates them, logs
 ``vllm:kvpool_*``.
 
 Counter names (``data`` keys): ``lookups``, ``lookup_tokens`` (prompt tokens looked up past the local hit),
-``hit_tokens``, ``loaded_blocks``, ``loaded_bytes``, ``load_seconds``, ``saved_blocks``, ``saved_bytes``,
-``save_seconds``, ``save_skipped_present``, ``producer_wait_expired``, ``outages``, and per reason
-``load_failed.<reason>``, ``save_failed.<reason>``, ``save_dropped.<reason>`` (``staging_full``, ``unavailable``,
-``shutdown``).
+``hit_tokens``, ``sync_loads``/``async_loads`` (hits by load mode), ``loaded_blocks``, ``loaded_bytes``,
+``load_seconds``, ``saved_blocks``, ``saved_bytes``, ``save_seconds``, ``save_skipped_present``,
+``producer_wait_expired``, ``outages``, and per reason ``load_failed.<reason>``, ``save_failed.<reason>``,
+``save_dropped.<reason>`` (``staging_full``, ``unavailable``, ``shutdown``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ PLAIN_COUNTERS = (
     ("lookups", "Prompts looked up in the KV pool."),
     ("lookup_tokens", "Prompt tokens looked up in the KV pool beyond vLLM's local prefix hit."),
     ("hit_tokens", "Prompt tokens the KV pool supplied."),
+    ("sync_loads", "Pool hits loaded before the forward pass (load_async false, or auto's choice)."),
+    ("async_loads", "Pool hits loaded on the loader thread while the batch ran (load_async true, or auto's choice)."),
     ("loaded_blocks", "KV blocks loaded from the pool."),
     ("loaded_bytes", "Bytes loaded from the pool."),
     ("load_seconds", "Seconds spent loading from the pool."),
@@ -80,6 +82,19 @@ def take_stats(counter: StatsCounter, every_step: bool = False) -> PoolConnector
     ``every_step`` (a vLLM that needs a report from the workers every step: ``compat``)."""
     window = counter.take()
     return PoolConnectorStats(data=window) if window or every_step else None
+
+
+def pool_counters(stats: KVConnectorStats | None) -> dict[str, Any]:
+    """This connector's counters in the stats vLLM hands the scheduler (the workers' of one step): ours alone, or
+    ours among MultiConnector's children's."""
+    if isinstance(stats, PoolConnectorStats):
+        return stats.data
+    children = getattr(stats, "data", None)
+    if isinstance(children, dict):
+        for child in children.values():
+            if isinstance(child, PoolConnectorStats):
+                return child.data
+    return {}
 
 
 class PoolPromMetrics(KVConnectorPromMetrics):

@@ -1,13 +1,14 @@
 """Scheduler side: how much of a prompt the pool holds, and the per-step load/save plans for the workers.
 
 Calls, in the order vLLM makes them for a request:
-1. ``get_num_new_matched_tokens``: one batched existence query for the prompt's full blocks past the local prefix
-   hit, across every (tp, pp) shard; returns the extra tokens the pool can supply and whether they load
-   asynchronously (``load_async``). With ``lookup_async`` the query runs on the pool handle's lookup thread (queries
-   of requests arriving together share a pool call) and the answer is ``None`` ("ask again") until it is in or its
-   deadline passed (a miss); otherwise it is asked inline, bounded by ``lookup_timeout_ms``. A decode request whose
-   prefill instance is still saving (its notice in ``kv_transfer_params``) is answered ``None`` until those blocks
-   are in the pool or ``producer_wait_ms`` passed. Repeatable: only the latest answer is kept, for step 2.
+1. ``get_num_new_matched_tokens``: one batched existence query for the prompt's full blocks past the local prefix hit,
+   across every (tp, pp) shard; returns the extra tokens the pool can supply and whether they load asynchronously
+   (``load_async``; with ``auto``, ``load_mode`` picks per hit). With ``lookup_async`` the query runs on the pool
+   handle's lookup thread (queries of requests arriving together share a pool call) and the answer is ``None`` ("ask
+   again") until it is in or its deadline passed (a miss); otherwise it is asked inline, bounded by
+   ``lookup_timeout_ms``. A decode request whose prefill instance is still saving (its notice in ``kv_transfer_params``)
+   is answered ``None`` until those blocks are in the pool or ``producer_wait_ms`` passed. Repeatable: only the latest
+   answer is kept, for step 2.
 2. ``update_state_after_alloc``: now that vLLM allocated blocks, turns that answer into a load of those blocks, in
    each KV cache group only the real ones (a sliding-window group gets null blocks outside its window).
 3. ``build_connector_meta`` (once per step): hands out the loads (synchronous ones before the forward pass,
@@ -35,10 +36,11 @@ from kvpool_connector.backends import ClientRole, backend_class, create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.kv_events import PoolEvents, StoredInPool, pool_block_stored
+from kvpool_connector.load_mode import LoadModeChooser
 from kvpool_connector.logs import init_logger
 from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.metrics import PoolConnectorStats, take_stats
+from kvpool_connector.metrics import PoolConnectorStats, pool_counters, take_stats
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.routing import SAVING_PARAM
 
@@ -158,7 +160,7 @@ class PoolScheduler:
         self.saves_enabled = transfer.is_kv_producer
         self.lookup_timeout_s = config.pool.lookup_timeout_ms / 1e3
         self.lookup_async = config.pool.lookup_async
-        self.load_async = config.pool.load_async
+        self.load_mode = LoadModeChooser(config.pool.load_async)
         self.producer_wait_s = config.pool.producer_wait_ms / 1e3
         self.save_decode_cache = config.pool.save_decode_cache
         self.events = PoolEvents() if compat.kv_events_enabled(vllm_config) else None
@@ -238,8 +240,9 @@ class PoolScheduler:
         )
         if extra <= 0:
             return 0, False
-        state.answer = _LoadAnswer(start, found, hashes[start : start + found], self.load_async)
-        return extra, self.load_async
+        load_async = self.load_mode.load_async(-(-extra // self.block_size))
+        state.answer = _LoadAnswer(start, found, hashes[start : start + found], load_async)
+        return extra, load_async
 
     def _found_blocks(self, state: _RequestState, start: int, hashes: list[bytes]) -> int | None:
         """Leading blocks from ``start`` the pool holds on every shard; None while an asynchronous query runs."""
@@ -268,7 +271,7 @@ class PoolScheduler:
         ``do_remote_prefill`` is a point-to-point one's) when hits load asynchronously. Any other request's hit is
         unknown until its lookup, and a guess would hold back real loads."""
         notice = (request.kv_transfer_params or {}).get(SAVING_PARAM)
-        return self.pool is not None and self.load_async and isinstance(notice, dict)
+        return self.pool is not None and self.load_mode.ever_async and isinstance(notice, dict)
 
     def _shard_keys(self, hashes: list[bytes]) -> list[str]:
         """Block-major, shard-minor: the layout ``present_prefix_blocks`` reads."""
@@ -305,6 +308,7 @@ class PoolScheduler:
         first = answer.start_block
         ids, hashes, groups = group_blocks(state.block_ids, range(first, first + count), answer.block_hashes)
         transfer = BlockTransfer(request.request_id, ids, hashes, groups)
+        self.stats.add("async_loads" if answer.load_async else "sync_loads")
         if answer.load_async:
             self._step_async_loads.append(transfer)
             state.loading = set(transfer.block_ids)
@@ -323,6 +327,7 @@ class PoolScheduler:
         for req_id in output.finished_recving or ():
             if (state := self._requests.get(req_id)) is not None:
                 state.loading = set()
+        self.load_mode.loads_measured(pool_counters(getattr(output, "kv_connector_stats", None)))
         if self.events is not None and isinstance(output.kv_connector_worker_meta, StoredInPool):
             self.events.stored(output.kv_connector_worker_meta)
 
@@ -332,6 +337,7 @@ class PoolScheduler:
 
     # -- 3. per-step plan -------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PoolConnectorMetadata:
+        self.load_mode.step_planned(len(scheduler_output.num_scheduled_tokens))
         meta = PoolConnectorMetadata(
             loads=self._step_loads,
             async_loads=self._step_async_loads,

@@ -60,12 +60,13 @@ def pool(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_model, pool, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("async-server")
-    # load_async and lookup_async: the defaults. Eight requests decoding on a 2-core host can starve the lookup
-    # thread past the default 500-ms deadline (a miss: correct, but not the hit these phases need).
-    # The phases hold loads by stopping the node for seconds: Mooncake's stall timeout (5 s by default here) must not
-    # end them first, which a loaded CI machine once saw (the loads failed as stalls, not as the missing object).
+    # load_async: true (these phases hold asynchronous loads in flight); lookup_async: the default. Eight requests
+    # decoding on a 2-core host can starve the lookup thread past the default 500-ms deadline (a miss: correct, but
+    # not the hit these phases need). The phases hold loads by stopping the node for seconds: Mooncake's stall
+    # timeout (5 s by default here) must not end them first, which a loaded CI machine once saw (the loads failed as
+    # stalls, not as the missing object).
     mooncake = {**pool.client_config(), "transfer_stall_timeout_s": 60}
-    config = connector_config(mooncake, reconnect_interval_s=1.0, lookup_timeout_ms=5000)
+    config = connector_config(mooncake, reconnect_interval_s=1.0, lookup_timeout_ms=5000, load_async=True)
     with vllm_server(tiny_model, workdir, config, SERVER_ARGS, env=engine_env(workdir / "cache")) as running:
         yield running
 
@@ -111,6 +112,7 @@ def test_hits_and_partial_hits_load_asynchronously(client, server, mooncake_clie
     assert mooncake_client.remove(keys_of(1)[2], True) == 0  # prompt 1 keeps its first two blocks only
     assert client.ask(1)[0] == 2 * BLOCK
     assert client.ask(0)[0] == FULL_HIT
+    assert metric(server, "vllm:kvpool_async_loads_total") >= 2 and metric(server, "vllm:kvpool_sync_loads_total") == 0
     log = server.log_text()
     assert "Traceback" not in log
 

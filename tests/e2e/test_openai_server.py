@@ -43,3 +43,5 @@ def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
     assert metrics.get("vllm:kvpool_saved_blocks_total", 0) >= long_prompt_tokens // 128
     assert "KV Transfer metrics: pool_lookups=" in serving_log  # vLLM's periodic log line carries ours
     assert metrics.get("vllm:kvpool_lookups_total", 0) == 2  # the long prompt twice; the short one has no full block
+    # load_async: auto, one request at a time: nothing else runs, so the hit loads before the forward pass
+    assert metrics.get("vllm:kvpool_sync_loads_total", 0) == 1 and metrics.get("vllm:kvpool_async_loads_total", 0) == 0

@@ -145,13 +145,16 @@ class MooncakePool:
         (``--client_ttl``): meanwhile puts placed on it fail with -800."""
         return self._master_http("/get_all_segments").split()
 
-    def health(self) -> dict[str, float | list[str]]:
-        """What the master reports: objects, bytes used of the capacity, live clients, segments."""
+    def master_metrics(self) -> dict[str, float]:
+        """The master's Prometheus samples (``master_key_count``, ``master_put_start_alloc_failures_total``, ...)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        samples = {
-            s.name: s.value for f in text_string_to_metric_families(self._master_http("/metrics")) for s in f.samples
-        }
+        families = text_string_to_metric_families(self._master_http("/metrics"))
+        return {sample.name: sample.value for family in families for sample in family.samples}
+
+    def health(self) -> dict[str, float | list[str]]:
+        """What the master reports: objects, bytes used of the capacity, live clients, segments."""
+        samples = self.master_metrics()
         return {
             "objects": samples.get("master_key_count", 0.0),
             "used_bytes": samples.get("master_allocated_bytes", 0.0),
