@@ -14,7 +14,8 @@ costs the scheduler step, with the connector's synchronous and asynchronous mode
    answers, a simulated 5-ms forward pass later).
 3. ``pd``: 1P1D through the pool (producer, consumer, proxy): TTFT through the proxy (streaming, first token) with
    the producer saving synchronously (``async_save: false``) vs asynchronously, the consumer waiting for the
-   producer's notice.
+   producer's notice; then the same prompts again, prefilled, and with prefill skipped (the proxy knows the pool
+   holds them).
 
 Model: the ``bench`` preset (random-weight Llama, 16 KiB of fp32 KV per token: a 4,098-token hit is 64 MiB).
 
@@ -40,11 +41,12 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpool_connector import keys
+from kvpool_connector.processes import stop_process
 from kvpool_testkit.client import server_metrics
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.inspection import wait_connected
 from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool
-from kvpool_testkit.pd import pd_deployment
+from kvpool_testkit.pd import pd_deployment, start_proxy
 from kvpool_testkit.scheduler_side import BLOCK, Requests, pool_scheduler
 from kvpool_testkit.server import vllm_server
 from kvpool_testkit.tiny_model import PRESETS, build_model
@@ -127,11 +129,18 @@ def _seed_pool(model: str, pool: PoolOnFreePorts, hits: list[list[int]], work: P
             httpx.post(f"{s.url}/v1/completions", json=body, timeout=600).raise_for_status()
 
 
-def _load_modes(pool: PoolOnFreePorts) -> list[tuple[str, dict]]:
+LOAD_MODES = {"sync": False, "async": True, "auto": "auto"}
+PLACES = {"TCP": False, "shm": True}
+
+
+def _load_modes(pool: PoolOnFreePorts, args: argparse.Namespace) -> list[tuple[str, dict]]:
     return [
-        (f"{mode} loads, {where}", pool.connector_config(shared_memory=shm, load_async=value))
-        for where, shm in (("TCP", False), ("shared memory", True))
-        for mode, value in (("sync", False), ("async", True), ("auto", "auto"))
+        (
+            f"{mode} loads, {'TCP' if where == 'TCP' else 'shared memory'}",
+            pool.connector_config(shared_memory=PLACES[where], load_async=LOAD_MODES[mode]),
+        )
+        for where in args.where
+        for mode in args.load_modes
     ]
 
 
@@ -143,9 +152,9 @@ def bench_itl(model: str, work: Path, args: argparse.Namespace, console: Console
     with mooncake_pool(work / "mooncake", segment_size="4 GB") as pool:
         console.print("seeding the pool with the arriving prompts ...")
         _seed_pool(model, pool, hits, work)
-        modes = [] if idle else [("no arrivals (baseline)", pool.connector_config(), [])]
-        modes += [("arrivals recomputed (no connector)", None, hits)]
-        modes += [(label, config, hits) for label, config in _load_modes(pool)]
+        modes = [] if idle or not args.reference else [("no arrivals (baseline)", pool.connector_config(), [])]
+        modes += [("arrivals recomputed (no connector)", None, hits)] if args.reference else []
+        modes += [(label, config, hits) for label, config in _load_modes(pool, args)]
         for label, config, arrivals in modes:
             console.print(f"[bold]{label}[/] ...")
             env = engine_env(work / "cache", ENV)
@@ -238,7 +247,26 @@ async def _ttft_via(url: str, model: str, prompt: list[int]) -> float:
 
 
 def bench_pd(model: str, work: Path, args: argparse.Namespace, console: Console) -> list[dict]:
+    """New prompts through the proxy, the producer saving synchronously or asynchronously; then (asynchronous saves)
+    the same prompts again, once through a proxy that prefills every request and once through the deployment's own,
+    which remembers that the pool holds them and sends them straight to the consumer."""
     rows = []
+
+    def row(label: str, ttfts: list[float], consumer_url: str) -> dict:
+        metrics = server_metrics(consumer_url)
+        rows.append(
+            {
+                "mode": label,
+                "prompt tokens": args.hit_tokens,
+                "TTFT median ms": _pct(ttfts, 50),
+                "TTFT max ms": _pct(ttfts, 100),
+                "consumer pool hit tokens (so far)": int(metrics.get("vllm:kvpool_hit_tokens_total", 0)),
+                "consumer waits expired": int(metrics.get("vllm:kvpool_producer_wait_expired_total", 0)),
+            }
+        )
+        console.print(f"  {rows[-1]}")
+        return rows[-1]
+
     for label, async_save in (("producer saves synchronously", False), ("producer saves asynchronously", True)):
         console.print(f"[bold]1P1D, {label}[/] ...")
         prompts = _prompts(args.pd_reps, args.hit_tokens, seed=50 + async_save)
@@ -250,19 +278,20 @@ def bench_pd(model: str, work: Path, args: argparse.Namespace, console: Console)
             env_extra=ENV,
         ) as pd:
             asyncio.run(_ttft_via(pd.proxy_url, model, _prompts(1, 256, seed=99)[0]))  # warm-up
-            ttfts = [asyncio.run(_ttft_via(pd.proxy_url, model, p)) for p in prompts]
-            metrics = server_metrics(pd.consumer_url)
-        rows.append(
-            {
-                "mode": label,
-                "prompt tokens": args.hit_tokens,
-                "TTFT median ms": _pct(ttfts, 50),
-                "TTFT max ms": _pct(ttfts, 100),
-                "consumer pool hit tokens": int(metrics.get("vllm:kvpool_hit_tokens_total", 0)),
-                "consumer waits expired": int(metrics.get("vllm:kvpool_producer_wait_expired_total", 0)),
-            }
-        )
-        console.print(f"  {rows[-1]}")
+            first = [asyncio.run(_ttft_via(pd.proxy_url, model, p)) for p in prompts]
+            row(f"new prompts, {label}", first, pd.consumer_url)
+            if not async_save:
+                continue
+            proc, prefilling = start_proxy(
+                work / f"pd-{async_save}", pd.producer_url, pd.consumer_url, "--held-prompts", "0"
+            )
+            try:
+                repeat = [asyncio.run(_ttft_via(prefilling, model, p)) for p in prompts]
+            finally:
+                stop_process(proc)
+            row("the same prompts again, prefilled", repeat, pd.consumer_url)
+            repeat = [asyncio.run(_ttft_via(pd.proxy_url, model, p)) for p in prompts]
+            row("the same prompts again, prefill skipped (the pool holds them)", repeat, pd.consumer_url)
     return rows
 
 
@@ -285,6 +314,14 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=2.0, help="decode before the first arrival")
     parser.add_argument("--arrivals", type=int, default=64, help="requests arriving in one scheduler step")
     parser.add_argument("--lookup-reps", type=int, default=20)
+    parser.add_argument("--load-modes", nargs="+", choices=list(LOAD_MODES), default=list(LOAD_MODES))
+    parser.add_argument("--where", nargs="+", choices=list(PLACES), default=list(PLACES), help="itl, idle: transports")
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="itl, idle: skip the no-arrivals and no-connector rows",
+    )
     parser.add_argument("--pd-reps", type=int, default=4)
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="tiny: check the benchmark runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

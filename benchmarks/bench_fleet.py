@@ -15,7 +15,7 @@ Workloads (``--workload``):
 - ``chat``: multi-turn chats as a ``custom`` dataset: ``--conversations`` chats of ``--turns`` turns, each turn's
   prompt the previous one plus an answer and a question, turn-major (every chat's turn k before any turn k+1).
 
-Phases, per mode and workload (each a ``bench serve`` run):
+Phases, per mode and workload (each a ``bench serve`` run; a mode's workloads share its pool and servers):
 1. ``first server``: the traffic to server A alone (cold: it computes and, with a connector, saves);
 2. ``second server``: the same traffic to server B alone (its prefix cache is empty: the pool is all it has);
 3. ``own repeat``: the same traffic to A again, served from A's own prefix cache: the best a pool can approach;
@@ -220,27 +220,30 @@ def _row(result: dict, before: dict[str, float], after: dict[str, float]) -> dic
 
 
 def run_mode(
-    mode: str, workload: str, model: str, args: argparse.Namespace, work: Path, console: Console
-) -> dict[str, dict]:
-    rows: dict[str, dict] = {}
+    mode: str, workloads: list[str], model: str, args: argparse.Namespace, work: Path, console: Console
+) -> dict[str, dict[str, dict]]:
+    """Every phase of every workload on one pool, two servers and the router started for ``mode``."""
+    rows: dict[str, dict[str, dict]] = {}
     with ExitStack() as stack:
         pool = stack.enter_context(mooncake_pool(work / "pool", segment_size=args.pool_size))
-        console.print(f"[bold]{workload}, {mode}[/]: starting two servers and the router ...")
+        console.print(f"[bold]{mode}[/]: starting two servers and the router ...")
         servers = _start_servers(mode, model, pool, work, stack)
         router = _start_router(servers, work, stack)
-        first = _traffic_args(workload, args, args.seed, work, model)
-        fleet = _traffic_args(workload, args, args.seed + 1, work, model)
-        for phase, url, traffic, counted in (
-            ("first server", servers[0].url, first, servers[:1]),
-            ("second server", servers[1].url, first, servers[1:]),
-            ("own repeat", servers[0].url, first, servers[:1]),
-            ("fleet", router, fleet, servers),
-        ):
-            before = _counters(counted)
-            result = _bench(url, model, traffic, args, work / "results" / f"{phase.replace(' ', '-')}.json")
-            _settle(servers)
-            rows[phase] = _row(result, before, _counters(counted))
-            console.print(f"  {phase}: {rows[phase]}")
+        for workload in workloads:
+            first = _traffic_args(workload, args, args.seed, work, model)
+            fleet = _traffic_args(workload, args, args.seed + 1, work, model)
+            for phase, url, traffic, counted in (
+                ("first server", servers[0].url, first, servers[:1]),
+                ("second server", servers[1].url, first, servers[1:]),
+                ("own repeat", servers[0].url, first, servers[:1]),
+                ("fleet", router, fleet, servers),
+            ):
+                before = _counters(counted)
+                out = work / "results" / workload / f"{phase.replace(' ', '-')}.json"
+                result = _bench(url, model, traffic, args, out)
+                _settle(servers)
+                row = rows.setdefault(workload, {})[phase] = _row(result, before, _counters(counted))
+                console.print(f"  {workload}, {phase}: {row}")
     return rows
 
 
@@ -264,7 +267,7 @@ def report(results: dict[str, dict[str, dict]], title: str, console: Console) ->
             ratios = {
                 "req/s x none": _ratio(row["req/s"], none.get("req/s", 0)),
                 "TTFT p50 x none": _ratio(row["TTFT p50 ms"], none.get("TTFT p50 ms", 0)),
-                "TTFT p50 x own repeat": _ratio(row["TTFT p50 ms"], phases["own repeat"]["TTFT p50 ms"]),
+                "TTFT p50 x own repeat": _ratio(row["TTFT p50 ms"], phases.get("own repeat", {}).get("TTFT p50 ms", 0)),
             }
             rows.append({"mode": mode, "phase": phase, **row, **ratios})
             table.add_row(
@@ -303,17 +306,18 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         model = str(build_model(work / f"{args.preset}-llama", preset=args.preset))
         report_json["model"] = args.preset
-        for workload in args.workload:
-            results: dict[str, dict[str, dict]] = {}
-            for mode in args.modes:
-                mode_dir = work / workload / mode.replace(" ", "-").replace(",", "")
-                try:
-                    results[mode] = run_mode(mode, workload, model, args, mode_dir, console)
-                except Exception as exc:  # noqa: BLE001 - a mode that cannot run here is reported, the rest still run
-                    console.print(f"[red]{mode} did not run:[/] {exc}")
-                    report_json.setdefault("did not run", {})[f"{workload}/{mode}"] = str(exc)[-2000:]
+        results: dict[str, dict[str, dict[str, dict]]] = {workload: {} for workload in args.workload}
+        for mode in args.modes:
+            mode_dir = work / mode.replace(" ", "-").replace(",", "")
+            try:
+                for workload, phases in run_mode(mode, args.workload, model, args, mode_dir, console).items():
+                    results[workload][mode] = phases
+            except Exception as exc:  # noqa: BLE001 - a mode that cannot run here is reported, the rest still run
+                console.print(f"[red]{mode} did not run:[/] {exc}")
+                report_json.setdefault("did not run", {})[mode] = str(exc)[-2000:]
+        for workload, by_mode in results.items():
             title = f"Fleet of 2 behind a round-robin router, {workload} workload ({args.preset} model)"
-            report_json[workload] = report(results, title, console)
+            report_json[workload] = report(by_mode, title, console)
     (args.out / "bench_fleet.json").write_text(json.dumps(report_json, indent=2))
     console.print(f"wrote {args.out / 'bench_fleet.json'}")
 
