@@ -87,7 +87,9 @@ def _kv_config(mode: str, pool: PoolOnFreePorts, workdir: Path) -> tuple[dict | 
     return pool.connector_config(shared_memory=mode == "pool, shared memory"), {}
 
 
-def _start_servers(mode: str, model: str, pool: PoolOnFreePorts, work: Path, stack: ExitStack) -> list[Server]:
+def _start_servers(
+    mode: str, model: str, pool: PoolOnFreePorts, work: Path, stack: ExitStack, args: argparse.Namespace
+) -> list[Server]:
     kv, extra_env = _kv_config(mode, pool, work)
     servers = []
     for core, name in enumerate("AB"):
@@ -96,7 +98,7 @@ def _start_servers(mode: str, model: str, pool: PoolOnFreePorts, work: Path, sta
             workdir / "cache",
             {
                 **extra_env,
-                "VLLM_CPU_KVCACHE_SPACE": "4",
+                "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
                 "VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1)),
             },
         )
@@ -227,7 +229,7 @@ def run_mode(
     with ExitStack() as stack:
         pool = stack.enter_context(mooncake_pool(work / "pool", segment_size=args.pool_size))
         console.print(f"[bold]{mode}[/]: starting two servers and the router ...")
-        servers = _start_servers(mode, model, pool, work, stack)
+        servers = _start_servers(mode, model, pool, work, stack, args)
         router = _start_router(servers, work, stack)
         for workload in workloads:
             first = _traffic_args(workload, args, args.seed, work, model)
@@ -294,6 +296,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--pool-size", default="8 GB", help="the pool node's DRAM")
+    parser.add_argument("--kv-cache-gib", type=int, default=4, help="each server's KV cache (VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="tiny: check the benchmark runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -8,8 +8,9 @@ barely notice, but the hit waits at least one more step (vLLM learns the load en
   synchronously (running requests see one step at most that much longer);
 - otherwise, or before any load has been measured: asynchronously.
 
-What it reads, all from vLLM's own per-step calls on the scheduler side: the step's length and whether anything was
-scheduled (``build_connector_meta``), and the workers' ``loaded_blocks``/``load_seconds`` counters, which reach the
+What it reads, all from vLLM's own calls on the scheduler side: the requests each step runs and the step's length
+(``build_connector_meta``), the requests that finished (``request_finished``: a request that finished leaves the
+engine idle once no other runs), and the workers' ``loaded_blocks``/``load_seconds`` counters, which reach the
 scheduler every step in ``KVConnectorOutput.kv_connector_stats`` (summed over ranks: each rank loads its own shard
 of a block, in parallel, so seconds per block is per rank).
 """
@@ -17,7 +18,7 @@ of a block, in parallel, so seconds per block is per rank).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 LoadMode = Literal["auto"] | bool
@@ -31,8 +32,12 @@ class LoadModeChooser:
         self.mode = mode
         self.step_s: float | None = None  # moving average of a step with work scheduled
         self.seconds_per_block: float | None = None  # moving average, per rank
-        self.busy = False  # the last step scheduled work
+        self._running: set[str] = set()  # requests the last step ran that have not finished since
         self._last_step: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
 
     @property
     def ever_async(self) -> bool:
@@ -48,13 +53,17 @@ class LoadModeChooser:
             return True
         return num_blocks * self.seconds_per_block > SYNC_SHARE * self.step_s
 
-    def step_planned(self, scheduled_requests: int, now: float | None = None) -> None:
-        """Called as each step is planned: the time since the previous plan is the previous step's length."""
+    def step_planned(self, scheduled: Iterable[str], now: float | None = None) -> None:
+        """Called as each step is planned with the requests it runs: when a request of the previous step still runs,
+        the time since the previous plan is that step's length (else the engine may have been idle meanwhile)."""
         now = time.monotonic() if now is None else now
-        if self.busy and self._last_step is not None:
+        if self._running and self._last_step is not None:
             self.step_s = _average(self.step_s, now - self._last_step)
-        self.busy = scheduled_requests > 0
+        self._running = set(scheduled)
         self._last_step = now
+
+    def finished(self, request_id: str) -> None:
+        self._running.discard(request_id)
 
     def loads_measured(self, stats: Mapping[str, Any]) -> None:
         """The workers' counters of one step (``loaded_blocks``, ``load_seconds``), summed over ranks."""

@@ -337,7 +337,7 @@ class PoolScheduler:
 
     # -- 3. per-step plan -------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PoolConnectorMetadata:
-        self.load_mode.step_planned(len(scheduler_output.num_scheduled_tokens))
+        self.load_mode.step_planned(scheduler_output.num_scheduled_tokens)
         meta = PoolConnectorMetadata(
             loads=self._step_loads,
             async_loads=self._step_async_loads,
@@ -398,6 +398,7 @@ class PoolScheduler:
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         """Forgets the request. A prefill for a remote decode (the P/D proxy's ``do_remote_decode``) answers with a
         notice of the prompt blocks it is saving, so the decode instance can wait for a put still in flight."""
+        self.load_mode.finished(request.request_id)
         if (state := self._requests.pop(request.request_id, None)) is not None:
             state.forget_lookup()
         if not self.saves_enabled or not (request.kv_transfer_params or {}).get("do_remote_decode"):

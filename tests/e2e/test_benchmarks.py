@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -14,13 +15,13 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.e2e
 
 
-def _run(args: list[str], tmp_path: Path) -> None:
+def _run(args: list[str], tmp_path: Path, timeout_s: float = 600) -> None:
     result = subprocess.run(
         [sys.executable, *args, "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout_s,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -56,40 +57,66 @@ def test_bench_async_lookup_part_quick(tmp_path):
     assert [r["arrivals"] for r in rows] == [8, 8] and all(r["step that asks, median ms"] > 0 for r in rows)
 
 
-# The engine benchmarks at toy size: the tiny model, the shortest prompts, one repetition, every part and mode run.
+# The engine benchmarks at toy size: the tiny model, the shortest prompts, one repetition, every part and mode. Each
+# is a chain of engine start-ups that keeps about one core busy, so they run two at a time.
+ENGINE_TOYS = {
+    "ttft": ["benchmarks/bench_ttft.py", "--preset", "tiny", "--lengths", "258", "--reps", "1", "--hit-engines", "1",
+             "--batch", "2", "--batch-tokens", "258", "--throughput-reps", "1"],
+    "async": ["benchmarks/bench_async.py", "--parts", "itl", "idle", "pd", "--preset", "tiny", "--hits", "1",
+              "--hit-tokens", "258", "--streams", "1", "--gap-s", "0.2", "--warmup-s", "0.5", "--pd-reps", "1",
+              "--load-modes", "auto", "--where", "TCP", "--no-reference"],
+    "fleet": ["benchmarks/bench_fleet.py", "--preset", "tiny", "--modes", "pool over TCP", "--prefixes", "2",
+              "--prefix-len", "256", "--suffix-len", "16", "--prompts", "4", "--conversations", "2", "--turns", "2",
+              "--chat-first", "150", "--chat-question", "20", "--output-len", "4", "--kv-cache-gib", "1"],
+    "ttft_mla": ["benchmarks/bench_ttft.py", "--preset", "tiny", "--lengths", "258", "--reps", "1",
+                 "--hit-engines", "1", "--model", "mla"],
+    "multiturn": ["benchmarks/bench_multiturn.py", "--preset", "tiny", "--conversations", "2", "--turns", "2",
+                  "--first", "260", "--answer", "8", "--question", "20"],
+}  # fmt: skip
 
 
-def test_bench_ttft_llama_and_mla_toy(tmp_path):
-    common = ["--preset", "tiny", "--lengths", "258", "--reps", "1", "--hit-engines", "1"]
-    throughput = ["--batch", "2", "--batch-tokens", "258", "--throughput-reps", "1"]
-    _run(["benchmarks/bench_ttft.py", *common, *throughput], tmp_path)
-    llama = json.loads((tmp_path / "bench_ttft.json").read_text())
-    assert llama["ttft_ms"]["pool hit"]["258"] > 0
-    _run(["benchmarks/bench_ttft.py", *common, "--model", "mla"], tmp_path)
-    assert (tmp_path / "bench_ttft_mla.json").stat().st_size > 0
+@pytest.fixture(scope="module")
+def toys(tmp_path_factory) -> dict[str, Path | AssertionError]:
+    """Every engine benchmark run once at toy size: the folder each wrote its results to, or how it failed."""
+    root = tmp_path_factory.mktemp("toys")
+
+    def run(name: str) -> Path | AssertionError:
+        try:
+            _run(ENGINE_TOYS[name], root / name, timeout_s=1200)
+        except AssertionError as failed:
+            return failed
+        return root / name
+
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        return dict(zip(ENGINE_TOYS, threads.map(run, ENGINE_TOYS), strict=True))
 
 
-def test_bench_multiturn_toy(tmp_path):
-    args = ["--preset", "tiny", "--conversations", "2", "--turns", "2", "--first", "260", "--answer", "8"]
-    _run(["benchmarks/bench_multiturn.py", *args, "--question", "20"], tmp_path)
-    result = json.loads((tmp_path / "bench_multiturn.json").read_text())
+def _result(toys: dict[str, Path | AssertionError], name: str, file: str) -> dict:
+    out = toys[name]
+    if isinstance(out, AssertionError):
+        raise out
+    return json.loads((out / file).read_text())
+
+
+def test_bench_ttft_toy(toys):
+    assert _result(toys, "ttft", "bench_ttft.json")["ttft_ms"]["pool hit"]["258"] > 0
+    assert _result(toys, "ttft_mla", "bench_ttft_mla.json")["ttft_ms"]
+
+
+def test_bench_multiturn_toy(toys):
+    result = _result(toys, "multiturn", "bench_multiturn.json")
     assert result["agree"] and len(result["modes"]["decode cache"]["turns"]) == 2
 
 
-def test_bench_async_itl_idle_pd_toy(tmp_path):
-    args = ["--parts", "itl", "idle", "pd", "--preset", "tiny", "--hits", "1", "--hit-tokens", "258", "--streams", "1"]
-    args += ["--gap-s", "0.2", "--warmup-s", "0.5", "--pd-reps", "1", "--load-modes", "auto", "--where", "TCP"]
-    _run(["benchmarks/bench_async.py", *args, "--no-reference"], tmp_path)
-    result = json.loads((tmp_path / "bench_async.json").read_text())
+def test_bench_async_itl_idle_pd_toy(toys):
+    result = _result(toys, "async", "bench_async.json")
     assert [r["mode"] for r in result["itl"]] == [r["mode"] for r in result["idle"]] == ["auto loads, TCP"]
-    assert result["itl"][0]["pool hit tokens"] == 256 and result["pd"]
+    assert result["itl"][0]["pool hit tokens"] == 256
+    assert [r["mode"] for r in result["pd"]][-1] == "the same prompts again, prefill skipped (the pool holds them)"
 
 
-def test_bench_fleet_toy(tmp_path):
-    args = ["--preset", "tiny", "--modes", "pool over TCP", "--prefixes", "2", "--prefix-len", "256"]
-    args += ["--suffix-len", "16", "--prompts", "4", "--conversations", "2", "--turns", "2", "--chat-first", "150"]
-    _run(["benchmarks/bench_fleet.py", *args, "--chat-question", "20", "--output-len", "4"], tmp_path)
-    result = json.loads((tmp_path / "bench_fleet.json").read_text())
+def test_bench_fleet_toy(toys):
+    result = _result(toys, "fleet", "bench_fleet.json")
     assert "did not run" not in result
     for workload in ("prefix", "chat"):
         phases = {r["phase"]: r for r in result[workload]}

@@ -11,7 +11,7 @@ from kvpool_connector.metrics import PoolConnectorStats, pool_counters
 def _busy(chooser: LoadModeChooser, step_s: float, steps: int = 30) -> None:
     now = 100.0
     for _ in range(steps):
-        chooser.step_planned(scheduled_requests=4, now=now)
+        chooser.step_planned(["a", "b", "c", "d"], now=now)
         now += step_s
 
 
@@ -28,8 +28,22 @@ def test_an_idle_engine_loads_synchronously():
     chooser = LoadModeChooser("auto")
     assert chooser.load_async(10_000) is False  # nothing ever ran: no one to delay
     _busy(chooser, 0.05)
-    chooser.step_planned(scheduled_requests=0, now=1e6)  # the batch drained
+    assert chooser.load_async(10_000) is True
+    for request in "abcd":  # the batch finished; vLLM plans no step until a request arrives
+        chooser.finished(request)
     assert chooser.load_async(10_000) is False
+    chooser.step_planned([], now=1e6)  # a step with nothing to compute (say, only loads in flight)
+    assert chooser.load_async(10_000) is False
+
+
+def test_an_idle_gap_is_not_taken_for_a_step():
+    chooser = LoadModeChooser("auto")
+    _busy(chooser, 0.05)
+    for request in "abcd":
+        chooser.finished(request)
+    chooser.step_planned(["e"], now=5000.0)  # an hour later, a new request
+    chooser.step_planned(["e"], now=5000.05)
+    assert chooser.step_s == pytest.approx(0.05)
 
 
 def test_a_busy_engine_loads_asynchronously_until_loads_are_measured():
