@@ -70,6 +70,8 @@ ENGINE_TOYS = {
               "--chat-first", "150", "--chat-question", "20", "--output-len", "4", "--kv-cache-gib", "1"],
     "ttft_mla": ["benchmarks/bench_ttft.py", "--preset", "tiny", "--lengths", "258", "--reps", "1",
                  "--hit-engines", "1", "--model", "mla"],
+    "soak": ["benchmarks/soak_capacity.py", "--preset", "tiny", "--minutes", "0.25", "--window-s", "5",
+             "--pool-mb", "64", "--prompt-tokens", "300"],
     "multiturn": ["benchmarks/bench_multiturn.py", "--preset", "tiny", "--conversations", "2", "--turns", "2",
                   "--first", "260", "--answer", "8", "--question", "20"],
 }  # fmt: skip
@@ -122,3 +124,9 @@ def test_bench_fleet_toy(toys):
         phases = {r["phase"]: r for r in result[workload]}
         assert list(phases) == ["first server", "second server", "own repeat", "fleet"]
         assert phases["second server"]["pool hit %"] > 0, "the second server took nothing from the pool"
+
+
+def test_soak_capacity_toy(toys):
+    result = _result(toys, "soak", "soak_capacity.json")
+    assert len(result["windows"]) == 3 and result["errors"] == []
+    assert sum(w["saved blocks"] for w in result["windows"]) > 0
