@@ -84,7 +84,7 @@ def _kv_config(mode: str, pool: PoolOnFreePorts, workdir: Path) -> tuple[dict | 
         path = workdir / "mooncake-store.json"
         path.write_text(json.dumps(settings))
         return {"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both"}, {"MOONCAKE_CONFIG_PATH": str(path)}
-    return pool.connector_config(shared_memory=mode == "pool, shared memory"), {}
+    return pool.connector_config(shared_memory=mode == "pool, shared memory", load_async="auto"), {}
 
 
 def _start_servers(

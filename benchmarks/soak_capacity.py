@@ -125,7 +125,8 @@ def main() -> None:
         model = str(build_model(work / args.preset, preset=args.preset))
         with mooncake_pool(work / "pool", segment_size=f"{args.pool_mb} MB") as pool:
             env = engine_env(work / "cache", {"VLLM_CPU_KVCACHE_SPACE": "2"})
-            with vllm_server(model, work / "server", pool.connector_config(), SERVER_ARGS, env=env) as server:
+            config = pool.connector_config(load_async="auto")
+            with vllm_server(model, work / "server", config, SERVER_ARGS, env=env) as server:
                 traffic = Traffic(server.url, model, args, PRESETS[args.preset].vocab_size)
                 threads = [
                     threading.Thread(target=traffic.run, args=(i,), daemon=True) for i in range(args.concurrency)

@@ -157,12 +157,12 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     startup_wait_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 10.0
     """How long engine start-up waits for the pool's first connection attempt, so the first requests find it ready;
     a pool that does not answer by then is connected in the background while vLLM serves without hits."""
-    load_async: bool | Literal["auto"] = "auto"
+    load_async: bool | Literal["auto"] = True
     """``true``: load hits on a background thread while the rest of the batch runs (the request waits in vLLM's
     ``WAITING_FOR_REMOTE_KVS`` at least one step); ``false``: load before the forward pass, stalling every running
-    request for the load's duration; ``"auto"``: per hit, synchronously when nothing else runs or the expected load
-    (measured seconds per block) is short next to a step, else asynchronously (``load_mode``). Measured in
-    BENCHMARKS.md (hit TTFT, decode latency while hits arrive)."""
+    request for the load's duration; ``"auto"`` (opt-in): per hit, synchronously when nothing else runs or the
+    expected load (measured seconds per block) is short next to a step, else asynchronously (``load_mode``).
+    Measured in BENCHMARKS.md (hit TTFT, decode latency while hits arrive)."""
     lookup_async: bool = True
     """Ask the pool off the scheduler loop: a new request is skipped for a step or two until the answer arrives
     (queries of requests arriving together go out as one pool call); ``false`` asks inside the scheduler loop."""

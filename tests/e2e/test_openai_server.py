@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
-    config = pool.connector_config()
+    config = pool.connector_config(load_async="auto")
     args = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
     env = engine_env(tmp_path / "cache", {"VLLM_LOG_STATS_INTERVAL": "1"})
     with vllm_server(tiny_model, tmp_path, config, args, env=env) as server:
