@@ -96,10 +96,23 @@ class _Lookup:
 
 @dataclass
 class _ProducerWait:
-    """A decode request whose prefill instance said it is saving ``blocks`` prompt blocks to the pool."""
+    """A decode request whose prefill instance said it is saving ``blocks`` prompt blocks to the pool.
+
+    vLLM asks a waiting request again every step, and with nothing to run a step comes about every millisecond, each
+    an empty forward call on every rank: the engine spins, and a new existence query each time would keep the pool's
+    master busy too, while the prefill instance, often on the same host, needs those cores to finish its puts (on a
+    2-core host such a wait starved the pool node's heartbeat until the master dropped it, and the producer's puts
+    with it). So the pool is asked again only after a pause that grows with the wait so far (a quarter of it, between
+    1 and 20 ms), and an engine with nothing running sleeps through the pause instead of stepping: a put that lands
+    within milliseconds is seen at once, a slow one costs at most 20 ms more."""
 
     blocks: int
     deadline: float
+    started: float = field(default_factory=time.monotonic)
+    next_poll: float = 0.0  # no new query before this
+
+    def pause(self, now: float) -> None:
+        self.next_poll = now + min(0.02, max(0.001, (now - self.started) / 4))
 
 
 def group_blocks(
@@ -217,12 +230,18 @@ class PoolScheduler:
             return 0, False
         if state.load_failed:
             return 0, False  # its load just failed: vLLM asks again only when the first block did; compute it
+        wait = self._producer_wait(state)
+        if wait is not None and state.lookup is None and (now := time.monotonic()) < wait.next_poll:
+            if self.load_mode.busy:
+                return None, False  # running requests' steps go on meanwhile
+            time.sleep(wait.next_poll - now)
         found = self._found_blocks(state, start, hashes)
         if found is None:
             return None, False
-        if (wait := self._producer_wait(state)) is not None and start + found < wait.blocks:
-            if time.monotonic() < wait.deadline:
-                state.forget_lookup()  # ask again next step: the producer's put may land any moment
+        if wait is not None and start + found < wait.blocks:
+            if (now := time.monotonic()) < wait.deadline:
+                state.forget_lookup()  # ask again after a pause: the producer's put may land any moment
+                wait.pause(now)
                 return None, False
             wait.blocks = 0  # waited once: a later ask (say, after a failed allocation) takes what is there
             self.stats.add("producer_wait_expired")

@@ -121,12 +121,6 @@ def test_a_consumer_computes_the_prompt_when_the_producers_puts_never_land(gqa, 
     assert answer["choices"][0]["token_ids"] == single["choices"][0]["token_ids"]
 
 
-@pytest.mark.xfail(
-    reason="open defect seen twice on 2026-12-03 (clean-clone CI and a loaded rerun): the TP 2 producer's asynchronous "
-    "saves reached the pool after the consumers' 20-s producer wait ran out (a consumer then computes: correct "
-    "answer, no hit); passed in every earlier CI run. Under investigation, see the session's closing note.",
-    strict=False,
-)
 def test_1p1d_mla_moe_at_tp2_with_decode_at_tp2_and_tp1(mla_model, tmp_path):
     """Both consumers take every full block from the pool, whole on every rank. Where vLLM's CPU MLA keeps its own
     prefix cache (AMX), the TP 2 consumer also answers like the producer repeating the request from that cache (the

@@ -66,6 +66,17 @@ def count_exists_calls(scheduler) -> list[int]:
     return calls
 
 
+def steps_waiting(scheduler, request, seconds: float) -> int:
+    """vLLM's steps (one a millisecond when they run nothing) asking for ``request`` for ``seconds``, each answered
+    "ask again"; returns how many there were."""
+    steps, until = 0, time.monotonic() + seconds
+    while time.monotonic() < until:
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)
+        steps += 1
+        time.sleep(0.001)
+    return steps
+
+
 def answer_when_ready(scheduler, request, computed: int = 0, timeout_s: float = 5.0):
     deadline = time.monotonic() + timeout_s
     while (answer := scheduler.get_num_new_matched_tokens(request, computed))[0] is None:
@@ -155,9 +166,16 @@ def test_a_consumer_waits_for_the_producers_blocks_until_they_land_or_the_deadli
         notice = {SAVING_PARAM: {"blocks": 3, "shards": scheduler.shards}}
         waiting = requests.make("d1", prompt, notice)
         store_blocks(scheduler, waiting, 1, marker)  # one of three blocks landed so far
-        for _ in range(5):
-            assert scheduler.get_num_new_matched_tokens(waiting, 0) == (None, False)
-            time.sleep(0.02)
+        calls = count_exists_calls(scheduler)
+        # Nothing running: each ask sleeps through the pause before the next query (a pause growing to 20 ms), so
+        # vLLM's empty steps, about one a millisecond otherwise, are two per query (one asks, one reads the answer).
+        steps = steps_waiting(scheduler, waiting, 0.3)
+        assert 5 <= len(calls) < 40 and steps <= 2 * len(calls) + 2, (steps, calls)
+        scheduler.load_mode.step_planned(["stream"])  # a decode stream runs: its steps go on, the queries stay paced
+        calls.clear()
+        steps = steps_waiting(scheduler, waiting, 0.3)
+        assert 5 <= len(calls) < 25 and steps > 3 * len(calls), (steps, calls)
+        scheduler.load_mode.finished("stream")
         store_blocks(scheduler, waiting, 3, marker)  # the rest of the producer's puts land
         assert answer_when_ready(scheduler, waiting) == (3 * BLOCK, True)
 
