@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
 
@@ -81,8 +84,10 @@ def start_meta_service(workdir: str | Path, ports: tuple[int, int] | None = None
 
 @contextmanager
 def memcache_meta_service(workdir: str | Path) -> Iterator[MemcacheMeta]:
-    running = start_meta_service(workdir)
-    try:
-        yield running
-    finally:
-        stop_process(running.proc)
+    """A meta service for the ``with`` block; test workers running side by side take turns (one per machine)."""
+    with FileLock(Path(tempfile.gettempdir()) / "kvpool-memcache-meta.lock"):
+        running = start_meta_service(workdir)
+        try:
+            yield running
+        finally:
+            stop_process(running.proc)

@@ -23,6 +23,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 _WORDS = (
     "the of and to in is was for on that with as by at from his her an which this are be or it had not "
     "but climate change global agreement energy policy emission target nation finance support technology "
@@ -120,14 +122,22 @@ def build_tokenizer(out_dir: Path, vocab_size: int, seed: int = 0) -> None:
 
 def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write config, safetensors weights and tokenizer to ``out_dir``; a no-op when the same build is there."""
-    import torch
-
     out = Path(out_dir)
     spec = PRESETS[preset]
     stamp = {"preset": preset, "seed": seed, **asdict(spec)}
     stamp_file = out / "kvpool_tiny_model.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.parent / f".{out.name}.lock"):  # test workers running side by side build it once
+        if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+            return out
+        _build(out, spec, seed)
+        stamp_file.write_text(json.dumps(stamp))
+    return out
+
+
+def _build(out: Path, spec: ModelPreset | MLAPreset | SlidingPreset, seed: int) -> None:
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out, spec.vocab_size, seed)
     torch.manual_seed(seed)
@@ -138,8 +148,6 @@ def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Pat
     else:
         model = _llama(spec)
     model.save_pretrained(out, safe_serialization=True)
-    stamp_file.write_text(json.dumps(stamp))
-    return out
 
 
 def _common(spec: ModelPreset | MLAPreset) -> dict:

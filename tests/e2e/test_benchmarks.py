@@ -58,7 +58,9 @@ def test_bench_async_lookup_part_quick(tmp_path):
 
 
 # The engine benchmarks at toy size: the tiny model, the shortest prompts, one repetition, every part and mode. Each
-# is a chain of engine start-ups that keeps about one core busy, so they run two at a time.
+# is a chain of engine start-ups that keeps about one core busy, so they run two at a time; together about 11 minutes,
+# so they run on demand (marker benchmark_toys: KVPOOL_BENCH_TOYS=1 bash scripts/test.sh), before benchmark figures
+# are published. Every run of the suite starts each of them far enough to parse its arguments (its imports included).
 ENGINE_TOYS = {
     "ttft": ["benchmarks/bench_ttft.py", "--preset", "tiny", "--lengths", "258", "--reps", "1", "--hit-engines", "1",
              "--batch", "2", "--batch-tokens", "258", "--throughput-reps", "1"],
@@ -75,6 +77,12 @@ ENGINE_TOYS = {
     "multiturn": ["benchmarks/bench_multiturn.py", "--preset", "tiny", "--conversations", "2", "--turns", "2",
                   "--first", "260", "--answer", "8", "--question", "20"],
 }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted({args[0] for args in ENGINE_TOYS.values()}))
+def test_engine_benchmark_starts(name):
+    result = subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +108,19 @@ def _result(toys: dict[str, Path | AssertionError], name: str, file: str) -> dic
     return json.loads((out / file).read_text())
 
 
+@pytest.mark.benchmark_toys
 def test_bench_ttft_toy(toys):
     assert _result(toys, "ttft", "bench_ttft.json")["ttft_ms"]["pool hit"]["258"] > 0
     assert _result(toys, "ttft_mla", "bench_ttft_mla.json")["ttft_ms"]
 
 
+@pytest.mark.benchmark_toys
 def test_bench_multiturn_toy(toys):
     result = _result(toys, "multiturn", "bench_multiturn.json")
     assert result["agree"] and len(result["modes"]["decode cache"]["turns"]) == 2
 
 
+@pytest.mark.benchmark_toys
 def test_bench_async_itl_idle_pd_toy(toys):
     result = _result(toys, "async", "bench_async.json")
     assert [r["mode"] for r in result["itl"]] == [r["mode"] for r in result["idle"]] == ["auto loads, TCP"]
@@ -117,6 +128,7 @@ def test_bench_async_itl_idle_pd_toy(toys):
     assert [r["mode"] for r in result["pd"]][-1] == "the same prompts again, prefill skipped (the pool holds them)"
 
 
+@pytest.mark.benchmark_toys
 def test_bench_fleet_toy(toys):
     result = _result(toys, "fleet", "bench_fleet.json")
     assert "did not run" not in result
@@ -126,6 +138,7 @@ def test_bench_fleet_toy(toys):
         assert phases["second server"]["pool hit %"] > 0, "the second server took nothing from the pool"
 
 
+@pytest.mark.benchmark_toys
 def test_soak_capacity_toy(toys):
     result = _result(toys, "soak", "soak_capacity.json")
     assert len(result["windows"]) == 3 and result["errors"] == []

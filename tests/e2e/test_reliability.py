@@ -164,11 +164,9 @@ async def _soak(
                 errors.append("stream ended without a token")
             latencies.append(time.monotonic() - start)
 
-    # Drop idle connections before uvicorn's 5-s keep-alive timeout closes them: reusing one the server is closing
-    # is a client-side race (an empty ReadError), seen in a 300-s soak with httpx's defaults.
-    limits = httpx.Limits(
-        max_connections=SOAK_CONCURRENCY, max_keepalive_connections=SOAK_CONCURRENCY, keepalive_expiry=2.0
-    )
+    # A new connection per stream: reusing a kept-alive one races uvicorn closing it (an empty ReadError on the
+    # client), seen in a 300-s soak with httpx's defaults and, on a loaded 2-core host, with a 2-s client expiry too.
+    limits = httpx.Limits(max_connections=SOAK_CONCURRENCY, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*(one_client(w, http) for w in range(SOAK_CONCURRENCY)))
     return latencies, errors
