@@ -57,7 +57,7 @@ from kvpool_testkit.tiny_model import PRESETS, build_model
 THROUGHPUT_PHASES = ("no connector", "connector", "connector, lookups only", "connector, shared memory")
 
 
-def _prompts(lengths: list[int], reps: int, seed: int, vocab: int) -> list[list[int]]:
+def random_prompts(lengths: list[int], reps: int, seed: int, vocab: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths for _ in range(reps)]
 
@@ -80,7 +80,7 @@ def _each_ms(run: EngineRun) -> list[tuple[int, float]]:
 
 
 @dataclass
-class _Engines:
+class Engines:
     """Fresh engine processes of one benchmark: every prompt alone in one step (``max_num_batched_tokens`` = the
     longest), one output token; each run announced, and the cores it ran on reported."""
 
@@ -139,10 +139,10 @@ def main() -> None:
         model = str(build_model(work / f"{args.preset}-llama", preset=args.preset))
         env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "3"})
         vocab = PRESETS[args.preset].vocab_size
-        prompts = _prompts(args.lengths, args.reps, seed=1, vocab=vocab)
+        prompts = random_prompts(args.lengths, args.reps, seed=1, vocab=vocab)
         max_len = max(max(args.lengths), args.batch_tokens) + 64
 
-        bench = _Engines(console, model, work, env, max_len)
+        bench = Engines(console, model, work, env, max_len)
         spec, engine = bench.spec, bench.run
 
         runs: dict[str, EngineRun] = {}
@@ -182,7 +182,7 @@ def main() -> None:
             for rep in range(args.throughput_reps):
                 for i, name in enumerate(THROUGHPUT_PHASES):
                     # new prompts for every run: a batch saved by one run must not hit in the next
-                    batch = _prompts([args.batch_tokens], args.batch, seed=100 + 10 * rep + i, vocab=vocab)
+                    batch = random_prompts([args.batch_tokens], args.batch, seed=100 + 10 * rep + i, vocab=vocab)
                     label = f"all-miss batch, {name} ({rep + 1}/{args.throughput_reps})"
                     throughput_runs[name].append(engine(label, spec(configs[name], batch, sequential=False)))
 
@@ -301,10 +301,10 @@ def _mla(args: argparse.Namespace, console: Console) -> None:
         work = Path(tmp)
         model = str(build_model(work / preset, preset=preset))
         env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "3"})
-        prompts = _prompts(args.lengths, args.reps, seed=1, vocab=PRESETS[preset].vocab_size)
+        prompts = random_prompts(args.lengths, args.reps, seed=1, vocab=PRESETS[preset].vocab_size)
         max_len = max(args.lengths) + 64
 
-        bench = _Engines(console, model, work, env, max_len, {"dtype": "bfloat16"})
+        bench = Engines(console, model, work, env, max_len, {"dtype": "bfloat16"})
 
         def engine(label: str, kv: dict | None, ps: list[list[int]]) -> EngineRun:
             return bench.run(label, bench.spec(kv, ps))

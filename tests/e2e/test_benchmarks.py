@@ -74,6 +74,7 @@ ENGINE_TOYS = {
                  "--hit-engines", "1", "--model", "mla"],
     "soak": ["benchmarks/soak_capacity.py", "--preset", "tiny", "--minutes", "0.25", "--window-s", "5",
              "--pool-mb", "64", "--prompt-tokens", "300"],
+    "hit_breakdown": ["benchmarks/bench_hit_breakdown.py", "--preset", "tiny", "--tokens", "258", "--reps", "1"],
     "multiturn": ["benchmarks/bench_multiturn.py", "--preset", "tiny", "--conversations", "2", "--turns", "2",
                   "--first", "260", "--answer", "8", "--question", "20"],
 }  # fmt: skip
@@ -112,6 +113,13 @@ def _result(toys: dict[str, Path | AssertionError], name: str, file: str) -> dic
 def test_bench_ttft_toy(toys):
     assert _result(toys, "ttft", "bench_ttft.json")["ttft_ms"]["pool hit"]["258"] > 0
     assert _result(toys, "ttft_mla", "bench_ttft_mla.json")["ttft_ms"]
+
+
+@pytest.mark.benchmark_toys
+def test_bench_hit_breakdown_toy(toys):
+    result = _result(toys, "hit_breakdown", "bench_hit_breakdown.json")
+    assert [r["mode"] for r in result["modes"]] == ["async", "auto", "sync"]
+    assert result["wire GB/s"] > 0 and all(r["transfer ms"] > 0 for r in result["modes"])
 
 
 @pytest.mark.benchmark_toys
