@@ -88,7 +88,10 @@ def pd_deployment(
     ``producer_config``: more connector keys (``producer_wait_ms``, ``async_save``); ``server_args`` and
     ``env_extra`` go to every server."""
     with ExitStack() as stack:
-        pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="1 GB"))
+        # The master drops a node silent for client_ttl with its objects. On the 2-core CI host every process stood
+        # still for up to 22 s at times (a bash loop sampling each second saw the gap): at the default 10 s the master,
+        # waking first, dropped the live pool node and the producer's puts with it. 60 s outlasts such a stall.
+        pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="1 GB", client_ttl_s=60))
         cache = workdir / "vllm-cache"
         servers = [
             start_vllm_server(
