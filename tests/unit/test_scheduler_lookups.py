@@ -168,9 +168,10 @@ def test_a_consumer_waits_for_the_producers_blocks_until_they_land_or_the_deadli
         store_blocks(scheduler, waiting, 1, marker)  # one of three blocks landed so far
         calls = count_exists_calls(scheduler)
         # Nothing running: each ask sleeps through the pause before the next query (a pause growing to 20 ms), so
-        # vLLM's empty steps, about one a millisecond otherwise, are two per query (one asks, one reads the answer).
+        # vLLM's empty steps, about one a millisecond otherwise, come a few per query (one asks, the next ones read
+        # the answer): under 80 in 300 ms, where steps that never sleep came 150-300 times.
         steps = steps_waiting(scheduler, waiting, 0.3)
-        assert 5 <= len(calls) < 40 and steps <= 2 * len(calls) + 2, (steps, calls)
+        assert 5 <= len(calls) < 40 and steps < 80, (steps, calls)
         scheduler.load_mode.step_planned(["stream"])  # a decode stream runs: its steps go on, the queries stay paced
         calls.clear()
         steps = steps_waiting(scheduler, waiting, 0.3)
