@@ -5,7 +5,8 @@ prompts, each alone in one step, in fresh engines:
 1. no connector, each prompt twice: recompute, then vLLM's local prefix hit (``local``);
 2. a pool miss that saves every block to a ``mooncake_client`` pool node over loopback TCP;
 3. fresh engines hitting the pool in each load mode: ``async`` (the default: the load runs beside the batch and the
-   hit waits for the step after it), ``auto`` (on an idle engine: synchronous), ``sync`` (lookup and load inline);
+   hit waits for the step after it), ``auto`` (on an idle engine: synchronous), ``sync``, and ``sync, lookup inline``
+   (the lookup asked inside the step instead of on the lookup thread, answered a step later);
 4. the wire: the same bytes loaded through the connector's worker outside vLLM (``bench_store``'s data path at this
    model's page size and block count): ``wire`` = bytes / that load GB/s.
 
@@ -36,7 +37,8 @@ from kvpool_testkit.tiny_model import PRESETS, build_model
 MODES = {
     "async": {"load_async": True},
     "auto": {"load_async": "auto"},
-    "sync": {"load_async": False, "lookup_async": False},
+    "sync": {"load_async": False},
+    "sync, lookup inline": {"load_async": False, "lookup_async": False},
 }
 GOAL = 1.2
 

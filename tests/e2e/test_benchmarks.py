@@ -118,7 +118,7 @@ def test_bench_ttft_toy(toys):
 @pytest.mark.benchmark_toys
 def test_bench_hit_breakdown_toy(toys):
     result = _result(toys, "hit_breakdown", "bench_hit_breakdown.json")
-    assert [r["mode"] for r in result["modes"]] == ["async", "auto", "sync"]
+    assert [r["mode"] for r in result["modes"]] == ["async", "auto", "sync", "sync, lookup inline"]
     assert result["wire GB/s"] > 0 and all(r["transfer ms"] > 0 for r in result["modes"])
 
 
