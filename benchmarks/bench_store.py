@@ -2,7 +2,9 @@
 
 Data path: a :class:`PoolWorker` (the object vLLM's worker process runs) registers KV-shaped CPU tensors and is
 handed save and load plans, exactly as ``wait_for_save`` / ``start_load_kv`` hand them; save and load GB/s for
-several page sizes and blocks per request, beside the memcpy ceiling for the same bytes.
+several page sizes and blocks per request, beside the memcpy ceiling for the same bytes. Loads across TP sizes
+(GQA): the ranks of a TP 2 engine store, a TP 1 worker loads (two head-shard objects a block, re-assembled), and the
+reverse (a TP 2 rank reads TP 1 objects and keeps its half), beside a same-TP load of the same blocks in the same run.
 
 Lookup: a :class:`PoolScheduler` (built from a real VllmConfig, asking inline) answers ``get_num_new_matched_tokens``
 for real vLLM ``Request`` objects of 1k to 32k tokens, all-hit and all-miss; p50/p99 latency.
@@ -45,9 +47,10 @@ LAYERS, BLOCK = 8, 128
 
 
 def _layout(heads: int, dim: int) -> KVLayout:
+    """TP 1, every KV head; the tensors below are laid out (blocks, heads, tokens, 2*dim): heads before tokens."""
     page = heads * BLOCK * 2 * dim * 4
     return KVLayout(
-        "bench", "float32", "float32", "cpu", "NHD", "FullAttentionSpec", BLOCK, heads, dim, page, LAYERS, 1, 1, False
+        "bench", "float32", "float32", "cpu", "LBHNC", "FullAttentionSpec", BLOCK, heads, dim, page, LAYERS, 1, 1
     )
 
 
@@ -134,6 +137,77 @@ def bench_data_path(
             failed = {k: v for k, v in worker.stats.total().items() if k.startswith(("save_failed", "save_dropped"))}
             assert not failed, f"saves failed or were dropped: {failed}"
     return sorted(rows, key=lambda r: (r["op"] != "save", r["mode"] != "async", r["page KiB"], r["blocks"]))
+
+
+def _worker(layout: KVLayout, rank: int, num_blocks: int, config) -> PoolWorker:
+    """A worker of TP rank ``rank`` with KV-shaped tensors of its heads, registered and connected."""
+    from kvpool_connector.keys import fingerprint
+
+    w = PoolWorker(layout, fingerprint(layout, rank, 0), True, num_blocks, config, ranks=(rank, 0))
+    shape = (LAYERS, num_blocks, layout.num_kv_heads, BLOCK, 2 * layout.head_size)
+    per_layer = torch.rand(shape)
+    w.register_kv_caches({f"model.layers.{i}.self_attn.attn": per_layer[i] for i in range(LAYERS)})
+    assert w.pool is not None and wait_connected(w.pool, 60), "Mooncake did not connect"
+    return w
+
+
+def bench_cross_tp(mooncake: dict, page_kib: list[int], blocks: list[int], repeat: int, bar: tqdm) -> list[dict]:
+    """Rows of load GB/s across TP sizes (bytes placed in the loading rank's pages), each beside a same-TP load of the
+    same blocks into the same worker: TP 2 -> TP 1 (two objects a block), TP 1 -> TP 2 (half of one object a rank).
+    Objects are put by other workers (pool clients) than the loading one, as an engine's hit reads another's."""
+    from kvpool_connector import head_shards
+
+    rows = []
+    for kib in page_kib:
+        heads, dim = 4, kib * 1024 // (4 * BLOCK * 2 * 4)
+        tp1 = _layout(heads, dim)
+        tp2 = head_shards.layout_at_tp(tp1, 2)
+        num_blocks = max(blocks) * 2
+        # 1 GB segments: three workers side by side (the objects land in any of them, or the pool node's)
+        small = {**mooncake, "global_segment_size": "1 GB"} if mooncake.get("global_segment_size") else mooncake
+        config = parse_config({"backend": "mooncake", "mooncake": small, "async_save": False}, env={})
+
+        # Every load reads objects another worker (client) put, as an engine's hit reads another engine's.
+        one, other = _worker(tp1, 0, num_blocks, config), _worker(tp1, 0, num_blocks, config)
+        halves = [_worker(tp2, rank, num_blocks, config) for rank in (0, 1)]
+        cases = [
+            ("TP 1 -> TP 1", [other], one, 1),
+            ("TP 2 -> TP 1", halves, one, 2),
+            ("TP 1 -> TP 2", [other], halves[0], 1),
+        ]
+        for n in blocks:
+            for mode, savers, loader, stored_tp in cases:
+                times = []
+                for r in range(repeat + 1):  # the first, untimed, finds each worker's buffers allocated
+                    hashes = [f"x{kib}-{n}-{r}-{mode}-{i}".encode() for i in range(n)]
+                    for saver in savers:
+                        saver.save(PoolConnectorMetadata(saves=[BlockTransfer("s", list(range(n)), hashes)]))
+                    sources = [stored_tp] * n if stored_tp != loader.layout.tp_size else []
+                    plan = PoolConnectorMetadata(loads=[BlockTransfer("l", list(range(n, 2 * n)), hashes, [], sources)])
+                    elapsed = _timed(lambda w=loader, plan=plan: w.load(plan))
+                    times += [elapsed] if r else []
+                    assert not loader.take_load_errors(), "a load failed: the numbers would be fake"
+                    for saver in savers:
+                        saver.pool.remove_shards([pool_key(saver.shards[0], f"x{kib}-{n}-{r}-".encode())])
+                    bar.update(1 if r else 0)
+                nbytes = n * loader.pages.block_bytes
+                gbps = nbytes / statistics.median(times) / 1e9
+                rows.append(
+                    {
+                        "mode": mode,
+                        "page KiB": loader.layout.page_size_bytes // 1024,
+                        "blocks": n,
+                        "MiB placed": round(nbytes / 2**20, 1),
+                        "GB/s": round(gbps, 2),
+                    }
+                )
+            same = next(r for r in rows[::-1] if r["mode"] == "TP 1 -> TP 1")
+            for row in rows[-2:]:
+                row["x same-TP load"] = round(row["GB/s"] / same["GB/s"], 2)
+            same["x same-TP load"] = 1.0
+        for w in (one, other, *halves):
+            w.shutdown()
+    return rows
 
 
 def bench_lookup(mooncake: dict, model_dir: str, lengths: list[int], repeat: int, bar: tqdm) -> list[dict]:
@@ -231,6 +305,11 @@ def main() -> None:
         default=1,
         help="Mooncake replica_num: copies of each object (2: the worker's segment and the pool node's)",
     )
+    parser.add_argument(
+        "--parts",
+        default="data,cross-tp,lookup",
+        help="comma-separated: data (save/load), cross-tp (loads across TP sizes), lookup (default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmark runs")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -271,14 +350,21 @@ def main() -> None:
         from kvpool_testkit.tiny_model import build_model
 
         model = str(build_model(workdir / "tiny-llama"))
-        total = len(page_kib) * 2 * len(blocks) * repeat + len(lengths) * 2 * max(repeat, 20)
+        total = len(page_kib) * 5 * len(blocks) * repeat + len(lengths) * 2 * max(repeat, 20)
         with tqdm(total=total, desc="bench_store", unit="op") as bar:
-            data_rows = bench_data_path(mooncake, segment_bytes, page_kib, blocks, repeat, bar)
-            lookup_rows = bench_lookup(mooncake, model, lengths, max(repeat, 20), bar)
+            parts = set(args.parts.split(","))
+            data_rows = (
+                bench_data_path(mooncake, segment_bytes, page_kib, blocks, repeat, bar) if "data" in parts else []
+            )
+            cross_rows = bench_cross_tp(mooncake, page_kib, blocks, repeat, bar) if "cross-tp" in parts else []
+            lookup_rows = bench_lookup(mooncake, model, lengths, max(repeat, 20), bar) if "lookup" in parts else []
     for title, rows in (
         ("Data path: PoolWorker save/load on Mooncake Store", data_rows),
+        ("Loads across TP sizes (GQA head shards): PoolWorker, synchronous loads", cross_rows),
         ("Lookup: PoolScheduler.get_num_new_matched_tokens", lookup_rows),
     ):
+        if not rows:
+            continue
         table = Table(title=title)
         for col in rows[0]:
             table.add_column(col, justify="right" if col not in ("op", "mode", "case") else "left")
@@ -295,13 +381,20 @@ def main() -> None:
     result = {
         "segment": segment,
         "data_path": data_rows,
+        "cross_tp_load": cross_rows,
         "lookup": lookup_rows,
     }
     name = "bench_store" + ("_shm" if args.shared_memory else "") + (f"_r{args.replicas}" if args.replicas > 1 else "")
+    parts = args.parts.split(",")
+    name += "" if {"data", "cross-tp", "lookup"} <= set(parts) else "_" + "_".join(parts).replace("-", "_")
     name += "_quick" if args.quick else ""
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    plot(data_rows, lookup_rows, args.out / f"{name}.png")
-    console.print(f"results: {args.out / (name + '.json')}, plot: {args.out / (name + '.png')}")
+    if data_rows and lookup_rows:
+        plot(data_rows, lookup_rows, args.out / f"{name}.png")
+    console.print(
+        f"results: {args.out / (name + '.json')}"
+        + (f", plot: {args.out / (name + '.png')}" if data_rows and lookup_rows else "")
+    )
 
 
 if __name__ == "__main__":

@@ -58,13 +58,30 @@ setup_release() {
   fi
   [ "$release" = 0.23.0 ] && memcache=1.2.0  # vllm-ascend 0.23's release branch pins memcache_hybrid 1.2.0
   "$py" -m pip install -q -r requirements-dev.txt "memcache-hybrid==$memcache" "memfabric-hybrid==$memcache"
-  "$py" -m pip install -q --no-build-isolation -e .
+  # Each environment builds the native extension in its own directory: `all` sets them up side by side.
+  "$py" -m pip install -q --no-build-isolation -C build-dir="build/${VENV#.}/{wheel_tag}" -e .
   "$py" -m pip install -q -e testkit  # the test kit, from the checkout: never in the wheel
   "$py" -c 'import vllm, kvpool_connector.ops; print("[setup] ok: vllm", vllm.__version__, "in", "'"$VENV"'")'
 }
 
 if [ "${1:-}" = all ]; then
-  for release in "${VLLM_LEGS[@]}"; do setup_release "$release"; done
+  # Side by side: pip spends much of its time waiting on downloads and unpacking, which overlap well on 2 cores
+  # (about 8 minutes one after another on a fresh machine). Each release logs to its own file, shown when done.
+  mkdir -p .work
+  pids=()
+  for release in "${VLLM_LEGS[@]}"; do
+    setup_release "$release" > ".work/setup-$release.log" 2>&1 &
+    pids+=($!)
+  done
+  failed=()
+  for i in "${!VLLM_LEGS[@]}"; do
+    wait "${pids[$i]}" || failed+=("${VLLM_LEGS[$i]}")
+    grep -E '^\[setup\]|^ERROR: (Could|No matching)' ".work/setup-${VLLM_LEGS[$i]}.log" || true
+  done
+  if [ ${#failed[@]} -gt 0 ]; then
+    for release in "${failed[@]}"; do echo "[setup] vLLM $release FAILED:"; tail -30 ".work/setup-$release.log"; done
+    exit 1
+  fi
 else
   setup_release "${1:-$KVPOOL_VLLM}"
 fi

@@ -183,7 +183,16 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Copy new blocks to a staging area at ``wait_for_save`` and put them from a background thread (the forward
     pass waits only for the local copy); ``false`` puts synchronously inside ``wait_for_save``."""
     staging_buffer_mb: Annotated[int, msgspec.Meta(gt=0, le=1 << 20)] = 256
-    """Host memory for blocks waiting to be put; when full, the oldest waiting saves are dropped and counted."""
+    """Host memory for blocks waiting to be put; when full, the oldest waiting saves are dropped and counted. A
+    worker that loads blocks stored at another TP size (``load_from_tp_sizes``) sets aside as much again, at its
+    first such load, for the objects it re-assembles."""
+    load_from_tp_sizes: list[Annotated[int, msgspec.Meta(ge=1, le=1024)]] | None = None
+    """GQA models: the TP sizes whose stored blocks this engine may load, beside its own (an engine at TP t reads
+    the head shards of a block stored at TP s and places each head range into its own pages). ``null`` (default):
+    every TP size that divides the model's KV heads; ``[]``: this engine's own only. Each size costs a lookup its
+    shard count of keys per block (at TP s, s objects per block; 1 + 2 + 4 + 8 = 15 keys instead of 8 for a model of
+    8 KV heads at TP 8 with the default). A size that does not split the KV heads evenly is refused at start-up.
+    MLA ignores it: its blocks are the same at every TP size and share keys already."""
     mooncake: MooncakeSettings | None = None
     """Inline Mooncake settings; when absent they come from the file named by ``MOONCAKE_CONFIG_PATH``."""
     mooncake_config_path: str | None = None
@@ -198,6 +207,8 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
                 "`use_layerwise`: only false is supported by this version (whole-block loads before the forward "
                 "pass and saves after it); set it to false"
             )
+        if self.load_from_tp_sizes is not None and len(set(self.load_from_tp_sizes)) != len(self.load_from_tp_sizes):
+            raise ValueError(f"`load_from_tp_sizes` lists a TP size twice: {self.load_from_tp_sizes}")
         rpc = self.memcache_rpc_port
         if isinstance(rpc, bool) or (isinstance(rpc, str) and not rpc.strip().isdigit()) or int(rpc) < 0:
             raise ValueError(f"`memcache_rpc_port` must be a non-negative integer or digit string, got {rpc!r}")

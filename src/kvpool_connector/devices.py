@@ -86,6 +86,13 @@ class DeviceRuntime(ABC):
         Raises CopyError when the runtime refuses the copies.
         """
 
+    @abstractmethod
+    def copy_in(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
+        """Host-to-device copies (a load re-assembling head shards from its staging area), ended on return.
+
+        Raises CopyError when the runtime refuses the copies.
+        """
+
 
 class CpuRuntime(DeviceRuntime):
     """vLLM's CPU backend: the KV cache is host memory and the forward pass is done when ``wait_for_save`` runs."""
@@ -107,6 +114,9 @@ class CpuRuntime(DeviceRuntime):
         return None
 
     def copy_out(self, after: Any, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
+        copy_batch(dsts, srcs, sizes, backend="cpu", threads=self._copy_threads)
+
+    def copy_in(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
         copy_batch(dsts, srcs, sizes, backend="cpu", threads=self._copy_threads)
 
 
@@ -159,10 +169,18 @@ class StreamRuntime(DeviceRuntime):
         self._torch.current_stream().wait_event(done)
         return done
 
-    def _queue_copies(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
+    def copy_in(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
+        if self._copy_stream is None:
+            self._copy_stream = self._torch.Stream(device=self.device_index)
+        self._queue_copies(dsts, srcs, sizes, getattr(self._copy_stream, self._stream_handle), direction="h2d")
+        self._copy_stream.synchronize()
+
+    def _queue_copies(
+        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int, direction: CopyDirection = "d2h"
+    ) -> None:
         kwargs = dict(
             backend=self._copy_backend,
-            direction="d2h",
+            direction=direction,
             device_id=self.device_index,
             stream=stream,
             synchronize=False,

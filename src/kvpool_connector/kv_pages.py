@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvpool_connector.head_shards import RunHeads
+
 
 @dataclass(frozen=True)
 class _Run:
@@ -38,11 +40,10 @@ def _layer_index(name: str) -> tuple[int, str]:
     return (digits[0] if digits else -1, name)
 
 
-def _runs_of(tensor: torch.Tensor, num_blocks: int, name: str) -> list[_Run]:
-    """The runs of one block in ``tensor``: the block dimension has ``num_blocks`` entries (or a multiple: vllm-ascend
-    splits a block into kernel blocks), everything after it is contiguous, and at most a K/V split (2) comes before
-    it. Every layout vLLM and vllm-ascend use fits that."""
-    elem = tensor.element_size()
+def _block_dim(tensor: torch.Tensor, num_blocks: int, name: str) -> tuple[int, int]:
+    """(the block dimension, kernel blocks per block) of ``tensor``: the block dimension has ``num_blocks`` entries
+    (or a multiple: vllm-ascend splits a block into kernel blocks), everything after it is contiguous, and at most a
+    K/V split (2) comes before it. Every layout vLLM and vllm-ascend use fits that."""
     exact, scaled = [], []
     for dim, size in enumerate(tensor.shape):
         outer = int(np.prod(tensor.shape[:dim])) if dim else 1
@@ -58,7 +59,13 @@ def _runs_of(tensor: torch.Tensor, num_blocks: int, name: str) -> list[_Run]:
             "K/V split above); this layout is not supported"
         )
     dim = candidates[0]
-    scale = tensor.shape[dim] // num_blocks  # kernel blocks per vLLM block: adjacent, so they fold into one run
+    return dim, tensor.shape[dim] // num_blocks
+
+
+def _runs_of(tensor: torch.Tensor, num_blocks: int, name: str) -> list[_Run]:
+    """The runs of one block in ``tensor`` (``_block_dim``)."""
+    elem = tensor.element_size()
+    dim, scale = _block_dim(tensor, num_blocks, name)  # kernel blocks per vLLM block: adjacent, one run
     inner_bytes = (int(np.prod(tensor.shape[dim + 1 :])) if dim + 1 < tensor.dim() else 1) * elem
     if scale > 1 and tensor.stride(dim) * elem != inner_bytes:
         raise ValueError(
@@ -71,6 +78,30 @@ def _runs_of(tensor: torch.Tensor, num_blocks: int, name: str) -> list[_Run]:
         offset = sum(i * s for i, s in zip(index, tensor.stride(), strict=False)) * elem
         runs.append(_Run(tensor.data_ptr() + offset, scale * tensor.stride(dim) * elem, scale * inner_bytes))
     return runs
+
+
+def _run_heads(
+    tensor: torch.Tensor, num_blocks: int, name: str, heads: int, block_size: int, heads_first: bool | None
+) -> RunHeads | str:
+    """How each of this tensor's runs lays out its ``heads`` KV heads, or why that cannot be told: the dimension
+    under the block dimension of size ``heads``; where several are, the one with the token dimension beside it, on
+    the side the layout's name puts it (``heads_first``: heads before tokens; None: not named)."""
+    dim, scale = _block_dim(tensor, num_blocks, name)
+    tail = [int(n) for n in tensor.shape[dim + 1 :]]
+    found = [d for d, n in enumerate(tail) if n == heads]
+    if len(found) > 1:
+        tokens = block_size // scale
+        before = {d for d in found if d > 0 and tail[d - 1] == tokens}
+        after = {d for d in found if d + 1 < len(tail) and tail[d + 1] == tokens}
+        beside = after if heads_first else before if heads_first is False else before | after
+        found = sorted(beside)
+    if len(found) != 1:
+        return (
+            f"KV cache tensor {name} {tuple(tensor.shape)}: {len(found) or 'no'} dimensions below the block dimension "
+            f"look like the {heads} KV heads"
+        )
+    d = found[0]
+    return RunHeads(outer=scale * int(np.prod(tail[:d])), inner=int(np.prod(tail[d + 1 :])) * tensor.element_size())
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -93,19 +124,28 @@ class KVPages:
         num_blocks: int,
         page_size_bytes: int,
         groups: Sequence[Sequence[str]] | None = None,
+        kv_heads: int = 0,
+        block_size: int = 0,
+        heads_first: bool | None = None,
     ) -> None:
-        """``groups``: the layer names of each KV cache group (vLLM's ``kv_cache_groups``); None: one group."""
+        """``groups``: the layer names of each KV cache group (vLLM's ``kv_cache_groups``); None: one group.
+        ``kv_heads`` (per rank), ``block_size`` and ``heads_first`` (the layout's name puts heads before tokens;
+        None: it does not say): given, ``run_heads`` tells where the heads sit in each run."""
         spans: list[tuple[int, int]] = []
         self.layer_names = sorted(kv_caches, key=_layer_index)
         self.device = torch.device("cpu")
         runs_of_layer: dict[str, list[_Run]] = {}
+        heads_of_layer: dict[str, list[RunHeads | str]] = {}
         for name in self.layer_names:
             value = kv_caches[name]
             tensors = [value] if isinstance(value, torch.Tensor) else list(value)
-            runs_of_layer[name] = []
+            runs_of_layer[name], heads_of_layer[name] = [], []
             for tensor in tensors:
                 tensor_runs = _runs_of(tensor, num_blocks, name)
                 runs_of_layer[name] += tensor_runs
+                if kv_heads:
+                    heads = _run_heads(tensor, num_blocks, name, kv_heads, block_size, heads_first)
+                    heads_of_layer[name] += [heads] * len(tensor_runs)
                 # From the tensor's first byte to its last block's end, as production registers it: not the raw
                 # storage, whose start vllm-ascend pads for 2 MiB alignment.
                 spans += [(r.base, r.base + (num_blocks - 1) * r.block_stride + r.nbytes) for r in tensor_runs]
@@ -132,6 +172,11 @@ class KVPages:
             )
         self.num_blocks = num_blocks
         self.num_groups = len(group_layers)
+        heads = [h for name in group_layers[0] for h in heads_of_layer.get(name, [])]
+        problems = [h for h in heads if isinstance(h, str)]
+        self.run_heads: list[RunHeads] | None = None if problems or not heads else heads  # type: ignore[assignment]
+        """Where each run (object order) keeps its KV heads; None when not asked for or not told."""
+        self.run_heads_problem: str | None = problems[0] if problems else None
 
     def address_array(self, block_ids: Sequence[int], groups: Sequence[int] | None = None) -> np.ndarray:
         """(blocks, runs) array of run start addresses, runs in object order (layer-major); ``groups``: the KV cache

@@ -15,6 +15,9 @@ class BlockTransfer:
     block_ids: list[int]  # where in this worker's KV cache
     block_hashes: list[bytes]  # vLLM's chained hash of each block: the pool key's variable part
     groups: list[int] = field(default_factory=list)  # each block's KV cache group (hybrid models); empty: all group 0
+    sources: list[int] = field(default_factory=list)
+    """The TP size each block was stored at, where some differ from this engine's (GQA loads across TP sizes); empty:
+    every block is this engine's own layout."""
 
     def block_groups(self) -> list[int]:
         return self.groups or [0] * len(self.block_ids)

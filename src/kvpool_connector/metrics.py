@@ -6,7 +6,8 @@ since the last call as a :class:`PoolConnectorStats`; vLLM aggregates them, logs
 ``vllm:kvpool_*``.
 
 Counter names (``data`` keys): ``lookups``, ``lookup_tokens`` (prompt tokens looked up past the local hit),
-``hit_tokens``, ``sync_loads``/``async_loads`` (hits by load mode), ``loaded_blocks``, ``loaded_bytes``,
+``hit_tokens``, ``sync_loads``/``async_loads`` (hits by load mode), ``loaded_blocks`` (``loaded_other_tp_blocks``
+of them from another TP size's objects), ``loaded_bytes``,
 ``load_seconds``, ``saved_blocks``, ``saved_bytes``, ``save_seconds``, ``save_skipped_present``,
 ``producer_wait_expired``, ``outages``, and per reason ``load_failed.<reason>``, ``save_failed.<reason>``,
 ``save_dropped.<reason>`` (``staging_full``, ``unavailable``, ``shutdown``).
@@ -26,6 +27,7 @@ PLAIN_COUNTERS = (
     ("sync_loads", "Pool hits loaded before the forward pass (load_async false, or auto's choice)."),
     ("async_loads", "Pool hits loaded on the loader thread while the batch ran (load_async true, or auto's choice)."),
     ("loaded_blocks", "KV blocks loaded from the pool."),
+    ("loaded_other_tp_blocks", "KV blocks loaded from objects stored at another TP size (GQA head shards)."),
     ("loaded_bytes", "Bytes loaded from the pool."),
     ("load_seconds", "Seconds spent loading from the pool."),
     ("saved_blocks", "KV blocks stored in the pool."),

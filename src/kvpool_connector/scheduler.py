@@ -31,7 +31,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvpool_connector import compat, keys
+import numpy as np
+
+from kvpool_connector import compat, head_shards, keys
 from kvpool_connector.backends import ClientRole, backend_class, create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
@@ -71,6 +73,29 @@ def present_prefix_blocks(found: list[bool], num_shards: int, windows: Sequence[
     return 0
 
 
+def present_prefix_by_layout(
+    found: Sequence[bool], layout_groups: Sequence[Sequence[int]], windows: Sequence[int | None]
+) -> tuple[int, list[list[int]]]:
+    """The longest hit, in blocks, across readable stored layouts, and where each of its blocks loads from.
+
+    ``found``: exists() answers of each layout in turn, each block-major, shard-minor; ``layout_groups[l]``: the KV
+    cache group of each of layout l's shards; ``windows``: each group's window (``present_prefix_blocks``). A block
+    of a group is there when some layout holds every shard of that group; it loads from the first such layout (the
+    order is the preference). Returns the hit and, per block of it and per group, that layout's index."""
+    num_groups = len(windows)
+    blocks = len(found) // max(1, sum(len(groups) for groups in layout_groups))
+    present = np.zeros((len(layout_groups), blocks, num_groups), dtype=bool)
+    offset = 0
+    for index, groups in enumerate(layout_groups):
+        answers = np.asarray(found[offset : offset + blocks * len(groups)], dtype=bool).reshape(blocks, len(groups))
+        offset += blocks * len(groups)
+        shard_group = np.asarray(groups)
+        for g in range(num_groups):
+            present[index, :, g] = answers[:, shard_group == g].all(axis=1)
+    hit = present_prefix_blocks(present.any(axis=0).ravel().tolist(), num_groups, windows)
+    return hit, present.argmax(axis=0)[:hit].tolist()
+
+
 def matched_tokens(start_block: int, found_blocks: int, block_size: int, num_tokens: int, num_computed: int) -> int:
     """Tokens the pool adds beyond the local hit; a full-prompt hit still leaves the last token to compute."""
     hit = min((start_block + found_blocks) * block_size, num_tokens - 1)
@@ -83,6 +108,7 @@ class _LoadAnswer:
     num_blocks: int
     block_hashes: list[bytes]
     load_async: bool
+    sources: list[list[int]]  # per block and KV cache group: the stored TP size it loads from
 
 
 @dataclass
@@ -116,21 +142,35 @@ class _ProducerWait:
 
 
 def group_blocks(
-    block_ids: Sequence[Sequence[int]], indices: Iterable[int], hashes: Sequence[bytes]
-) -> tuple[list[int], list[bytes], list[int]]:
-    """Block ids, hashes and KV cache groups of the blocks at ``indices`` (``hashes[k]`` is the k-th index's) in
-    every group that holds them. A group holds no block where vLLM gave it the null block: a sliding-window group
-    outside its window, so a load fills only the window and a save skips blocks the group already dropped."""
+    req_id: str,
+    block_ids: Sequence[Sequence[int]],
+    indices: Iterable[int],
+    hashes: Sequence[bytes],
+    sources: Sequence[Sequence[int]] | None = None,
+    own_tp: int = 0,
+) -> BlockTransfer:
+    """The transfer of the blocks at ``indices`` (``hashes[k]`` is the k-th index's) in every KV cache group that
+    holds them. A group holds no block where vLLM gave it the null block: a sliding-window group outside its window,
+    so a load fills only the window and a save skips blocks the group already dropped. ``sources[k][g]``: the stored
+    TP size the k-th block of group g loads from (None, or ``own_tp`` everywhere: this engine's own)."""
     ids: list[int] = []
     out_hashes: list[bytes] = []
     groups: list[int] = []
+    stored_tp: list[int] = []
     for k, i in enumerate(indices):
         for g, group_ids in enumerate(block_ids):
             if i < len(group_ids) and group_ids[i] != compat.NULL_BLOCK_ID:
                 ids.append(group_ids[i])
                 out_hashes.append(hashes[k])
                 groups.append(g)
-    return ids, out_hashes, groups
+                stored_tp.append(sources[k][g] if sources is not None else own_tp)
+    return BlockTransfer(
+        req_id,
+        ids,
+        out_hashes,
+        groups if any(groups) else [],
+        stored_tp if any(tp != own_tp for tp in stored_tp) else [],
+    )
 
 
 @dataclass
@@ -167,8 +207,14 @@ class PoolScheduler:
         self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)
         self.shards = keys.shard_fingerprints(self.layout)
         self.group_shards = [keys.shard_fingerprints(self.layout, g) for g in range(self.layout.num_groups)]
-        windows = keys.group_windows([g.kv_cache_spec for g in kv_cache_config.kv_cache_groups], self.block_size)
-        self.shard_windows = [windows[g] for g in keys.shard_groups(self.layout)]  # lookups: blocks back per shard
+        self.windows = keys.group_windows([g.kv_cache_spec for g in kv_cache_config.kv_cache_groups], self.block_size)
+        # The stored layouts a lookup asks for, this engine's own first: GQA blocks stored at another TP size load too.
+        self.readable = [
+            head_shards.layout_at_tp(self.layout, tp)
+            for tp in head_shards.readable_tp_sizes(self.layout, config.pool.load_from_tp_sizes)
+        ]
+        self.readable_shards = [keys.shard_fingerprints(stored) for stored in self.readable]
+        self.readable_groups = [keys.shard_groups(stored) for stored in self.readable]
         self.loads_enabled = transfer.is_kv_consumer
         self.saves_enabled = transfer.is_kv_producer
         self.lookup_timeout_s = config.pool.lookup_timeout_ms / 1e3
@@ -198,12 +244,16 @@ class PoolScheduler:
         for note in config.notes:
             logger.info("MemcacheConnectorStoreV1 config: %s", note)
         logger.info(
-            "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d",
+            "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d%s",
             config.pool.backend,
             self.loads_enabled,
             self.saves_enabled,
             self.block_size,
             len(self.shards),
+            f"; loads blocks stored at TP sizes {[s.tp_size for s in self.readable]} ({len(self.lookup_keys([b'']))} "
+            "keys a block)"
+            if len(self.readable) > 1 and self.loads_enabled
+            else "",
         )
 
     def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
@@ -235,9 +285,10 @@ class PoolScheduler:
             if self.load_mode.busy:
                 return None, False  # running requests' steps go on meanwhile
             time.sleep(wait.next_poll - now)
-        found = self._found_blocks(state, start, hashes)
-        if found is None:
+        answer = self._found_blocks(state, start, hashes)
+        if answer is None:
             return None, False
+        found, found_at = answer
         if wait is not None and start + found < wait.blocks:
             if (now := time.monotonic()) < wait.deadline:
                 state.forget_lookup()  # ask again after a pause: the producer's put may land any moment
@@ -260,28 +311,32 @@ class PoolScheduler:
         if extra <= 0:
             return 0, False
         load_async = self.load_mode.load_async(-(-extra // self.block_size))
-        state.answer = _LoadAnswer(start, found, hashes[start : start + found], load_async)
+        sources = [[self.readable[i].tp_size for i in groups] for groups in found_at]
+        state.answer = _LoadAnswer(start, found, hashes[start : start + found], load_async, sources)
         return extra, load_async
 
-    def _found_blocks(self, state: _RequestState, start: int, hashes: list[bytes]) -> int | None:
-        """Leading blocks from ``start`` the pool holds on every shard; None while an asynchronous query runs."""
+    def _found_blocks(
+        self, state: _RequestState, start: int, hashes: list[bytes]
+    ) -> tuple[int, list[list[int]]] | None:
+        """Leading blocks from ``start`` the pool holds on every shard of some readable layout, and the layout each
+        block's groups load from (``present_prefix_by_layout``); None while an asynchronous query runs."""
         assert self.pool is not None and self.lookups is not None
         if not self.lookup_async:
-            found = self.lookups.exists_within(self._shard_keys(hashes[start:]), self.lookup_timeout_s)
-            return present_prefix_blocks(found, len(self.shards), self.shard_windows)
+            found = self.lookups.exists_within(self.lookup_keys(hashes[start:]), self.lookup_timeout_s)
+            return present_prefix_by_layout(found, self.readable_groups, self.windows)
         question = (start, len(hashes))
         lookup = state.lookup
         if lookup is None or lookup.question != question:  # keys are built only for a new question
-            future = self.lookups.exists_async(self._shard_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
+            future = self.lookups.exists_async(self.lookup_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
             lookup = state.lookup = _Lookup(question, future, time.monotonic() + self.lookup_timeout_s)
         if lookup.future.done():
-            return present_prefix_blocks(lookup.future.result(), len(self.shards), self.shard_windows)
+            return present_prefix_by_layout(lookup.future.result(), self.readable_groups, self.windows)
         if time.monotonic() < lookup.deadline:
             return None
         self.pool.warn(
             "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.lookup_timeout_s * 1e3
         )
-        return 0
+        return 0, []
 
     def may_load_async(self, request: Request) -> bool:
         """vLLM 0.34 asks this, cheaply and before any lookup, as a request enters the waiting queue: with
@@ -292,9 +347,9 @@ class PoolScheduler:
         notice = (request.kv_transfer_params or {}).get(SAVING_PARAM)
         return self.pool is not None and self.load_mode.ever_async and isinstance(notice, dict)
 
-    def _shard_keys(self, hashes: list[bytes]) -> list[str]:
-        """Block-major, shard-minor: the layout ``present_prefix_blocks`` reads."""
-        return [keys.pool_key(shard, h) for h in hashes for shard in self.shards]
+    def lookup_keys(self, hashes: list[bytes]) -> list[str]:
+        """Each readable layout's keys in turn, block-major, shard-minor: what ``present_prefix_by_layout`` reads."""
+        return [keys.pool_key(shard, h) for shards in self.readable_shards for h in hashes for shard in shards]
 
     def _producer_wait(self, state: _RequestState) -> _ProducerWait | None:
         """The producer's notice in a decode request's ``kv_transfer_params``, when this engine can use its blocks:
@@ -305,8 +360,8 @@ class PoolScheduler:
         notice = params.get(SAVING_PARAM)
         if not isinstance(notice, dict) or params.get("do_remote_prefill"):
             return None
-        if notice.get("shards") != self.shards or not isinstance(notice.get("blocks"), int):
-            return None  # another model or parallel layout: its blocks are not ours to wait for
+        if notice.get("shards") not in self.readable_shards or not isinstance(notice.get("blocks"), int):
+            return None  # another model, or a layout this engine does not read: its blocks are not ours to wait for
         state.producer_wait = _ProducerWait(notice["blocks"], time.monotonic() + self.producer_wait_s)
         return state.producer_wait
 
@@ -325,8 +380,14 @@ class PoolScheduler:
             return
         count = min(-(-num_external_tokens // self.block_size), answer.num_blocks)
         first = answer.start_block
-        ids, hashes, groups = group_blocks(state.block_ids, range(first, first + count), answer.block_hashes)
-        transfer = BlockTransfer(request.request_id, ids, hashes, groups)
+        transfer = group_blocks(
+            request.request_id,
+            state.block_ids,
+            range(first, first + count),
+            answer.block_hashes,
+            answer.sources,
+            self.layout.tp_size,
+        )
         self.stats.add("async_loads" if answer.load_async else "sync_loads")
         if answer.load_async:
             self._step_async_loads.append(transfer)
@@ -400,11 +461,11 @@ class PoolScheduler:
         state.next_save_block = len(hashes)
         if not todo:
             return
-        ids, todo_hashes, groups = group_blocks(state.block_ids, todo, [hashes[i] for i in todo])
-        meta.saves.append(BlockTransfer(request.request_id, ids, todo_hashes, groups))
+        save = group_blocks(request.request_id, state.block_ids, todo, [hashes[i] for i in todo])
+        meta.saves.append(save)
         if self.events is not None:
             objects: dict[bytes, list[str]] = defaultdict(list)  # every shard's object in each group holding it
-            for block_hash, group in zip(todo_hashes, groups, strict=True):
+            for block_hash, group in zip(save.block_hashes, save.block_groups(), strict=True):
                 objects[block_hash] += (keys.pool_key(shard, block_hash) for shard in self.group_shards[group])
             for i in todo:
                 if not objects[hashes[i]]:

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvpool_connector import compat, keys
+from kvpool_connector import compat, head_shards, keys
 from kvpool_connector.backends import ClientRole, PoolBackend, PoolUnavailable, backend_class, create_backend
-from kvpool_connector.config import ResolvedConfig
+from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
 from kvpool_connector.kv_allocation import KVCacheAt
 from kvpool_connector.kv_events import StoredInPool, WorkerStoredLog
 from kvpool_connector.kv_pages import KVPages
-from kvpool_connector.loading import BlockLoader
+from kvpool_connector.loading import BlockLoader, HeadShardReader
 from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, take_stats
@@ -64,9 +64,10 @@ class PoolWorker:
         runtime: DeviceRuntime | None = None,
         kv_events: bool = False,
         group_layers: Sequence[Sequence[str]] | None = None,
+        ranks: tuple[int, int] = (0, 0),
     ) -> None:
         """``shards``: this worker's fingerprint of each KV cache group (one string: one group), ``group_layers``:
-        the layer names of each group (None: one group of every layer)."""
+        the layer names of each group (None: one group of every layer), ``ranks``: this worker's (tp, pp) rank."""
         self.layout = layout
         self.shards = [shards] if isinstance(shards, str) else list(shards)
         self.group_layers = group_layers
@@ -77,6 +78,9 @@ class PoolWorker:
         self._device_id = device_id  # the worker's local rank: the device its pool client binds, unless configured
         self._kv_cache_bytes = kv_cache_bytes
         self.stripe = stripe  # (index, count): this rank puts the step's blocks index::count
+        self.ranks = ranks
+        # GQA: the other TP sizes whose stored blocks this worker re-assembles (the scheduler plans such loads)
+        self.other_tp_sizes = head_shards.readable_tp_sizes(layout, config.pool.load_from_tp_sizes)[1:]
         self.runtime = runtime  # from the KV tensors' device at register_kv_caches unless given
         self._attached: PoolBackend | None = None  # connected early to place the KV cache; the pool handle takes it
         self.kv_cache_placement: KVCacheAt | None = None
@@ -106,6 +110,7 @@ class PoolWorker:
             stripe=layout.stripe(tp_rank),
             kv_events=compat.kv_events_enabled(vllm_config),
             group_layers=[g.layer_names for g in groups] if len(groups) > 1 else None,
+            ranks=(tp_rank, pp_rank),
         )
 
     # -- 0. where the KV cache is allocated ------------------------------------------------------------------
@@ -141,7 +146,16 @@ class PoolWorker:
 
     # -- 1. start-up ----------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> None:
-        pages = self.pages = KVPages(kv_caches, self.num_blocks, self.layout.page_size_bytes, self.group_layers)
+        heads = self.layout.num_kv_heads if self.other_tp_sizes else 0  # where the heads sit: for other TP sizes
+        pages = self.pages = KVPages(
+            kv_caches,
+            self.num_blocks,
+            self.layout.page_size_bytes,
+            self.group_layers,
+            heads,
+            self.layout.block_size,
+            head_shards.heads_first(self.layout),
+        )
         self._backend_type.check_worker(self._config, pages.device.type, pages.block_bytes, len(pages.run_sizes))
         runtime = self.runtime = self.runtime or self._runtime_for(pages.device)
         if pages.on_device:
@@ -150,7 +164,15 @@ class PoolWorker:
         self.pool = self._pool_handle(runtime)
         for ptr, size in pages.regions:
             self.pool.register_memory(ptr, size)
-        self.loader = BlockLoader(self.pool, pages, self.shards, self.stats, bind_thread=runtime.bind_thread)
+        self.loader = BlockLoader(
+            self.pool,
+            pages,
+            self.shards,
+            self.stats,
+            bind_thread=runtime.bind_thread,
+            own_tp=self.layout.tp_size,
+            other_tp=self._head_shard_reader(pages, runtime),
+        )
         if self.saves_enabled:
             staging = max(1, (self._config.pool.staging_buffer_mb << 20) // pages.block_bytes)
             self.saver = BlockSaver(
@@ -165,6 +187,27 @@ class PoolWorker:
             )
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
         self._log_startup()
+
+    def _head_shard_reader(self, pages: KVPages, runtime: DeviceRuntime) -> HeadShardReader | None:
+        """The reader of blocks stored at other TP sizes, when this layout reads any. Where the heads sit in a page
+        cannot be told from the KV tensors, such blocks are refused: an error when ``load_from_tp_sizes`` asked for
+        them, else a warning (the scheduler still finds them; their loads fail and vLLM recomputes them)."""
+        if not self.other_tp_sizes:
+            return None
+        assert self.pool is not None
+        if pages.run_heads is None:
+            reason = (
+                f"loads of blocks stored at TP sizes {self.other_tp_sizes} need each KV head's place in a page, and "
+                f"{pages.run_heads_problem}"
+            )
+            if self._config.pool.load_from_tp_sizes:
+                raise ConfigError(f"load_from_tp_sizes: {reason}; leave them out of load_from_tp_sizes")
+            logger.warning(
+                "%s: such blocks are recomputed (set load_from_tp_sizes: [] to stop looking them up)", reason
+            )
+            return None
+        staging = self._config.pool.staging_buffer_mb << 20
+        return HeadShardReader(self.pool, pages, self.layout, self.ranks, runtime, staging)
 
     @staticmethod
     def _runtime_for(device: torch.device) -> DeviceRuntime:
@@ -194,6 +237,12 @@ class PoolWorker:
             self.shards[0],
             f" (KV cache group 0 of {len(self.shards)}; groups: {groups_note})" if groups_note else "",
         )
+        if self.loader is not None and self.loader.other_tp is not None:
+            logger.info(
+                "blocks stored at TP sizes %s load too: the stored head shards holding this rank's KV heads are read "
+                "and placed by head range",
+                self.other_tp_sizes,
+            )
         if self.runtime.helper_cpus:
             logger.info(
                 "pool client and save threads on CPUs %s, off the forward pass's", sorted(self.runtime.helper_cpus)

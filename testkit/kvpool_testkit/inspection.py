@@ -8,11 +8,20 @@ import re
 import time
 from typing import Any
 
+WORKER_SHARD = re.compile(r"MemcacheConnectorStoreV1 worker: .* shard ([0-9a-f]{16})")
+
 
 def worker_shard(log: str) -> str:
-    match = re.search(r"MemcacheConnectorStoreV1 worker: .* shard ([0-9a-f]{16})", log)
+    match = WORKER_SHARD.search(log)
     assert match, "worker did not log its shard fingerprint"
     return match.group(1)
+
+
+def worker_shards(log: str) -> list[str]:
+    """Every rank's shard fingerprint, sorted and each once (ranks that replicate heads share one)."""
+    shards = sorted(set(WORKER_SHARD.findall(log)))
+    assert shards, "no worker logged its shard fingerprint"
+    return shards
 
 
 def worker_block_bytes(log: str) -> int:

@@ -103,3 +103,12 @@ class RecordingDevice(DeviceRuntime):
         self.copies += 1
         # The copy completes with the writes it waited for; the compute stream waits for it in turn.
         return FakeEvent(visible)
+
+    def copy_in(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
+        """Host-to-device copies on a side stream, then a synchronize: done on return."""
+        if self.fail_next_copies:
+            self.fail_next_copies -= 1
+            raise CopyError("fake aclrtMemcpyBatchAsync failed (507011) at copy 0 of 1")
+        for dst, src, size in zip(dsts.tolist(), srcs.tolist(), sizes.tolist(), strict=True):
+            ctypes.memmove(dst, src, size)
+        self.copies += 1

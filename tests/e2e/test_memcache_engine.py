@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvpool_testkit.engine import EngineRun, EngineSpec, engine_env, run_engine
-from kvpool_testkit.inspection import prompt_block_keys
+from kvpool_testkit.inspection import prompt_block_keys, worker_shards
 from kvpool_testkit.workloads import expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e
@@ -164,7 +163,7 @@ def tp2(tiny_model, meta, tmp_path_factory):
     saved = run_counted(store, tiny_model, root / "save", env, True, tp=2, sequential=True)
     # One head shard's object of the second prompt's last block goes missing: the fresh engine must recompute that
     # block and load every other one.
-    shards = sorted(set(re.findall(r"MemcacheConnectorStoreV1 worker: .* shard ([0-9a-f]{16})", saved.engine.log)))
+    shards = worker_shards(saved.engine.log)
     assert len(shards) == 2, "each rank logs its own shard"
     for key in prompt_block_keys(shards[1], PROMPTS[1])[2:]:
         (store / hashlib.sha256(key.encode()).hexdigest()).unlink()

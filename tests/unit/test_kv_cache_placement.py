@@ -18,9 +18,7 @@ pytestmark = pytest.mark.processes
 
 BLOCK, HEADS, DIM, LAYERS, BLOCKS = 16, 4, 64, 2, 8  # fp32, K+V: 32 KiB per layer page
 PAGE = HEADS * BLOCK * 2 * DIM * 4
-LAYOUT = KVLayout(
-    "t", "float32", "float32", "cpu", "NHD", "FullAttentionSpec", BLOCK, HEADS, DIM, PAGE, LAYERS, 1, 1, False
-)
+LAYOUT = KVLayout("t", "float32", "float32", "cpu", "NHD", "FullAttentionSpec", BLOCK, HEADS, DIM, PAGE, LAYERS, 1, 1)
 KV_BYTES = LAYERS * BLOCKS * PAGE
 
 

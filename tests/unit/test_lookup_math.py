@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpool_connector.scheduler import matched_tokens, present_prefix_blocks
+from kvpool_connector.scheduler import matched_tokens, present_prefix_blocks, present_prefix_by_layout
 
 
 def test_present_prefix_needs_every_shard():
@@ -65,3 +65,24 @@ def test_windowed_hits_are_the_longest_with_whole_windows(blocks, window):
     full_prefix = next((i for i, (f, _) in enumerate(blocks) if not f), len(blocks))
     whole = [end for end in range(1, full_prefix + 1) if all(w for _, w in blocks[max(0, end - window) : end])]
     assert hit == max(whole, default=0)
+
+
+def test_a_block_loads_from_the_first_stored_layout_that_holds_all_of_it():
+    # 3 blocks; layout 0 (this engine's, 1 shard) holds block 0; layout 1 (2 shards) holds blocks 0-2 but block 2
+    # on one shard only; layout 2 (4 shards) holds block 2 whole.
+    own = [True, False, False]
+    half = [True, True, True, True, True, False]
+    quarters = [False] * 8 + [True] * 4
+    assert present_prefix_by_layout(own + half + quarters, [[0], [0, 0], [0] * 4], [None]) == (3, [[0], [1], [2]])
+    assert present_prefix_by_layout(own + half, [[0], [0, 0]], [None]) == (2, [[0], [1]])
+    # two KV cache groups: each block of each group from its own first full layout; a window group needs only its window
+    assert present_prefix_by_layout(
+        [True, False, False, False, True, True, True, True], [[0, 1], [0, 1]], [None, 1]
+    ) == (2, [[0, 1], [1, 1]])
+
+
+@given(st.lists(st.booleans(), max_size=48), st.integers(1, 3))
+def test_one_stored_layout_reads_like_present_prefix_blocks(found, shards):
+    found = found[: len(found) // shards * shards]
+    hit, sources = present_prefix_by_layout(found, [[0] * shards], [None])
+    assert hit == present_prefix_blocks(found, shards) and sources == [[0]] * hit

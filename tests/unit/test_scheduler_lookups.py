@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from kvpool_connector import keys
-from kvpool_connector.metadata import PoolConnectorMetadata
+from kvpool_connector.config import ConfigError
+from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.routing import SAVING_PARAM
 from kvpool_connector.scheduler import _RequestState, group_blocks
 from kvpool_testkit.inspection import wait_connected
@@ -50,6 +51,12 @@ def store_blocks(scheduler, request, blocks: int, marker) -> None:
     hashes = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, blocks)
     wanted = [keys.pool_key(s, h) for h in hashes for s in scheduler.shards]
     assert all(o.ok for o in scheduler.pool.put(wanted, [[marker.ctypes.data]] * len(wanted), [[64]] * len(wanted)))
+
+
+def keys_a_block(scheduler) -> int:
+    """Keys a lookup asks per block: this engine's shards, and every other TP size's it reads (3 for the tiny Llama
+    at TP 1: its own object and a TP 2 engine's two)."""
+    return len(scheduler.lookup_keys([b"\0" * 32]))
 
 
 def count_exists_calls(scheduler) -> list[int]:
@@ -93,7 +100,7 @@ def test_a_non_blocking_lookup_answers_none_until_in_then_the_same_answer(tiny_m
         calls = count_exists_calls(scheduler)
         assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # asked, not waited for
         assert answer_when_ready(scheduler, request) == (2 * BLOCK, True)  # loads asynchronously by default
-        assert calls == [3]  # asked once, however often vLLM called
+        assert calls == [3 * keys_a_block(scheduler)]  # asked once, however often vLLM called
         assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # a new call is a new question
     finally:
         scheduler.shutdown()
@@ -109,7 +116,7 @@ def test_lookups_of_requests_arriving_together_share_pool_calls(tiny_model, pool
         assert all(scheduler.get_num_new_matched_tokens(r, 0) == (None, False) for r in batch)
         answers = [answer_when_ready(scheduler, r) for r in batch]
         assert answers == [(2 * BLOCK, True), (0, False)] * 32
-        assert sum(calls) == 64 * 2 and len(calls) <= 3, calls  # 64 questions, at most a few pool calls
+        assert sum(calls) == 64 * 2 * keys_a_block(scheduler) and len(calls) <= 3, calls  # 64 questions, few calls
     finally:
         scheduler.shutdown()
 
@@ -253,8 +260,8 @@ def test_each_kv_cache_group_moves_only_the_blocks_vllm_gave_it():
     puts its null block, id 0, elsewhere): a load fills and a save reads only real blocks, each in its own group."""
     full, window = [10, 11, 12, 13], [0, 0, 22, 23]  # the window covers the last two blocks
     hashes = [b"a", b"b", b"c", b"d"]
-    ids, moved, groups = group_blocks([full, window], range(4), hashes)
-    assert list(zip(ids, moved, groups, strict=True)) == [
+    moved = group_blocks("r", [full, window], range(4), hashes)
+    assert list(zip(moved.block_ids, moved.block_hashes, moved.groups, strict=True)) == [
         (10, b"a", 0),
         (11, b"b", 0),
         (12, b"c", 0),
@@ -262,5 +269,59 @@ def test_each_kv_cache_group_moves_only_the_blocks_vllm_gave_it():
         (13, b"d", 0),
         (23, b"d", 1),
     ]
-    assert group_blocks([full, window], [3], [b"d"]) == ([13, 23], [b"d", b"d"], [0, 1])
-    assert group_blocks([[10, 11]], range(2), hashes[:2]) == ([10, 11], [b"a", b"b"], [0, 0])  # one group
+    assert group_blocks("r", [full, window], [3], [b"d"]) == BlockTransfer("r", [13, 23], [b"d", b"d"], [0, 1])
+    assert group_blocks("r", [[10, 11]], range(2), hashes[:2]) == BlockTransfer("r", [10, 11], [b"a", b"b"])
+    # loads name each block's stored TP size where one differs from the engine's own (GQA across TP sizes)
+    across = group_blocks("r", [full, window], [2, 3], hashes[2:], sources=[[2, 1], [2, 2]], own_tp=2)
+    assert across.sources == [2, 1, 2, 2]
+    assert group_blocks("r", [full], [2], hashes[2:3], sources=[[2, 2]], own_tp=2).sources == []
+
+
+def test_a_gqa_prefix_stored_at_another_tp_size_is_a_hit_loaded_from_there(tiny_model, pool, marker, requests):
+    """The tiny Llama (2 KV heads) at TP 1 reads blocks a TP 2 engine stored (two head shards a block): a block is
+    there when some TP size holds all of its shards, its own layout first; the load names each block's stored TP
+    size; a TP 2 producer's saving notice is waited for."""
+    scheduler = make_scheduler(tiny_model, pool, marker, lookup_async=False, load_async=False)
+    try:
+        assert [stored.tp_size for stored in scheduler.readable] == [1, 2] and keys_a_block(scheduler) == 3
+        tp2_shards = scheduler.readable_shards[1]
+        assert len(tp2_shards) == 2 and scheduler.shards == scheduler.readable_shards[0]
+        request = requests.make("tp2", tokens(4 * BLOCK + 5, seed=81))
+        hashes = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, 4)
+
+        def put(shards, blocks):
+            wanted = [keys.pool_key(s, hashes[b]) for b in blocks for s in shards]
+            assert all(
+                o.ok for o in scheduler.pool.put(wanted, [[marker.ctypes.data]] * len(wanted), [[64]] * len(wanted))
+            )
+
+        put(scheduler.shards, [0])  # block 0 in this engine's own layout
+        put(tp2_shards, [0, 1, 2])  # blocks 0-2 at TP 2 (block 0 in both)
+        put(tp2_shards[:1], [3])  # block 3: one TP 2 head shard only, so not a hit
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
+        from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+        from vllm.v1.core.kv_cache_utils import KVCacheBlock
+        from vllm.v1.core.sched.output import SchedulerOutput
+
+        scheduler.update_state_after_alloc(
+            request, KVCacheBlocks(([KVCacheBlock(i) for i in range(20, 25)],)), 3 * BLOCK
+        )
+        meta = scheduler.build_connector_meta(SchedulerOutput.make_empty())
+        assert [(t.block_ids, t.sources) for t in meta.loads] == [([20, 21, 22], [1, 2, 2])]
+
+        notice = {SAVING_PARAM: {"blocks": 4, "shards": tp2_shards}}
+        waiting = requests.make("d-tp2", tokens(4 * BLOCK + 5, seed=81), notice)
+        assert scheduler.get_num_new_matched_tokens(waiting, 0) == (None, False)  # block 3's second shard is due
+        put(tp2_shards[1:], [3])
+        assert answer_when_ready(scheduler, waiting) == (4 * BLOCK, False)
+    finally:
+        scheduler.shutdown()
+
+
+def test_load_from_tp_sizes_names_what_a_lookup_reads(tiny_model, pool, marker):
+    own_only = make_scheduler(tiny_model, pool, marker, load_from_tp_sizes=[])
+    own_only.shutdown()
+    assert [stored.tp_size for stored in own_only.readable] == [1]
+    assert len(own_only.lookup_keys([b"\x01" * 32])) == 1  # one key a block: this engine's one shard
+    with pytest.raises(ConfigError, match="TP 3 does not split this model's 2 KV heads evenly"):
+        make_scheduler(tiny_model, pool, marker, load_from_tp_sizes=[3])
