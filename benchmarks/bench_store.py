@@ -139,8 +139,9 @@ def bench_data_path(
     return sorted(rows, key=lambda r: (r["op"] != "save", r["mode"] != "async", r["page KiB"], r["blocks"]))
 
 
-def _worker(layout: KVLayout, rank: int, num_blocks: int, config) -> PoolWorker:
-    """A worker of TP rank ``rank`` with KV-shaped tensors of its heads, registered and connected."""
+def _worker(layout: KVLayout, rank: int, num_blocks: int, config) -> tuple[PoolWorker, torch.Tensor]:
+    """A worker of TP rank ``rank`` with KV-shaped tensors of its heads, registered and connected, and those tensors
+    (the worker keeps their addresses only, as vLLM keeps the KV cache: they must outlive it)."""
     from kvpool_connector.keys import fingerprint
 
     w = PoolWorker(layout, fingerprint(layout, rank, 0), True, num_blocks, config, ranks=(rank, 0))
@@ -148,7 +149,7 @@ def _worker(layout: KVLayout, rank: int, num_blocks: int, config) -> PoolWorker:
     per_layer = torch.rand(shape)
     w.register_kv_caches({f"model.layers.{i}.self_attn.attn": per_layer[i] for i in range(LAYERS)})
     assert w.pool is not None and wait_connected(w.pool, 60), "Mooncake did not connect"
-    return w
+    return w, per_layer
 
 
 def bench_cross_tp(mooncake: dict, page_kib: list[int], blocks: list[int], repeat: int, bar: tqdm) -> list[dict]:
@@ -168,8 +169,9 @@ def bench_cross_tp(mooncake: dict, page_kib: list[int], blocks: list[int], repea
         config = parse_config({"backend": "mooncake", "mooncake": small, "async_save": False}, env={})
 
         # Every load reads objects another worker (client) put, as an engine's hit reads another engine's.
-        one, other = _worker(tp1, 0, num_blocks, config), _worker(tp1, 0, num_blocks, config)
-        halves = [_worker(tp2, rank, num_blocks, config) for rank in (0, 1)]
+        built = [_worker(tp1, 0, num_blocks, config), _worker(tp1, 0, num_blocks, config)]
+        built += [_worker(tp2, rank, num_blocks, config) for rank in (0, 1)]
+        one, other, *halves = (w for w, _ in built)
         cases = [
             ("TP 1 -> TP 1", [other], one, 1),
             ("TP 2 -> TP 1", halves, one, 2),
@@ -205,7 +207,7 @@ def bench_cross_tp(mooncake: dict, page_kib: list[int], blocks: list[int], repea
             for row in rows[-2:]:
                 row["x same-TP load"] = round(row["GB/s"] / same["GB/s"], 2)
             same["x same-TP load"] = 1.0
-        for w in (one, other, *halves):
+        for w, _ in built:
             w.shutdown()
     return rows
 
