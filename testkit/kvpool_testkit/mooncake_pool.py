@@ -17,7 +17,15 @@ from kvpool_connector.backends import mooncake_service
 from kvpool_connector.backends.mooncake_service import connector_config, mooncake_bin
 from kvpool_connector.processes import free_port
 
-__all__ = ["PoolOnFreePorts", "connector_config", "free_port", "mooncake_bin", "mooncake_pool", "plain_client"]
+__all__ = [
+    "PoolOnFreePorts",
+    "connector_config",
+    "free_port",
+    "mooncake_bin",
+    "mooncake_pool",
+    "plain_client",
+    "pool_handle",
+]
 
 
 @dataclass
@@ -49,3 +57,21 @@ def plain_client(pool: mooncake_service.MooncakePool) -> Iterator[Any]:
         yield store
     finally:
         store.close()
+
+
+@contextmanager
+def pool_handle(pool: mooncake_service.MooncakePool, reconnect_interval_s: float = 1.0) -> Iterator[Any]:
+    """A connected ``PoolHandle`` over a data client of ``pool``, as a worker holds one; closed on exit."""
+    from kvpool_connector.backends.mooncake import MooncakeBackend
+    from kvpool_connector.config import MooncakeSettings
+    from kvpool_connector.pool import PoolHandle
+    from kvpool_testkit.inspection import wait_connected
+
+    settings = MooncakeSettings(**pool.client_config())
+    handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), reconnect_interval_s, "test")
+    handle.start()
+    try:
+        assert wait_connected(handle, 10), "the test's pool client did not connect"
+        yield handle
+    finally:
+        handle.close()

@@ -24,7 +24,7 @@ from kvpool_connector.processes import stop_process
 from kvpool_testkit.client import CheckedClient, server_metrics, wait_for
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.inspection import prompt_block_keys, worker_shard
-from kvpool_testkit.mooncake_pool import connector_config, mooncake_pool
+from kvpool_testkit.mooncake_pool import connector_config
 from kvpool_testkit.server import vllm_server
 from kvpool_testkit.workloads import distinct_prompts
 
@@ -51,10 +51,9 @@ HELD_S = 2.0  # how long a phase keeps a load in flight before acting on it
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    """Phases stop the pool node for seconds to hold loads in flight: the master keeps a silent node for 60 s."""
-    with mooncake_pool(tmp_path_factory.mktemp("mooncake"), segment_size="512 MB", client_ttl_s=60) as running:
-        yield running
+def pool(patient_pool):
+    """Phases stop the pool node for seconds to hold loads in flight: ``patient_pool``."""
+    return patient_pool
 
 
 @pytest.fixture(scope="module")

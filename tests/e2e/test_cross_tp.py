@@ -20,7 +20,7 @@ import pytest
 
 from kvpool_testkit.engine import EngineSpec, engine_env, run_engine
 from kvpool_testkit.inspection import prompt_block_keys, worker_shard, worker_shards
-from kvpool_testkit.mooncake_pool import connector_config, mooncake_pool
+from kvpool_testkit.mooncake_pool import connector_config, plain_client
 from kvpool_testkit.workloads import expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e
@@ -44,28 +44,20 @@ def run(model: str, workdir, pool, tp: int, prompts: list[list[int]], role: str,
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    """The master keeps a silent node for 60 s: a host stall (see ``kvpool_testkit.pd``) must not drop the objects."""
-    with mooncake_pool(tmp_path_factory.mktemp("mooncake"), segment_size="512 MB", client_ttl_s=60) as running:
-        yield running
+def pool(patient_pool):
+    return patient_pool  # engines start one after another on a 2-core host: ``patient_pool``
 
 
 @pytest.fixture(scope="module")
 def phases(tiny_model, pool, tmp_path_factory):
-    from mooncake.store import MooncakeDistributedStore
-
     root = tmp_path_factory.mktemp("cross-tp")
     store1 = run(tiny_model, root / "store1", pool, 1, P + Q, "kv_both", reference=True)
     store2 = run(tiny_model, root / "store2", pool, 2, P + Q, "kv_producer", reference=True)
-    client = MooncakeDistributedStore()
-    assert client.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "", pool.master_address) == 0
-    try:
-        shards2 = worker_shards(store2.log)
-        gone = [key for prompt in P for key in prompt_block_keys(worker_shard(store1.log), prompt)]
-        gone += [key for prompt in Q for shard in shards2 for key in prompt_block_keys(shard, prompt)]
+    shards2 = worker_shards(store2.log)
+    gone = [key for prompt in P for key in prompt_block_keys(worker_shard(store1.log), prompt)]
+    gone += [key for prompt in Q for shard in shards2 for key in prompt_block_keys(shard, prompt)]
+    with plain_client(pool) as client:
         assert all(client.remove(key, True) == 0 for key in sorted(set(gone)))
-    finally:
-        client.close()
     load1 = run(tiny_model, root / "load1", pool, 1, P, "kv_consumer", reference=False)
     load2 = run(tiny_model, root / "load2", pool, 2, Q, "kv_consumer", reference=False)
     return dict(store1=store1, store2=store2, load1=load1, load2=load2, shards2=shards2)

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 from kvpool_connector import head_shards, keys
 from kvpool_connector.backends import Outcome
-from kvpool_connector.backends.mooncake import MooncakeBackend
-from kvpool_connector.config import ConfigError, MooncakeSettings
+from kvpool_connector.config import ConfigError
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import CpuRuntime
 from kvpool_connector.kv_pages import KVPages
@@ -27,7 +26,7 @@ from kvpool_connector.loading import BlockLoader, HeadShardReader
 from kvpool_connector.metadata import BlockTransfer
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.saving import BlockSaver
-from kvpool_testkit.inspection import wait_connected
+from kvpool_testkit.mooncake_pool import pool_handle
 
 pytestmark = pytest.mark.processes
 
@@ -89,11 +88,8 @@ def flat(caches: dict[str, Tensors]) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def handle(pool):
-    h = PoolHandle(lambda: MooncakeBackend(MooncakeSettings(**pool.client_config()), holds_data=True), 1.0, "test")
-    h.start()
-    assert wait_connected(h, 10)
-    yield h
-    h.close()
+    with pool_handle(pool) as h:
+        yield h
 
 
 def save_every_shard(handle: PoolHandle, kind: str, stored: keys.KVLayout, model_kv, hashes: list[bytes]) -> None:

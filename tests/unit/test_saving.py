@@ -21,7 +21,7 @@ from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.metadata import BlockTransfer
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.saving import BlockSaver
-from kvpool_testkit.inspection import wait_connected
+from kvpool_testkit.mooncake_pool import pool_handle
 
 pytestmark = pytest.mark.processes
 
@@ -37,11 +37,8 @@ def kv():
 
 @pytest.fixture
 def handle(pool):
-    h = PoolHandle(lambda: MooncakeBackend(MooncakeSettings(**pool.client_config()), holds_data=True), 1.0, "test")
-    h.start()
-    assert wait_connected(h, 10)
-    yield h
-    h.close()
+    with pool_handle(pool) as h:
+        yield h
 
 
 class GatedPuts:
