@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.processes  # the store benchmarks start a pool; the engine toys below are e2e too
 
 
 def _run(args: list[str], tmp_path: Path, timeout_s: float = 600) -> None:
@@ -40,6 +40,8 @@ def test_bench_store_quick(tmp_path, flags, name):
     data = json.loads((tmp_path / f"{name}.json").read_text())
     assert {r["op"] for r in data["data_path"]} == {"save", "load"}
     assert all(r["GB/s"] > 0 for r in data["data_path"])
+    cross = {r["mode"]: r for r in data["cross_tp_load"]}
+    assert set(cross) == {"TP 1 -> TP 1", "TP 2 -> TP 1", "TP 1 -> TP 2"} and all(r["GB/s"] > 0 for r in cross.values())
     assert {r["case"] for r in data["lookup"]} == {"all-hit", "all-miss"}
     assert (tmp_path / f"{name}.png").stat().st_size > 0
 
@@ -110,12 +112,14 @@ def _result(toys: dict[str, Path | AssertionError], name: str, file: str) -> dic
 
 
 @pytest.mark.benchmark_toys
+@pytest.mark.e2e
 def test_bench_ttft_toy(toys):
     assert _result(toys, "ttft", "bench_ttft.json")["ttft_ms"]["pool hit"]["258"] > 0
     assert _result(toys, "ttft_mla", "bench_ttft_mla.json")["ttft_ms"]
 
 
 @pytest.mark.benchmark_toys
+@pytest.mark.e2e
 def test_bench_hit_breakdown_toy(toys):
     result = _result(toys, "hit_breakdown", "bench_hit_breakdown.json")
     assert [r["mode"] for r in result["modes"]] == ["async", "auto", "sync", "sync, lookup inline"]
@@ -123,12 +127,14 @@ def test_bench_hit_breakdown_toy(toys):
 
 
 @pytest.mark.benchmark_toys
+@pytest.mark.e2e
 def test_bench_multiturn_toy(toys):
     result = _result(toys, "multiturn", "bench_multiturn.json")
     assert result["agree"] and len(result["modes"]["decode cache"]["turns"]) == 2
 
 
 @pytest.mark.benchmark_toys
+@pytest.mark.e2e
 def test_bench_async_itl_idle_pd_toy(toys):
     result = _result(toys, "async", "bench_async.json")
     assert [r["mode"] for r in result["itl"]] == [r["mode"] for r in result["idle"]] == ["auto loads, TCP"]
@@ -137,6 +143,7 @@ def test_bench_async_itl_idle_pd_toy(toys):
 
 
 @pytest.mark.benchmark_toys
+@pytest.mark.e2e
 def test_bench_fleet_toy(toys):
     result = _result(toys, "fleet", "bench_fleet.json")
     assert "did not run" not in result
@@ -147,6 +154,7 @@ def test_bench_fleet_toy(toys):
 
 
 @pytest.mark.benchmark_toys
+@pytest.mark.e2e
 def test_soak_capacity_toy(toys):
     result = _result(toys, "soak", "soak_capacity.json")
     assert len(result["windows"]) == 3 and result["errors"] == []

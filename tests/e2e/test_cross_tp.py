@@ -35,7 +35,10 @@ def run(model: str, workdir, pool, tp: int, prompts: list[list[int]], role: str,
     spec = EngineSpec(
         model=model,
         prompts=prompts * (2 if reference else 1),
-        kv_transfer_config=connector_config(pool.client_config(), role, reconnect_interval_s=1.0),
+        # patient lookups, as test_mla_engine's: a TP 2 engine on 2 cores can starve the lookup thread past 500 ms
+        kv_transfer_config=connector_config(
+            pool.client_config(), role, reconnect_interval_s=1.0, lookup_timeout_ms=10_000
+        ),
         sequential=True,
         enable_prefix_caching=reference,
         extra_llm_args={"tensor_parallel_size": tp} if tp > 1 else {},

@@ -46,7 +46,9 @@ def run(model: str, workdir, pool, tp: int, same_engine_hits: bool = False):
         model=model,
         prompts=PROMPTS * (3 if same_engine_hits else 1),
         max_tokens=8,
-        kv_transfer_config=connector_config(pool.client_config(), reconnect_interval_s=1.0),
+        # Patient lookups: on the 2-core CI host a TP 2 bf16 engine starved its lookup thread past the default 500 ms
+        # (a miss, counted and correct, but not the hit these phases check; lookup deadlines are tested elsewhere).
+        kv_transfer_config=connector_config(pool.client_config(), reconnect_interval_s=1.0, lookup_timeout_ms=10_000),
         sequential=True,
         local_cache_reset_after=2 * len(PROMPTS) if same_engine_hits else None,
         extra_llm_args={"tensor_parallel_size": tp, "dtype": "bfloat16"},  # vLLM's CPU MLA/MoE take bf16 only
