@@ -101,7 +101,9 @@ class BlockLoader:
     def _read(self, transfer: BlockTransfer) -> list[Outcome]:
         """Each block's outcome: this engine's own objects straight into its pages, other TP sizes' re-assembled."""
         groups = transfer.block_groups()
-        sources = transfer.sources or [self.own_tp] * len(transfer.block_ids)
+        if not transfer.sources:  # every block in this engine's own layout (the common case): one read, no regrouping
+            return self._read_own(transfer.block_ids, transfer.block_hashes, groups)
+        sources = transfer.sources
         outcomes = [Outcome.FAILED] * len(sources)
         for tp in sorted(set(sources)):
             at = [i for i, source in enumerate(sources) if source == tp]
@@ -109,8 +111,7 @@ class BlockLoader:
             hashes = [transfer.block_hashes[i] for i in at]
             part_groups = [groups[i] for i in at]
             if tp == self.own_tp:
-                addrs, sizes = self.pages.addresses(ids, part_groups)
-                read = self.pool.get(keys.group_keys(self.shards, hashes, part_groups), addrs, sizes)
+                read = self._read_own(ids, hashes, part_groups)
             elif self.other_tp is not None:
                 read = self.other_tp.read(tp, ids, hashes, part_groups)
                 self.stats.add("loaded_other_tp_blocks", read.count(Outcome.OK))
@@ -120,6 +121,11 @@ class BlockLoader:
             for i, outcome in zip(at, read, strict=True):
                 outcomes[i] = outcome
         return outcomes
+
+    def _read_own(self, block_ids: list[int], hashes: list[bytes], groups: list[int]) -> list[Outcome]:
+        """Objects of this engine's own layout, read straight into the pages."""
+        addrs, sizes = self.pages.addresses(block_ids, groups)
+        return self.pool.get(keys.group_keys(self.shards, hashes, groups), addrs, sizes)
 
     def submit(self, transfer: BlockTransfer) -> None:
         if self._thread is None:
