@@ -114,7 +114,7 @@ async def _decode_with_arrivals(
 
 def _seed_pool(model: str, pool: PoolOnFreePorts, hits: list[list[int]], work: Path) -> None:
     """Store the arriving prompts' blocks once, from a server of their own."""
-    env = engine_env(work / "cache", ENV)
+    env = engine_env(ENV)
     with vllm_server(model, work / "seed", pool.connector_config(), SERVER_ARGS, env=env) as s:
         for prompt in hits:
             body = {"model": model, "prompt": prompt, "max_tokens": 1}
@@ -157,7 +157,7 @@ def bench_itl(model: str, work: Path, args: argparse.Namespace, console: Console
         modes += [(label, config, hits) for label, config in _load_modes(pool, args)]
         for label, config, arrivals in modes:
             console.print(f"[bold]{label}[/] ...")
-            env = engine_env(work / "cache", ENV)
+            env = engine_env(ENV)
             with vllm_server(model, work / label.replace(" ", "-"), config, SERVER_ARGS, env=env) as server:
                 httpx.post(  # warm-up: the first request of a server pays one-off costs
                     f"{server.url}/v1/completions",

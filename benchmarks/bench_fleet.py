@@ -95,7 +95,6 @@ def _start_servers(
     for core, name in enumerate("AB"):
         workdir = work / f"server-{name}"
         env = engine_env(
-            workdir / "cache",
             {
                 **extra_env,
                 "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),

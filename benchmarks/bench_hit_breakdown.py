@@ -64,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = str(build_model(work / f"{args.preset}-llama", preset=args.preset))
-        env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "3"})
+        env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "3"})
         prompts = random_prompts([args.tokens], args.reps, seed=7, vocab=spec_of.vocab_size)
         bench = Engines(console, model, work, env, args.tokens + 64)
         local = bench.run("recompute + local prefix hit", bench.spec(None, [p for p in prompts for _ in range(2)]))

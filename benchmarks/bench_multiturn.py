@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = str(build_model(work / f"{args.preset}-llama", preset=args.preset))
-        env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "4"})
+        env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "4"})
 
         def spec(prompts: list[list[int]], kv: dict | None, turns: list[list[int]] | None = None) -> EngineSpec:
             return EngineSpec(

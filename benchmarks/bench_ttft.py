@@ -137,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = str(build_model(work / f"{args.preset}-llama", preset=args.preset))
-        env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "3"})
+        env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "3"})
         vocab = PRESETS[args.preset].vocab_size
         prompts = random_prompts(args.lengths, args.reps, seed=1, vocab=vocab)
         max_len = max(max(args.lengths), args.batch_tokens) + 64
@@ -300,7 +300,7 @@ def _mla(args: argparse.Namespace, console: Console) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = str(build_model(work / preset, preset=preset))
-        env = engine_env(work / "vllm-cache", {"VLLM_CPU_KVCACHE_SPACE": "3"})
+        env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "3"})
         prompts = random_prompts(args.lengths, args.reps, seed=1, vocab=PRESETS[preset].vocab_size)
         max_len = max(args.lengths) + 64
 

@@ -124,7 +124,7 @@ def main() -> None:
         work = Path(tmp)
         model = str(build_model(work / args.preset, preset=args.preset))
         with mooncake_pool(work / "pool", segment_size=f"{args.pool_mb} MB") as pool:
-            env = engine_env(work / "cache", {"VLLM_CPU_KVCACHE_SPACE": "2"})
+            env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
             config = pool.connector_config(load_async="auto")
             with vllm_server(model, work / "server", config, SERVER_ARGS, env=env) as server:
                 traffic = Traffic(server.url, model, args, PRESETS[args.preset].vocab_size)

@@ -8,10 +8,12 @@ CLI (used by :func:`run_engine`): ``python -m kvpool_testkit.engine SPEC.json OU
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,22 +66,33 @@ class EngineRun:
         return [r.token_ids for r in self.results]
 
 
-def mla_keeps_prefix_cache() -> bool:
-    """Whether vLLM's CPU MLA keeps its own prefix cache here: only on a CPU with AMX (the AMX_MLA backend, 128-token
-    blocks); without it (CPU_MLA) vLLM forces 16-token blocks and turns its prefix cache off."""
+def mla_block_size() -> int:
+    """The block size vLLM's CPU MLA forces here: 128 on a CPU with AMX (its AMX_MLA backend), 16 without (CPU_MLA,
+    which also turns vLLM's own prefix cache off)."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+        return 128 if "amx_bf16" in Path("/proc/cpuinfo").read_text() else 16
     except OSError:
-        return False
+        return 16
 
 
-def engine_env(cache_root: Path, extra: dict[str, str] | None = None, tp: int = 1) -> dict[str, str]:
-    """The environment of a vLLM CPU engine: its own compile cache, offline, a small KV space; at ``tp`` > 1 one
-    OpenMP thread per rank on its own core (vLLM's default binding asserts on this one-NUMA-node machine)."""
+def vllm_cache_root() -> Path:
+    """vLLM's disk cache (``VLLM_CACHE_ROOT``), one per vLLM installation, shared by every engine it starts:
+    ``KVPOOL_VLLM_CACHE_ROOT`` when set. vLLM keeps there only what it derives from its own code (with eager
+    engines: the model-class inspection that otherwise runs in a subprocess at every start, 10 s of a 25-s engine
+    start here), never KV or weights, so a fresh engine still has nothing from an earlier run."""
+    if root := os.environ.get("KVPOOL_VLLM_CACHE_ROOT"):
+        return Path(root)
+    installation = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"kvpool-vllm-cache-{installation}"
+
+
+def engine_env(extra: dict[str, str] | None = None, tp: int = 1) -> dict[str, str]:
+    """The environment of a vLLM CPU engine: the shared :func:`vllm_cache_root`, offline, a small KV space; at ``tp``
+    > 1 one OpenMP thread per rank on its own core (vLLM's default binding asserts on this one-NUMA-node machine)."""
     env = dict(os.environ)
     env.update(
         {
-            "VLLM_CACHE_ROOT": str(cache_root),
+            "VLLM_CACHE_ROOT": str(vllm_cache_root()),
             "HF_HUB_OFFLINE": "1",
             "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"),
@@ -106,7 +119,7 @@ def run_engine(
     stamp = f"{time.time_ns()}"
     spec_file, out_file, log_file = (workdir / f"engine-{stamp}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_file.write_text(json.dumps(asdict(spec)))
-    env = dict(env or engine_env(workdir / "vllm-cache"))
+    env = dict(env or engine_env())
     if spec.extra_llm_args.get("tensor_parallel_size", 1) == 1:
         # One process, scheduler and worker in it (as vLLM runs TP 1 on a GPU): half the start-up of vLLM CPU's
         # engine-core and worker processes, and still a fresh process per run.

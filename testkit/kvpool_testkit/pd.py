@@ -92,14 +92,13 @@ def pd_deployment(
         # still for up to 22 s at times (a bash loop sampling each second saw the gap): at the default 10 s the master,
         # waking first, dropped the live pool node and the producer's puts with it. 60 s outlasts such a stall.
         pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="1 GB", client_ttl_s=60))
-        cache = workdir / "vllm-cache"
         servers = [
             start_vllm_server(
                 model,
                 workdir / "producer",
                 pool.connector_config("kv_producer", **(producer_config or {})),
                 [*producer.server_args(), "--enable-prompt-tokens-details", *server_args],
-                env=engine_env(cache, env_extra, tp=producer.tp),
+                env=engine_env(env_extra, tp=producer.tp),
             )
         ]
         stack.callback(stop_server, servers[0])
@@ -109,7 +108,7 @@ def pd_deployment(
                 workdir / f"consumer-{index}",
                 pool.connector_config("kv_consumer", **(consumer_config or {})),
                 [*consumer.server_args(), "--no-enable-prefix-caching", "--enable-prompt-tokens-details", *server_args],
-                env=engine_env(cache, env_extra, tp=consumer.tp),
+                env=engine_env(env_extra, tp=consumer.tp),
             )
             stack.callback(stop_server, server)
             servers.append(server)

@@ -66,7 +66,7 @@ def server(tiny_model, pool, tmp_path_factory):
     # stalls, not as the missing object).
     mooncake = {**pool.client_config(), "transfer_stall_timeout_s": 60}
     config = connector_config(mooncake, reconnect_interval_s=1.0, lookup_timeout_ms=5000, load_async=True)
-    with vllm_server(tiny_model, workdir, config, SERVER_ARGS, env=engine_env(workdir / "cache")) as running:
+    with vllm_server(tiny_model, workdir, config, SERVER_ARGS, env=engine_env()) as running:
         yield running
 
 

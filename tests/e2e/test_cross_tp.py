@@ -43,7 +43,7 @@ def run(model: str, workdir, pool, tp: int, prompts: list[list[int]], role: str,
         enable_prefix_caching=reference,
         extra_llm_args={"tensor_parallel_size": tp} if tp > 1 else {},
     )
-    return run_engine(spec, workdir, env=engine_env(workdir / "vllm-cache", tp=tp))
+    return run_engine(spec, workdir, env=engine_env(tp=tp))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from kvpool_testkit.engine import EngineSpec, run_engine
 from kvpool_testkit.mooncake_pool import connector_config
 from kvpool_testkit.workloads import distinct_prompts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
 
 BLOCK = 128
 FIRST = distinct_prompts(1, 2 * BLOCK + 9, seed=81)[0]  # 2 full blocks and 9 tokens

@@ -20,7 +20,7 @@ from kvpool_testkit.inspection import prompt_block_keys, worker_shard
 from kvpool_testkit.mooncake_pool import connector_config
 from kvpool_testkit.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
 
 PROMPTS = standard_prompts()
 EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255, 0]
@@ -224,7 +224,7 @@ def test_an_engine_started_while_the_master_is_stopped_serves_then_connects(tiny
     args = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
     pool.master.send_signal(signal.SIGSTOP)
     try:
-        with vllm_server(tiny_model, tmp_path, config, args, env=engine_env(tmp_path / "cache")) as server:
+        with vllm_server(tiny_model, tmp_path, config, args, env=engine_env()) as server:
             miss = complete(server.url, tiny_model, prompt, 8, return_token_ids=True)
             assert cached_tokens(miss) == 0
             pool.master.send_signal(signal.SIGCONT)

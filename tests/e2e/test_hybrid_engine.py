@@ -23,7 +23,7 @@ from kvpool_testkit.mooncake_pool import connector_config
 from kvpool_testkit.tiny_model import PRESETS, build_model
 from kvpool_testkit.workloads import distinct_prompts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
 
 BLOCK = 128
 WINDOW_BLOCKS = -(-PRESETS["tiny-sliding"].sliding_window // BLOCK)  # 256 tokens: the window reaches into 2 blocks

@@ -59,10 +59,11 @@ def test_data_client_without_ascend_is_a_clear_error(meta):
 
 
 @pytest.mark.e2e
+@pytest.mark.light_engines
 def test_engine_with_seed_config_serves_without_pool(tiny_model, meta, standard_baseline, tmp_path):
     prompts = standard_prompts()[:2]
     config = {"kv_connector": "MemcacheConnectorStoreV1", "kv_role": "kv_both", "kv_connector_extra_config": SEED_EXTRA}
-    env = engine_env(tmp_path / "cache", {"MMC_LOCAL_CONFIG_PATH": str(meta.local_config)})
+    env = engine_env({"MMC_LOCAL_CONFIG_PATH": str(meta.local_config)})
     run = run_engine(EngineSpec(model=tiny_model, prompts=prompts, kv_transfer_config=config), tmp_path, env=env)
     assert run.outputs == standard_baseline.outputs[:2]
     # The worker's pool cannot hold data here: saves are skipped with a warning naming the worker's pool, whether

@@ -35,8 +35,8 @@ SEED = {
 LAYOUTS = {1: {"distributed_executor_backend": "uni"}, 2: {"tensor_parallel_size": 2}}
 
 
-def double_env(meta, store: Path, cache: Path, faults: dict | None = None, tp: int = 1) -> dict[str, str]:
-    env = plain_env(cache, tp)
+def double_env(meta, store: Path, faults: dict | None = None, tp: int = 1) -> dict[str, str]:
+    env = plain_env(tp)
     env.update(
         {
             "MMC_LOCAL_CONFIG_PATH": str(meta.local_config),
@@ -48,12 +48,12 @@ def double_env(meta, store: Path, cache: Path, faults: dict | None = None, tp: i
     return env
 
 
-def plain_env(cache: Path, tp: int = 1) -> dict[str, str]:
+def plain_env(tp: int = 1) -> dict[str, str]:
     if tp > 1:
-        return engine_env(cache, tp=tp)
+        return engine_env(tp=tp)
     # TP 1 in one process, scheduler and worker together, as vllm-ascend runs it (vLLM's CPU platform keeps the
     # in-process executor only without engine multiprocessing)
-    return engine_env(cache, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    return engine_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 
 
 def run(model: str, workdir: Path, env: dict[str, str], connector: bool, tp: int = 1, sequential: bool = False):
@@ -111,10 +111,10 @@ def tp1(tiny_model, meta, standard_baseline, tmp_path_factory):
     root = tmp_path_factory.mktemp("mmc-tp1")
     store = root / "pool"
     baseline = standard_baseline
-    env = double_env(meta, store, root / "c1")
+    env = double_env(meta, store)
     saved = run_counted(store, tiny_model, root / "save", env, connector=True, sequential=True)
     inits_after_save = inits_by_process(store)
-    loaded = run_counted(store, tiny_model, root / "load", double_env(meta, store, root / "c2"), connector=True)
+    loaded = run_counted(store, tiny_model, root / "load", double_env(meta, store), connector=True)
     return baseline, saved, loaded, inits_after_save, store, root
 
 
@@ -135,7 +135,7 @@ def test_tp1_scheduler_and_worker_share_one_pymmc_init_with_pool_memory(tp1):
 
 def test_a_code_in_the_middle_of_a_batch_costs_that_block_only(tp1, tiny_model, meta):
     baseline, *_, store, root = tp1
-    env = double_env(meta, store, root / "c3", faults={"get_code_at": [1, -3007]})
+    env = double_env(meta, store, faults={"get_code_at": [1, -3007]})
     faulty = run_counted(store, tiny_model, root / "midbatch", env, connector=True)
     assert faulty.engine.outputs == baseline.outputs
     # the second block of each of the three loads is missing: recomputed; the others still load
@@ -145,7 +145,7 @@ def test_a_code_in_the_middle_of_a_batch_costs_that_block_only(tp1, tiny_model, 
 
 def test_meta_service_down_during_serving_opens_the_back_off(tp1, tiny_model, meta):
     baseline, *_, store, root = tp1
-    env = double_env(meta, store, root / "c4", faults={"down_after_calls": 2, "down_for_s": 30})
+    env = double_env(meta, store, faults={"down_after_calls": 2, "down_for_s": 30})
     down = run_counted(store, tiny_model, root / "metadown", env, connector=True, sequential=True)
     assert down.engine.outputs == baseline.outputs
     assert "unreachable during" in down.engine.log and "serving without it" in down.engine.log
@@ -162,7 +162,7 @@ def tp2(tiny_model, meta, tmp_path_factory):
     against vLLM's own prefix hit in test_cross_tp.py)."""
     root = tmp_path_factory.mktemp("mmc-tp2")
     store = root / "pool"
-    env = double_env(meta, store, root / "c1", tp=2)
+    env = double_env(meta, store, tp=2)
     saved = run_counted(store, tiny_model, root / "save", env, True, tp=2, sequential=True)
     # One head shard's object of the second prompt's last block goes missing: the fresh engine must recompute that
     # block and load every other one.
@@ -170,7 +170,7 @@ def tp2(tiny_model, meta, tmp_path_factory):
     assert len(shards) == 2, "each rank logs its own shard"
     for key in prompt_block_keys(shards[1], PROMPTS[1])[2:]:
         (store / hashlib.sha256(key.encode()).hexdigest()).unlink()
-    loaded = run_counted(store, tiny_model, root / "load", double_env(meta, store, root / "c2", tp=2), True, tp=2)
+    loaded = run_counted(store, tiny_model, root / "load", double_env(meta, store, tp=2), True, tp=2)
     return saved, loaded, store
 
 

@@ -8,14 +8,14 @@ is computed before any all-reduce; later layers within bf16 rounding of TP 2's a
 once, by both ranks together; engines at either TP size hit and load every stored block on every rank (a fresh engine
 at either TP size, and the storing engine itself); and the tokens of pool hits.
 
-The oracles of those tokens: vLLM's CPU MLA and MoE kernels take bf16 weights only, and with bf16 the greedy tokens of
-this random model change with the shape of the computation (TP 1 vs TP 2, a full prefill vs a prefill after a hit),
-so "equal to a run without the connector" does not hold even when the KV is exact. What does hold, on any CPU: a
-fresh engine's pool hit computes exactly what the storing engine's own pool hit computed (same TP size, same objects,
-same shapes), so their tokens must match. On a CPU with AMX, where vLLM keeps its own prefix cache for MLA (its AMX
-backend, 128-token blocks; without AMX it forces 16-token blocks and turns that cache off), a hit in vLLM's own prefix
-cache computes what a pool hit computes too, and the storing engine's pool hits must answer like it (the exact-
-multiple prompt left out: vLLM's own cache rounds its hit down to a block, the pool's covers all but the last token).
+The oracle of those tokens: vLLM's CPU MLA and MoE kernels take bf16 weights only, and with bf16 the greedy tokens of
+this random model change with the shape of the computation (TP 1 vs TP 2, a full prefill vs a prefill after a hit), so
+"equal to a run without the connector" does not hold even when the KV is exact. vLLM's own reference connector
+(``ExampleConnector``: it writes each prompt's KV to files with vLLM's own slot mapping and injects it back on the same
+prompt) computes a hit in the same shapes, on any CPU: an engine at the same TP size that hits it answers token for
+token like a pool hit each prompt that both compute alike (in full on its first pass, and a hit of whole blocks: the
+pool's covers all but the last token, the reference connector's the block-aligned part of that). A fresh engine's pool
+hit must also answer like the storing engine's own pool hit (same objects, same shapes).
 """
 
 from __future__ import annotations
@@ -23,37 +23,61 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvpool_testkit.engine import EngineSpec, engine_env, mla_keeps_prefix_cache, run_engine
+from kvpool_testkit.engine import EngineSpec, engine_env, mla_block_size, run_engine
 from kvpool_testkit.inspection import prompt_block_keys, worker_shard
 from kvpool_testkit.mooncake_pool import connector_config
-from kvpool_testkit.workloads import expected_pool_hits, standard_prompts
+from kvpool_testkit.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
 pytestmark = pytest.mark.e2e
 
-LOCAL_CACHE = mla_keeps_prefix_cache()  # vLLM's own prefix cache for MLA: AMX only
-BLOCK = 128 if LOCAL_CACHE else 16  # the block size vLLM's CPU MLA backend forces
-PROMPTS = standard_prompts()[:3]  # the 3-token prompt stores nothing
-SAME_PATH = [0, 1]  # prompts whose local and pool hits cover the same tokens
+BLOCK = mla_block_size()
+# Two sharing a prefix, an exact multiple of the block, one of its own (the 3-token prompt stores nothing).
+PROMPTS = standard_prompts()[:3] + distinct_prompts(1, 5 * BLOCK + 7)
 EXPECTED_HITS = expected_pool_hits(PROMPTS, BLOCK)  # full prompt blocks, the last token recomputed
+# Prompts that both kinds of run compute alike: no earlier prompt's prefix to hit on their first pass (the reference
+# connector hits a whole prompt or nothing), and a hit of whole blocks (the reference connector's length).
+SAME_PATH = [
+    i
+    for i, (prompt, hit) in enumerate(zip(PROMPTS, EXPECTED_HITS, strict=True))
+    if hit % BLOCK == 0 and all(other[:BLOCK] != prompt[:BLOCK] for other in PROMPTS[:i])
+]
 LAYERS, LATENT = 3, 576
 
 
-def run(model: str, workdir, pool, tp: int, same_engine_hits: bool = False):
+def run(model: str, workdir, pool, tp: int, own_hits: bool = False):
     """One prompt at a time (so a prompt's shared prefix comes from the prompt before it, in every run alike).
-    ``same_engine_hits``: the prompts three times: saved to the pool, then hits in vLLM's own prefix cache (the
-    local-hit reference), then, vLLM's cache emptied, hits in the pool."""
+    ``own_hits``: the prompts twice, saved to the pool, then (vLLM's own prefix cache emptied) hits in the pool."""
     spec = EngineSpec(
         model=model,
-        prompts=PROMPTS * (3 if same_engine_hits else 1),
+        prompts=PROMPTS * (2 if own_hits else 1),
         max_tokens=8,
         # Patient lookups: on the 2-core CI host a TP 2 bf16 engine starved its lookup thread past the default 500 ms
         # (a miss, counted and correct, but not the hit these phases check; lookup deadlines are tested elsewhere).
         kv_transfer_config=connector_config(pool.client_config(), reconnect_interval_s=1.0, lookup_timeout_ms=10_000),
         sequential=True,
-        local_cache_reset_after=2 * len(PROMPTS) if same_engine_hits else None,
+        local_cache_reset_after=len(PROMPTS) if own_hits else None,
         extra_llm_args={"tensor_parallel_size": tp, "dtype": "bfloat16"},  # vLLM's CPU MLA/MoE take bf16 only
     )
-    return run_engine(spec, workdir, env=engine_env(workdir / "vllm-cache", tp=tp))
+    return run_engine(spec, workdir, env=engine_env(tp=tp))
+
+
+def reference(model: str, workdir, tp: int):
+    """The prompts twice through vLLM's own reference connector (its files under ``workdir``) and no prefix cache of
+    vLLM's: the second pass is the reference connector's hits."""
+    spec = EngineSpec(
+        model=model,
+        prompts=PROMPTS * 2,
+        max_tokens=8,
+        kv_transfer_config={
+            "kv_connector": "ExampleConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": str(workdir / "kv")},
+        },
+        sequential=True,
+        enable_prefix_caching=False,
+        extra_llm_args={"tensor_parallel_size": tp, "dtype": "bfloat16"},
+    )
+    return run_engine(spec, workdir, env=engine_env(tp=tp))
 
 
 def stored_keys(log: str) -> list[str]:
@@ -81,19 +105,21 @@ def pool(patient_pool):
 
 @pytest.fixture(scope="module")
 def phases(mla_model, pool, tmp_path_factory, mooncake_client_module):
-    """A TP 1 engine stores, then takes its own hits from the pool (and, with AMX, from vLLM's own cache first);
-    fresh TP 1 and TP 2 engines load what it stored; the objects are read and removed; then a TP 2 engine stores and
-    takes its own hits, and a fresh TP 1 engine loads what it stored."""
+    """A TP 1 engine stores, then takes its own hits from the pool; fresh TP 1 and TP 2 engines load what it stored; the
+    objects are read and removed; then a TP 2 engine stores and takes its own hits, and a fresh TP 1 engine loads what
+    it stored. The reference connector's hits at TP 1 and TP 2."""
     root = tmp_path_factory.mktemp("mla")
-    save1 = run(mla_model, root / "save1", pool, tp=1, same_engine_hits=True)
+    save1 = run(mla_model, root / "save1", pool, tp=1, own_hits=True)
     keys = stored_keys(save1.log)
     load1_from1 = run(mla_model, root / "load1-from-1", pool, tp=1)
     load2_from1 = run(mla_model, root / "load2-from-1", pool, tp=2)
     objects1 = read_objects(mooncake_client_module, keys)
     assert mooncake_client_module.batch_remove(keys, True) == [0] * len(keys)
-    save2 = run(mla_model, root / "save2", pool, tp=2, same_engine_hits=True)
+    save2 = run(mla_model, root / "save2", pool, tp=2, own_hits=True)
     objects2 = read_objects(mooncake_client_module, keys)
     load1_from2 = run(mla_model, root / "load1-from-2", pool, tp=1)
+    reference1 = reference(mla_model, root / "reference1", tp=1)
+    reference2 = reference(mla_model, root / "reference2", tp=2)
     return dict(
         save1=save1,
         load1_from1=load1_from1,
@@ -103,6 +129,8 @@ def phases(mla_model, pool, tmp_path_factory, mooncake_client_module):
         keys=keys,
         objects1=objects1,
         objects2=objects2,
+        reference1=reference1,
+        reference2=reference2,
     )
 
 
@@ -145,7 +173,8 @@ def test_tp2_ranks_split_the_writes_and_store_each_object_once(phases):
 
 
 def pool_pass(run_) -> list:
-    """The results of the prompts that took their prefix from the pool: a fresh engine's, or the third pass."""
+    """The results of the prompts that took their prefix from the pool (a fresh engine's, or the second pass) or from
+    vLLM's reference connector."""
     return run_.results[-len(PROMPTS) :]
 
 
@@ -170,11 +199,11 @@ def test_a_fresh_engines_pool_hit_answers_like_the_storing_engines(phases):
     assert [r.token_ids for r in pool_pass(phases["load1_from1"])] == [r.token_ids for r in pool_pass(phases["save1"])]
 
 
-@pytest.mark.skipif(not LOCAL_CACHE, reason="vLLM's CPU MLA keeps its own prefix cache only with AMX")
-@pytest.mark.parametrize("phase", ["save1", "save2"], ids=["tp1", "tp2"])
-def test_a_pool_hit_answers_like_vllms_own_prefix_hit(phases, phase):
-    """In one engine: the second pass hits vLLM's own prefix cache, the third (that cache emptied) the pool."""
-    reference = phases[phase].results[len(PROMPTS) : 2 * len(PROMPTS)]
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_pool_hit_answers_like_vllms_reference_connectors_hit(phases, tp):
+    """The storing engine's pool hits and vLLM's reference connector's at the same TP size: the same KV, the same
+    shapes."""
+    reference, pooled = pool_pass(phases[f"reference{tp}"]), pool_pass(phases[f"save{tp}"])
+    assert SAME_PATH, "no prompt whose two hits cover the same tokens"
     assert [reference[i].num_cached_tokens for i in SAME_PATH] == [EXPECTED_HITS[i] for i in SAME_PATH]
-    pooled = pool_pass(phases[phase])
     assert [pooled[i].token_ids for i in SAME_PATH] == [reference[i].token_ids for i in SAME_PATH]

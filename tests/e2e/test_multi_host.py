@@ -109,7 +109,7 @@ def hosts(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 mooncake = pool.client_config(local_hostname=topo.address(host))
                 config = connector_config(mooncake, startup_wait_s=3.0, lookup_timeout_ms=2000)
                 with topo.on(host):
-                    env = engine_env(workdir / f"cache-{host}")
+                    env = engine_env()
                     servers.append(start_vllm_server(tiny_model, workdir / host, config, SERVER_ARGS, env))
             for host, server in zip(("h1", "h2"), servers, strict=True):
                 with topo.on(host):

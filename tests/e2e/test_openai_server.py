@@ -14,13 +14,13 @@ from kvpool_testkit.engine import engine_env
 from kvpool_testkit.server import vllm_server
 from kvpool_testkit.workloads import SEED_REQUESTS
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
 
 
 def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
     config = pool.connector_config(load_async="auto")
     args = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
-    env = engine_env(tmp_path / "cache", {"VLLM_LOG_STATS_INTERVAL": "1"})
+    env = engine_env({"VLLM_LOG_STATS_INTERVAL": "1"})
     with vllm_server(tiny_model, tmp_path, config, args, env=env) as server:
         first = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]
         repeat = [complete(server.url, tiny_model, prompt, n) for prompt, n in SEED_REQUESTS]

@@ -22,7 +22,7 @@ from kvpool_testkit.pd import start_proxy
 from kvpool_testkit.server import start_vllm_server, stop_server, wait_healthy
 from kvpool_testkit.workloads import SEED_LONG_PROMPT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
 
 SERVER_ARGS = ["--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
 
@@ -35,7 +35,7 @@ def servers(tiny_model, pool, tmp_path_factory):
         started = []
         for name in ("a", "b"):
             workdir = tmp_path_factory.mktemp(f"proxy-server-{name}")
-            server = start_vllm_server(tiny_model, workdir, config, SERVER_ARGS, env=engine_env(workdir / "cache"))
+            server = start_vllm_server(tiny_model, workdir, config, SERVER_ARGS, env=engine_env())
             stack.callback(stop_server, server)
             started.append(server)
         for server in started:

@@ -75,7 +75,7 @@ def server(tiny_model, pool, kv_events, tmp_path_factory):
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv_events.endpoint}
     args = [*SERVER_ARGS, *DRAINING_SHUTDOWN, "--kv-events-config", json.dumps(events)]
     # dev mode: vLLM's /reset_prefix_cache, which the reset test calls
-    env = engine_env(workdir / "cache", {"VLLM_LOG_STATS_INTERVAL": "1", "VLLM_SERVER_DEV_MODE": "1"})
+    env = engine_env({"VLLM_LOG_STATS_INTERVAL": "1", "VLLM_SERVER_DEV_MODE": "1"})
     with vllm_server(tiny_model, workdir, config, args, env=env) as running:
         yield running
 
@@ -361,7 +361,7 @@ def test_two_models_start_together_and_never_cross_hit(tiny_model, pool, session
     model_b = str(build_model(session_dir / "tiny-llama-b", preset="tiny", seed=1))
     config = pool.connector_config(global_segment_size="64 MB", reconnect_interval_s=1.0)
     servers = [
-        start_vllm_server(model, tmp_path / name, config, SERVER_ARGS, env=engine_env(tmp_path / f"cache-{name}"))
+        start_vllm_server(model, tmp_path / name, config, SERVER_ARGS, env=engine_env())
         for name, model in (("a", tiny_model), ("b", model_b))
     ]
     try:

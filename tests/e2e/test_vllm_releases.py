@@ -37,7 +37,7 @@ def vllm023_python() -> str:
 
 def run(spec: EngineSpec, workdir, python: str | None = None):
     """Both releases hash with PYTHONHASHSEED=0 (0.23 needs it to hash alike in every process)."""
-    return run_engine(spec, workdir, env=engine_env(workdir / "vllm-cache", {"PYTHONHASHSEED": "0"}), python=python)
+    return run_engine(spec, workdir, env=engine_env({"PYTHONHASHSEED": "0"}), python=python)
 
 
 @pytest.fixture(scope="module")
