@@ -35,6 +35,7 @@ class LookupBatcher:
         try:
             return self.exists_async(keys).result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
+            self._pool.stats.add("lookup_timeouts")
             self._pool.warn(
                 "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", timeout_s * 1e3
             )
@@ -62,6 +63,7 @@ class LookupBatcher:
             return True
         inflight = self._inflight
         if inflight is not None and not inflight.done() and time.monotonic() - self._started >= stuck_after_s:
+            pool.stats.add("lookup_timeouts")
             pool.warn("lookup-stuck", "an earlier KV pool lookup has not returned; counting lookups as misses")
             return True
         return False

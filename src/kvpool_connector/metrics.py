@@ -34,6 +34,7 @@ PLAIN_COUNTERS = (
     ("saved_bytes", "Bytes stored in the pool."),
     ("save_seconds", "Seconds spent storing to the pool."),
     ("save_skipped_present", "KV blocks not stored because the pool already held them."),
+    ("lookup_timeouts", "Lookups counted as misses: the pool did not answer within lookup_timeout_ms."),
     ("producer_wait_expired", "Decode requests whose prefill instance's blocks did not reach the pool in time."),
     ("outages", "Times the KV pool became unreachable; each opens a back-off window of reconnect_interval_s."),
 )

@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+IDLE_STEP_WAIT_S = 0.02
+"""Longest a step with nothing scheduled waits for a lookup answer or a producer-wait poll (``_wait_while_idle``)."""
+
 
 def present_prefix_blocks(found: list[bool], num_shards: int, windows: Sequence[int | None] | None = None) -> int:
     """The longest hit, in blocks, from exists() answers laid out block-major, shard-minor: every shard holds each
@@ -129,8 +132,8 @@ class _ProducerWait:
     master busy too, while the prefill instance, often on the same host, needs those cores to finish its puts (on a
     2-core host such a wait starved the pool node's heartbeat until the master dropped it, and the producer's puts
     with it). So the pool is asked again only after a pause that grows with the wait so far (a quarter of it, between
-    1 and 20 ms), and an engine with nothing running sleeps through the pause instead of stepping: a put that lands
-    within milliseconds is seen at once, a slow one costs at most 20 ms more."""
+    1 and 20 ms), and an engine with nothing running waits the pause out in its idle step (``_wait_while_idle``)
+    instead of stepping: a put that lands within milliseconds is seen at once, a slow one costs at most 20 ms more."""
 
     blocks: int
     deadline: float
@@ -281,10 +284,8 @@ class PoolScheduler:
         if state.load_failed:
             return 0, False  # its load just failed: vLLM asks again only when the first block did; compute it
         wait = self._producer_wait(state)
-        if wait is not None and state.lookup is None and (now := time.monotonic()) < wait.next_poll:
-            if self.load_mode.busy:
-                return None, False  # running requests' steps go on meanwhile
-            time.sleep(wait.next_poll - now)
+        if wait is not None and state.lookup is None and time.monotonic() < wait.next_poll:
+            return None, False  # not yet: running requests' steps go on, an idle step waits for the poll
         answer = self._found_blocks(state, start, hashes)
         if answer is None:
             return None, False
@@ -333,6 +334,7 @@ class PoolScheduler:
             return present_prefix_by_layout(lookup.future.result(), self.readable_groups, self.windows)
         if time.monotonic() < lookup.deadline:
             return None
+        self.stats.add("lookup_timeouts")
         self.pool.warn(
             "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.lookup_timeout_s * 1e3
         )
@@ -418,10 +420,13 @@ class PoolScheduler:
     # -- 3. per-step plan -------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PoolConnectorMetadata:
         self.load_mode.step_planned(scheduler_output.num_scheduled_tokens)
+        idle_step = scheduler_output.total_num_scheduled_tokens == 0
+        if idle_step:
+            self._wait_while_idle()
         meta = PoolConnectorMetadata(
             loads=self._step_loads,
             async_loads=self._step_async_loads,
-            idle_step=scheduler_output.total_num_scheduled_tokens == 0,
+            idle_step=idle_step,
             reset=self._reset_pending,
         )
         self._reset_pending = False
@@ -446,6 +451,33 @@ class PoolScheduler:
                     group_ids.extend(added)
             self._plan_saves(state, cached.num_computed_tokens[i] + scheduled[req_id], meta)
         return meta
+
+    def _wait_while_idle(self) -> None:
+        """In a step that runs nothing, wait (at most ``IDLE_STEP_WAIT_S``) for what the waiting requests wait for:
+        the first lookup answer, or the next producer-wait poll. vLLM steps again at once otherwise, an empty
+        forward call on every rank, about a thousand a second: that spinning engine takes the cores the lookup itself
+        needs (this process's lookup thread, the pool's master), and on a 2-core host a lookup waited over 10 s for
+        them. Nothing runs meanwhile, and a request arriving is scheduled at most ``IDLE_STEP_WAIT_S`` later."""
+        lookups: list[concurrent.futures.Future[list[bool]]] = []
+        wake_at: list[float] = []  # lookup deadlines, producer-wait polls
+        for state in self._requests.values():
+            if state.lookup is not None:
+                if state.lookup.future.done():
+                    return  # an answer to hand out in the next step
+                lookups.append(state.lookup.future)
+                wake_at.append(state.lookup.deadline)
+            elif state.producer_wait is not None:
+                wake_at.append(state.producer_wait.next_poll)
+        if not wake_at:
+            return  # nothing of the pool's to wait for (asynchronous loads wait in the workers)
+        now = time.monotonic()
+        timeout = min(IDLE_STEP_WAIT_S, min(wake_at) - now)
+        if timeout <= 0:
+            return
+        if lookups:
+            concurrent.futures.wait(lookups, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        else:
+            time.sleep(timeout)
 
     def _plan_saves(self, state: _RequestState, computed_after_step: int, meta: PoolConnectorMetadata) -> None:
         """Save the blocks this step completes: prompt blocks, and with ``save_decode_cache`` blocks of generated

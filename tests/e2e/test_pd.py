@@ -139,7 +139,7 @@ def test_1p1d_mla_moe_at_tp2_with_decode_at_tp2_and_tp1(mla_model, tmp_path):
         via_tp1 = complete(to_tp1.proxy_url, mla_model, prompt, max_tokens)
         metrics = [server_metrics(route.consumer_url) for route in pd.routes]
     for via, consumer, ranks in zip((via_tp2, via_tp1), metrics, (2, 1), strict=True):
-        assert cached_tokens(via) == full_blocks(via, block) > 0
+        assert cached_tokens(via) == full_blocks(via, block) > 0, consumer
         assert consumer.get("vllm:kvpool_hit_tokens_total") == full_blocks(via, block)
         assert consumer.get("vllm:kvpool_loaded_blocks_total") == -(-full_blocks(via, block) // block) * ranks
         assert not consumer.get("vllm:kvpool_load_failed_total")

@@ -283,8 +283,9 @@ def test_master_killed_then_restarted(client, server, pool):
     assert log.count("unreachable during") <= 4, "the outage warning must be rate-limited"
 
 
-def test_hung_master_costs_lookup_timeouts_only(client, pool):
+def test_hung_master_costs_lookup_timeouts_only(client, server, pool):
     client.until_hit(5, 20)
+    timeouts_before = metric(server, "vllm:kvpool_lookup_timeouts_total")
     pool.master.send_signal(signal.SIGSTOP)
     try:
         durations = [client.ask(i)[1] for i in (5, 6, 5)]
@@ -292,6 +293,8 @@ def test_hung_master_costs_lookup_timeouts_only(client, pool):
         pool.master.send_signal(signal.SIGCONT)
     print(f"\nrequests with the master hung: {', '.join(f'{d * 1e3:.0f} ms' for d in durations)}")
     assert max(durations) < 5, "lookups must give up at lookup_timeout_ms and the scheduler keep stepping"
+    counted = "vllm:kvpool_lookup_timeouts_total"
+    wait_for(lambda: metric(server, counted) >= timeouts_before + 3, 10, "each request's timed-out lookup counted")
     client.until_hit(6, 60)  # once it answers again (the stuck client call returns first), hits come back
 
 

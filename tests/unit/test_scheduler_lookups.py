@@ -16,7 +16,7 @@ from kvpool_connector import keys
 from kvpool_connector.config import ConfigError
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.routing import SAVING_PARAM
-from kvpool_connector.scheduler import _RequestState, group_blocks
+from kvpool_connector.scheduler import IDLE_STEP_WAIT_S, _RequestState, group_blocks
 from kvpool_testkit.inspection import wait_connected
 from kvpool_testkit.scheduler_side import BLOCK, Requests, pool_scheduler
 
@@ -73,12 +73,25 @@ def count_exists_calls(scheduler) -> list[int]:
     return calls
 
 
-def steps_waiting(scheduler, request, seconds: float) -> int:
-    """vLLM's steps (one a millisecond when they run nothing) asking for ``request`` for ``seconds``, each answered
-    "ask again"; returns how many there were."""
+def step_output(running: str | None = None):
+    """A step's ``SchedulerOutput``: nothing scheduled, or one decode token of ``running``."""
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    output = SchedulerOutput.make_empty()
+    if running is not None:
+        output.num_scheduled_tokens = {running: 1}
+        output.total_num_scheduled_tokens = 1
+    return output
+
+
+def steps_waiting(scheduler, request, seconds: float, running: str | None = None) -> int:
+    """vLLM's steps asking for ``request`` for ``seconds``, each answered "ask again", then planned (running nothing,
+    or one decode token of ``running``); a step without a model to run takes about a millisecond. Returns how many
+    steps there were."""
     steps, until = 0, time.monotonic() + seconds
     while time.monotonic() < until:
         assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)
+        scheduler.build_connector_meta(step_output(running))
         steps += 1
         time.sleep(0.001)
     return steps
@@ -137,8 +150,29 @@ def test_a_hung_pool_answers_a_miss_at_the_deadline_and_never_stalls(tiny_model,
         assert max(b - a for a, b in zip([start, *calls], calls, strict=False)) < 0.1  # every call returned at once
         other = requests.make("while-hung", tokens(2 * BLOCK + 5, seed=4))
         assert scheduler.get_num_new_matched_tokens(other, 0) == (0, False)  # the stuck query: a miss at once
+        assert scheduler.stats["lookup_timeouts"] == 2  # both misses are counted (vllm:kvpool_lookup_timeouts_total)
     finally:
         pool.master.send_signal(signal.SIGCONT)
+        scheduler.shutdown()
+
+
+def test_an_idle_step_waits_for_an_unanswered_lookup_and_a_busy_one_does_not(tiny_model, pool, marker, requests):
+    """With nothing to run, vLLM steps again at once, an empty forward call on every rank: on a 2-core host that
+    spinning engine starved the lookup it waited for (over 10 s). So an idle step waits for the answer, up to
+    IDLE_STEP_WAIT_S; a step that runs requests never waits."""
+    scheduler = make_scheduler(tiny_model, pool, marker, lookup_timeout_ms=5_000)
+    request = requests.make("idle", tokens(2 * BLOCK + 5, seed=41))
+    store_blocks(scheduler, request, 2, marker)
+    pool.master.send_signal(signal.SIGSTOP)  # the lookup stays unanswered
+    try:
+        idle_steps = steps_waiting(scheduler, request, 0.4)
+        busy_steps = steps_waiting(scheduler, request, 0.4, running="stream")
+        assert idle_steps <= 0.4 / IDLE_STEP_WAIT_S + 1 < busy_steps, (idle_steps, busy_steps)
+    finally:
+        pool.master.send_signal(signal.SIGCONT)
+    try:
+        assert answer_when_ready(scheduler, request) == (2 * BLOCK, True)  # the same query, answered once resumed
+    finally:
         scheduler.shutdown()
 
 
@@ -174,16 +208,14 @@ def test_a_consumer_waits_for_the_producers_blocks_until_they_land_or_the_deadli
         waiting = requests.make("d1", prompt, notice)
         store_blocks(scheduler, waiting, 1, marker)  # one of three blocks landed so far
         calls = count_exists_calls(scheduler)
-        # Nothing running: each ask sleeps through the pause before the next query (a pause growing to 20 ms), so
-        # vLLM's empty steps, about one a millisecond otherwise, come a few per query (one asks, the next ones read
-        # the answer): under 80 in 300 ms, where steps that never sleep came 150-300 times.
+        # Nothing running: each idle step waits for the query's answer or the pause before the next (a pause
+        # growing to 20 ms), so vLLM's empty steps, about one a millisecond otherwise, come a few per query (one
+        # asks, the next ones read the answer): under 80 in 300 ms, where steps that never wait came 150-300 times.
         steps = steps_waiting(scheduler, waiting, 0.3)
         assert 5 <= len(calls) < 40 and steps < 80, (steps, calls)
-        scheduler.load_mode.step_planned(["stream"])  # a decode stream runs: its steps go on, the queries stay paced
-        calls.clear()
-        steps = steps_waiting(scheduler, waiting, 0.3)
+        calls.clear()  # a decode stream runs: its steps go on, the queries stay paced
+        steps = steps_waiting(scheduler, waiting, 0.3, running="stream")
         assert 5 <= len(calls) < 25 and steps > 3 * len(calls), (steps, calls)
-        scheduler.load_mode.finished("stream")
         store_blocks(scheduler, waiting, 3, marker)  # the rest of the producer's puts land
         assert answer_when_ready(scheduler, waiting) == (3 * BLOCK, True)
 
