@@ -67,3 +67,57 @@ def test_kvpool_pool_starts_prints_its_config_serves_and_stops(tmp_path):
         for child in children:
             if child.is_running():
                 child.kill()
+
+
+def _read_until(proc: subprocess.Popen, prefix: str, seen: list[str]) -> str:
+    while not (line := proc.stdout.readline()).startswith(prefix):
+        assert line, f"kvpool-pool exited before a line starting {prefix!r}:\n" + "".join(seen)
+        seen.append(line)
+    seen.append(line)
+    return line
+
+
+def test_listen_advertise_ttl_and_a_failing_health_line_keeps_the_pool(tmp_path):
+    """``--listen 0.0.0.0 --advertise ADDR``: the master binds every interface, engines are given ADDR. The master
+    stopped (SIGSTOP) makes health lines fail: reported, and the pool keeps serving once it answers again."""
+    ports = [free_port() for _ in range(3)]
+    args = [sys.executable, "-m", "kvpool_connector.backends.mooncake_service", "--listen", "0.0.0.0"]
+    args += ["--advertise", "127.0.0.1", "--client-ttl", "30", "--master-port", str(ports[0])]
+    args += ["--node-port", str(ports[1]), "--metrics-port", str(ports[2]), "--segment-size", "64MB"]
+    args += ["--workdir", str(tmp_path / "pool"), "--health-interval", "0.5"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: list[psutil.Process] = []
+    seen: list[str] = []
+    try:
+        extra = json.loads(_read_until(proc, "{", seen))
+        assert extra["mooncake"]["master_server_address"] == f"127.0.0.1:{ports[0]}"
+        children = psutil.Process(proc.pid).children()
+        master = next(c for c in children if c.name() == "mooncake_master")
+        assert {"--rpc_address=0.0.0.0", "--metrics_host=0.0.0.0", "--client_ttl=30"} <= set(master.cmdline())
+        assert any(c.laddr.ip == "0.0.0.0" and c.laddr.port == ports[0] for c in master.net_connections("tcp"))
+        _read_until(proc, "health: 0 objects", seen)
+        master.suspend()
+        try:
+            _read_until(proc, "health: not available", seen)
+        finally:
+            master.resume()
+        _read_until(proc, "health: 0 objects", seen)
+        assert all(c.is_running() for c in children)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, rest
+        assert "KV pool stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for child in children:
+            if child.is_running():
+                child.kill()
+
+
+def test_a_wildcard_address_is_never_handed_to_engines():
+    for flags in (["--host", "0.0.0.0"], ["--listen", "0.0.0.0", "--advertise", "0.0.0.0"]):
+        args = [sys.executable, "-m", "kvpool_connector.backends.mooncake_service", *flags]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert "give --advertise ADDRESS" in done.stderr
