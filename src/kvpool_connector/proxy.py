@@ -13,7 +13,7 @@ Answers (streaming or not) go back to the client as they come. ``X-Request-Id`` 
 502 with a message, never a hang or a traceback. ``/healthcheck`` shows each instance; ``/v1/models`` is the first
 healthy instance's.
 
-Needs fastapi, httpx and uvicorn, not vLLM. Run:
+Needs fastapi, httpx and uvicorn (the ``proxy`` extra), not vLLM. Run:
 ``python -m kvpool_connector.proxy --instances http://127.0.0.1:8100 http://127.0.0.1:8200 --port 8000`` or
 ``python -m kvpool_connector.proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 --port 8000``.
 """
@@ -31,11 +31,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
 from kvpool_connector.routing import SAVING_PARAM, HeldPrompts, Instance, InstanceGroup, Policy, prompt_identity
+
+try:
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+except ImportError as exc:  # without the `proxy` extra the module still imports, so main() can name the extra
+    _MISSING: ImportError | None = exc
+else:
+    _MISSING = None
+
+INSTALL_HINT = "kvpool-proxy needs fastapi, httpx and uvicorn: pip install 'kvpool-connector[proxy]'"
 
 logger = logging.getLogger("kvpool_connector.proxy")
 
@@ -106,6 +114,8 @@ def _group(role: str, urls: list[str], policy: Policy) -> InstanceGroup:
 
 
 def create_app(config: ProxyConfig) -> FastAPI:
+    if _MISSING is not None:
+        raise ImportError(f"{INSTALL_HINT} ({_MISSING})") from _MISSING
     if config.disaggregated:
         groups = [_group("prefill", config.prefill, config.policy), _group("decode", config.decode, config.policy)]
     else:
@@ -247,8 +257,10 @@ def create_app(config: ProxyConfig) -> FastAPI:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    if _MISSING is not None:
+        raise SystemExit(f"{INSTALL_HINT} (missing: {_MISSING.name})")
+    parser = argparse.ArgumentParser(prog="kvpool-proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--instances", nargs="+", default=[], help="aggregated: kv_both instance URLs")
     parser.add_argument("--prefill", nargs="+", default=[], help="P/D: prefill instance URLs (http://host:port)")
@@ -265,8 +277,6 @@ def main() -> None:
     )
     parser.add_argument("--held-prompt-max-age", type=float, default=3600.0, help="seconds one is remembered")
     args = parser.parse_args()
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ProxyConfig(
