@@ -76,6 +76,10 @@ def draw(data: dict, out: Path) -> list[Path]:
     )
     e = data["soak_memory"]
     plots.worker_rss(e["rss_mib"], _title("Worker-process RSS during the soak, per 20-s round", e), path("soak_rss"))
+    e = data["capacity_soak"]
+    plots.capacity_soak(
+        e["windows"], _title("A pool at capacity: saves, hits and memory per window", e), path("capacity")
+    )
     return written
 
 

@@ -14,6 +14,13 @@ import subprocess
 from pathlib import Path
 
 DPI = 110
+# the benchmarks' JSON names, spelled out where a figure's reader needs more
+LABELS = {
+    "local prefix hit": "vLLM's own prefix cache hit",
+    "pool hit": "pool hit (over TCP)",
+    "pool hit (shm, private KV)": "pool hit (shared memory, KV cache private: two copies)",
+    "pool miss (saving)": "pool miss (computes and saves)",
+}
 
 
 def _pyplot():
@@ -58,7 +65,7 @@ def ttft_by_length(series: dict[str, dict[str, float]], title: str, path: Path) 
     styles = ("o-", "s-", "^-", "D-", "P-", "v--", "x:", "*-")
     for (name, by_length), style in zip(series.items(), styles, strict=False):
         lengths = sorted(by_length, key=int)
-        ax.plot([int(n) for n in lengths], [by_length[n] for n in lengths], style, label=name)
+        ax.plot([int(n) for n in lengths], [by_length[n] for n in lengths], style, label=LABELS.get(name, name))
     ticks = sorted({int(n) for by_length in series.values() for n in by_length})
     ax.set(xscale="log", yscale="log", xlabel="prompt tokens (log scale)", ylabel="TTFT, ms (log scale)")
     ax.set_xticks(ticks, [f"{n:,}" for n in ticks])
@@ -228,6 +235,7 @@ def decode_under_hits(rows: list[dict], title: str, path: Path) -> None:
         (axes[1], "arrival TTFT median ms", "C1", "arriving hits' TTFT median, ms"),
     ):
         values = [r.get(key) for r in rows]
+        values = [None if v is None or v != v else v for v in values]  # a row without arrivals has none (NaN)
         cap = 3 * statistics.median(v for v in values if v is not None)
         ax.barh(ys, [min(v, cap) if v is not None else 0 for v in values], color=color)
         for y, v in zip(ys, values, strict=True):
@@ -259,4 +267,25 @@ def worker_rss(series: dict[str, list[float]], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def capacity_soak(windows: list[dict], title: str, path: Path) -> None:
+    """soak_capacity's windows: hot prompts' hit rate, blocks saved and refused, memory, per window."""
+    plt = _pyplot()
+    minutes = [w["minute"] for w in windows]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    axes[0].plot(minutes, [w["hot hit %"] or 0 for w in windows], "o-", label="hot prompts' pool hit %")
+    axes[0].set(ylim=(0, 105), ylabel="hot prompts' pool hit, %")
+    axes[1].plot(minutes, [w["saved blocks"] for w in windows], "o-", label="blocks saved")
+    axes[1].plot(minutes, [w["refused blocks"] for w in windows], "s-", label="blocks refused")
+    axes[1].set(ylabel="blocks per window")
+    axes[2].plot(minutes, [w["server RSS MiB"] for w in windows], "o-", label="server RSS")
+    axes[2].plot(minutes, [w["pool node RSS MiB"] for w in windows], "s-", label="pool node RSS")
+    axes[2].plot(minutes, [w["pool MiB"] for w in windows], "^-", label="pool used")
+    axes[2].set(xlabel="minutes since start", ylabel="MiB")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title(title, fontsize=9)
     _save(fig, path)
