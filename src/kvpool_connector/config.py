@@ -193,6 +193,11 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     shard count of keys per block (at TP s, s objects per block; 1 + 2 + 4 + 8 = 15 keys instead of 8 for a model of
     8 KV heads at TP 8 with the default). A size that does not split the KV heads evenly is refused at start-up.
     MLA ignores it: its blocks are the same at every TP size and share keys already."""
+    model_version: str = ""
+    """Part of every pool key beside the model's weights and config (which keys follow by themselves: see
+    docs/configuration.md). Change it when weights change in place with no file changing (RL weight syncs,
+    ``reload_weights``, updates through ``collective_rpc``): blocks saved under another version are then misses.
+    Every instance that should share blocks must give the same value."""
     mooncake: MooncakeSettings | None = None
     """Inline Mooncake settings; when absent they come from the file named by ``MOONCAKE_CONFIG_PATH``."""
     mooncake_config_path: str | None = None

@@ -5,9 +5,10 @@ stores one object per block and group: the group is part of the fingerprint, so 
 layers, and a lookup asks for every group's (a sliding-window group's only within its window of the hit's end).
 
 vLLM's block hash already chains the whole token prefix plus LoRA, multimodal inputs and ``cache_salt``. What it
-does not cover is everything that changes the *bytes* of a stored block: the model, dtypes, KV layout and page
-geometry, block size, layer count and which shard of the heads/layers a worker holds. Those go into the
-fingerprint, so two models, dtypes or parallel layouts sharing one pool never read each other's blocks.
+does not cover is everything that changes the *bytes* of a stored block: the model (its weights and config, not its
+path: ``model_identity``), dtypes, KV layout and page geometry, block size, layer count and which shard of the
+heads/layers a worker holds. Those go into the fingerprint, so two models, two versions of one model's weights,
+dtypes or parallel layouts sharing one pool never read each other's blocks.
 
 Both sides compute fingerprints from the same inputs: the scheduler for every (tp, pp) shard when it looks a prompt
 up, each worker for its own shard when it saves or loads.
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvpool_connector import compat
+from kvpool_connector.model_identity import model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -35,6 +37,7 @@ class KVLayout:
     """Every input that changes the bytes of a stored block, for one model deployment (not one rank)."""
 
     model: str
+    """The model's identity digest (weights, config, ``model_version``: ``model_identity``), never its path."""
     model_dtype: str
     kv_dtype: str
     device_type: str
@@ -72,7 +75,7 @@ class KVLayout:
         return tp_rank % self.kv_replicas, self.kv_replicas
 
     @classmethod
-    def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> KVLayout:
+    def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, model_version: str = "") -> KVLayout:
         device_type = compat.platform_device_type()
         groups = kv_cache_config.kv_cache_groups
         spec = groups[0].kv_cache_spec
@@ -86,7 +89,7 @@ class KVLayout:
         total_kv_heads = 1 if use_mla else int(model_config.get_total_num_kv_heads())
         replicas = tp_size if use_mla else max(1, tp_size // total_kv_heads)
         return cls(
-            model=str(model_config.model),
+            model=model_identity(model_config, model_version).digest,
             model_dtype=str(model_config.dtype),
             kv_dtype=str(spec.dtype),
             device_type=device_type,

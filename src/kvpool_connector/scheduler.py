@@ -43,6 +43,7 @@ from kvpool_connector.logs import init_logger
 from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, pool_counters, take_stats
+from kvpool_connector.model_identity import model_identity
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.routing import SAVING_PARAM
 
@@ -205,7 +206,7 @@ class PoolScheduler:
         if (reason := compat.unstable_block_hash_reason(vllm_config)) is not None:
             raise ConfigError(f"pool keys would differ between processes: {reason}")
         compat.recompute_failed_loads(transfer, logger)
-        self.layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
+        self.layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config, config.pool.model_version)
         self.block_size = self.layout.block_size
         self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)
         self.shards = keys.shard_fingerprints(self.layout)
@@ -246,6 +247,8 @@ class PoolScheduler:
         self._step_async_loads: list[BlockTransfer] = []
         for note in config.notes:
             logger.info("MemcacheConnectorStoreV1 config: %s", note)
+        identity = model_identity(vllm_config.model_config, config.pool.model_version)
+        logger.info("KV pool model identity %s: %s", identity.digest, identity.description)
         logger.info(
             "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d%s",
             config.pool.backend,

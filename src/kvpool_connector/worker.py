@@ -95,7 +95,7 @@ class PoolWorker:
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> PoolWorker:
         """The worker of this process's (tp, pp) shard."""
-        layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config)
+        layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config, config.pool.model_version)
         tp_rank, pp_rank = compat.worker_parallel_ranks()
         groups = kv_cache_config.kv_cache_groups
         return cls(

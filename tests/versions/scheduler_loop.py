@@ -223,15 +223,16 @@ class SchedulerLoop:
         self._block_hasher = get_request_block_hasher(BLOCK, hash_fn)
         self.vocab_size = int(self.vllm_config.model_config.get_vocab_size())
 
-        layout = keys.KVLayout.from_vllm(self.vllm_config, self.kv_cache_config)
-        self.shard = keys.fingerprint(layout, tp_rank=0, pp_rank=0)
         transfer = self.vllm_config.kv_transfer_config
+        config = parse_config(transfer.kv_connector_extra_config, env={})
+        layout = keys.KVLayout.from_vllm(self.vllm_config, self.kv_cache_config, config.pool.model_version)
+        self.shard = keys.fingerprint(layout, tp_rank=0, pp_rank=0)
         self.worker = PoolWorker(
             layout,
             self.shard,
             saves_enabled=transfer.is_kv_producer,
             num_blocks=num_blocks,
-            config=parse_config(transfer.kv_connector_extra_config, env={}),
+            config=config,
         )
         spec = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec
         layer_names = list(self.kv_cache_config.kv_cache_groups[0].layer_names)
