@@ -20,7 +20,7 @@ costs the scheduler step, with the connector's synchronous and asynchronous mode
 Model: the ``bench`` preset (random-weight Llama, 16 KiB of fp32 KV per token: a 4,098-token hit is 64 MiB).
 
 Run: ``python benchmarks/bench_async.py [--parts itl idle lookup pd] [--preset bench|tiny] [--out benchmarks/results]``
--> tables and ``bench_async.json``.
+-> tables, ``bench_async.json`` and (``itl``) ``bench_async.png``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import plots
 from rich.console import Console
 from rich.table import Table
 
@@ -350,7 +351,13 @@ def main() -> None:
             _table(console, "1P1D TTFT through the proxy", results["pd"])
     out = args.out / "bench_async.json"
     out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
+    if results.get("itl"):
+        title = (
+            f"Pool hits arriving while {args.streams} streams decode, per load mode\n"
+            f"{args.preset} Llama, fp32, {args.hits} hits of {args.hit_tokens} tokens; {plots.run_label()}"
+        )
+        plots.decode_under_hits(results["itl"], title, args.out / "bench_async.png")
+    console.print(f"wrote {out}" + (f" and {args.out / 'bench_async.png'}" if results.get("itl") else ""))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import plots
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -233,7 +234,9 @@ def main() -> None:
             indent=2,
         )
     )
-    console.print(f"results: {out}")
+    title = f"Gathering scattered KV pages: GB/s by method ({args.total_mb} MiB, best of {args.repeat})\n"
+    plots.copy_bandwidth(copies, title + plots.run_label(), args.out / "bench_copy.png")
+    console.print(f"results: {out}, plot: {args.out / 'bench_copy.png'}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Reported: request throughput, TTFT p50/p99, ITL p99, the share of prompt tokens 
 the connector (``vllm:external_prefix_cache_*``), as ratios to the no-connector fleet and to the own repeat.
 
 Run: ``python benchmarks/bench_fleet.py [--modes ...] [--workload prefix chat] [--preset bench|tiny]
-[--out benchmarks/results]``.
+[--out benchmarks/results]`` -> tables, ``bench_fleet.json`` and ``bench_fleet.png``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import plots
 from rich.console import Console
 from rich.table import Table
 
@@ -321,7 +322,14 @@ def main() -> None:
             title = f"Fleet of 2 behind a round-robin router, {workload} workload ({args.preset} model)"
             report_json[workload] = report(by_mode, title, console)
     (args.out / "bench_fleet.json").write_text(json.dumps(report_json, indent=2))
-    console.print(f"wrote {args.out / 'bench_fleet.json'}")
+    drawn = {workload: report_json[workload] for workload in args.workload if report_json.get(workload)}
+    if drawn:
+        title = (
+            f"A fleet of two servers behind the router: the four phases per connector mode\n"
+            f"{args.preset} Llama, fp32, {args.prompts} requests per prefix phase; {plots.run_label()}"
+        )
+        plots.fleet_phases(drawn, title, args.out / "bench_fleet.png")
+    console.print(f"wrote {args.out / 'bench_fleet.json'}" + (f" and {args.out / 'bench_fleet.png'}" if drawn else ""))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ prompts, each alone in one step, in fresh engines:
 For each mode: TTFT, its excess over ``local``, the transfer the workers timed (``load_seconds`` per prompt), and the
 rest (excess - transfer: lookup, the waiting steps, scheduling). Goal (issue 26): TTFT <= 1.2 x (local + wire).
 
-Run: ``python benchmarks/bench_hit_breakdown.py [--tokens 4098] [--reps 4] [--out benchmarks/results]`` (~8 min).
+Run: ``python benchmarks/bench_hit_breakdown.py [--tokens 4098] [--reps 4] [--out benchmarks/results]`` (3 minutes on
+the 2-core machine, BENCHMARKS.md section 7) -> a table, ``bench_hit_breakdown.json`` and ``bench_hit_breakdown.png``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import plots
 from bench_store import BLOCK, LAYERS, bench_data_path
 from bench_ttft import Engines, random_prompts
 from rich.console import Console
@@ -116,6 +118,11 @@ def main() -> None:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
     (args.out / "bench_hit_breakdown.json").write_text(json.dumps(result, indent=2))
+    title = (
+        f"Where a {result['MiB']} MiB pool hit over TCP spends its time\n"
+        f"{args.preset} Llama, fp32, {args.tokens} tokens, median of {args.reps} prompts; {plots.run_label()}"
+    )
+    plots.hit_breakdown(result, title, args.out / "bench_hit_breakdown.png")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import plots
 from rich.console import Console
 from rich.table import Table
 
@@ -146,7 +147,12 @@ def main() -> None:
     console.print(f"outputs agree across modes: {agree}")
     out = args.out / "bench_multiturn.json"
     out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "modes": report, "agree": agree}, indent=2))
-    console.print(f"written: {out}")
+    title = (
+        f"Multi-turn chats: each turn in a fresh engine (pool) or one engine\n"
+        f"{args.preset} Llama, fp32, {args.conversations} chats x {args.turns} turns; {plots.run_label()}"
+    )
+    plots.multiturn(report, title, args.out / "bench_multiturn.png")
+    console.print(f"written: {out} and {args.out / 'bench_multiturn.png'}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
+import plots
 import torch
 from common import warm_segment
 from rich.console import Console
@@ -258,42 +259,6 @@ def bench_lookup(mooncake: dict, model_dir: str, lengths: list[int], repeat: int
     return rows
 
 
-def plot(data_rows: list[dict], lookup_rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {
-        ("save", "async"): "o-",
-        ("save", "sync"): "s--",
-        ("load", "zero-copy"): "^-",
-        ("load", "shm, one copy"): "^-",
-        ("load", "shm, via area"): "v-",
-    }
-    for (op, mode), style in styles.items():
-        for kib in sorted({r["page KiB"] for r in data_rows}):
-            pts = [r for r in data_rows if r["op"] == op and r["mode"] == mode and r["page KiB"] == kib]
-            if pts:
-                ax1.plot(
-                    [r["blocks"] for r in pts], [r["GB/s"] for r in pts], style, label=f"{op} ({mode}), {kib} KiB pages"
-                )
-    ceiling = statistics.median(r["memcpy GB/s"] for r in data_rows)
-    ax1.axhline(ceiling, color="grey", linestyle=":", label=f"memcpy ceiling ~{ceiling:.1f} GB/s")
-    ax1.set(xscale="log", xlabel="blocks per request", ylabel="GB/s", title="Pool data path (Mooncake, loopback)")
-    ax1.legend(fontsize=7)
-    for case, style in (("all-hit", "o-"), ("all-miss", "s--")):
-        pts = [r for r in lookup_rows if r["case"] == case]
-        ax2.plot([r["prompt tokens"] for r in pts], [r["p99 ms"] for r in pts], style, label=f"{case} p99")
-        ax2.plot([r["prompt tokens"] for r in pts], [r["p50 ms"] for r in pts], style, alpha=0.4, label=f"{case} p50")
-    ax2.axhline(5, color="red", linestyle=":", label="goal: p99 <= 5 ms at 32k")
-    ax2.set(xscale="log", xlabel="prompt tokens", ylabel="ms", title="Scheduler lookup latency")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--master", help="use a running mooncake_master (host:port) instead of starting one")
@@ -392,7 +357,8 @@ def main() -> None:
     name += "_quick" if args.quick else ""
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     if data_rows and lookup_rows:
-        plot(data_rows, lookup_rows, args.out / f"{name}.png")
+        title = f"PoolWorker save/load ({segment}); PoolScheduler lookups\n{plots.run_label()}"
+        plots.data_path(data_rows, lookup_rows, title, args.out / f"{name}.png")
     console.print(
         f"results: {args.out / (name + '.json')}"
         + (f", plot: {args.out / (name + '.png')}" if data_rows and lookup_rows else "")

@@ -28,7 +28,7 @@ only stores what the first step of a request computed, so chunked prefill would 
 ``--model mla``: the ``bench-mla`` DeepSeek-V2 (MLA + MoE, bf16: vLLM's CPU MLA and MoE kernels take no float32)
 in four phases: recompute and vLLM's own prefix hit (no connector, each prompt twice; on CPUs without AMX vLLM turns
 its prefix cache off for MLA and that column is then a recompute too), pool miss (saving), and fresh-engine pool hits
-over loopback TCP and through shared memory. Results in ``bench_ttft_mla.json``.
+over loopback TCP and through shared memory. Results in ``bench_ttft_mla.json`` and ``bench_ttft_mla.png``.
 
 Run: ``python benchmarks/bench_ttft.py [--model llama|mla] [--lengths 514 1026 2050 4098] [--reps 4]
 [--hit-engines 3] [--out benchmarks/results]``;
@@ -47,6 +47,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import plots
 from rich.console import Console
 from rich.table import Table
 
@@ -290,7 +291,12 @@ def main() -> None:
         "first_tokens_identical": outputs_same,
     }
     (args.out / "bench_ttft.json").write_text(json.dumps(result, indent=2))
-    _plot(ttft, args.lengths, args.out / "bench_ttft.png")
+    plots.ttft_by_length(
+        result["ttft_ms"],
+        f"TTFT by prompt length (from the engine's queue), each phase a fresh engine\n"
+        f"{args.preset} Llama, fp32; {plots.run_label()}",
+        args.out / "bench_ttft.png",
+    )
     console.print(f"results: {args.out / 'bench_ttft.json'}, plot: {args.out / 'bench_ttft.png'}")
 
 
@@ -356,28 +362,12 @@ def _mla(args: argparse.Namespace, console: Console) -> None:
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }
     (args.out / "bench_ttft_mla.json").write_text(json.dumps(result, indent=2))
-    console.print(f"results: {args.out / 'bench_ttft_mla.json'}")
-
-
-def _plot(ttft: dict[str, dict[int, float]], lengths: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in zip(ttft, ("o-", "s-", "^-", "D-", "P-", "v--", "x:"), strict=True):
-        ax.plot(lengths, [ttft[name][n] * 1e3 for n in lengths], style, label=name)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="prompt tokens",
-        ylabel="TTFT ms",
-        title="TTFT on vLLM CPU: recompute vs cache hits",
+    plots.ttft_by_length(
+        result["ttft_ms"],
+        f"TTFT by prompt length (from the engine's queue), MLA + MoE\n{preset} DeepSeek-V2, bf16; {plots.run_label()}",
+        args.out / "bench_ttft_mla.png",
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    console.print(f"results: {args.out / 'bench_ttft_mla.json'}, plot: {args.out / 'bench_ttft_mla.png'}")
 
 
 if __name__ == "__main__":

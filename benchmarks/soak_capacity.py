@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
+import plots
 import psutil
 from rich.console import Console
 from rich.table import Table
@@ -186,31 +187,11 @@ def main() -> None:
         table.add_row(*("-" if v is None else str(v) for v in w.values()))
     console.print(table)
     (args.out / "soak_capacity.json").write_text(json.dumps(report, indent=2))
-    _plot(windows, args.out / "soak_capacity.png")
+    title = (
+        f"A pool at capacity: {args.pool_mb} MB pool node, {args.minutes} min, {args.preset} model\n{plots.run_label()}"
+    )
+    plots.capacity_soak(windows, title, args.out / "soak_capacity.png")
     console.print(f"wrote {args.out / 'soak_capacity.json'} and soak_capacity.png")
-
-
-def _plot(windows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    minutes = [w["minute"] for w in windows]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
-    axes[0].plot(minutes, [w["hot hit %"] or 0 for w in windows], label="hot prompts' pool hit %")
-    axes[0].set_ylim(0, 105)
-    axes[0].legend()
-    axes[1].plot(minutes, [w["saved blocks"] for w in windows], label="blocks saved")
-    axes[1].plot(minutes, [w["refused blocks"] for w in windows], label="blocks refused")
-    axes[1].legend()
-    axes[2].plot(minutes, [w["server RSS MiB"] for w in windows], label="server RSS MiB")
-    axes[2].plot(minutes, [w["pool node RSS MiB"] for w in windows], label="pool node RSS MiB")
-    axes[2].plot(minutes, [w["pool MiB"] for w in windows], label="pool used MiB")
-    axes[2].set_xlabel("minutes")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 if __name__ == "__main__":
