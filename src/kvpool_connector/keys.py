@@ -89,7 +89,7 @@ class KVLayout:
         total_kv_heads = 1 if use_mla else int(model_config.get_total_num_kv_heads())
         replicas = tp_size if use_mla else max(1, tp_size // total_kv_heads)
         return cls(
-            model=model_identity(model_config, model_version).digest,
+            model=_model_digest(vllm_config, model_version),
             model_dtype=str(model_config.dtype),
             kv_dtype=str(spec.dtype),
             device_type=device_type,
@@ -107,6 +107,16 @@ class KVLayout:
             kv_replicas=replicas,
             groups=tuple(_group_description(g) for g in groups) if len(groups) > 1 else (),
         )
+
+
+def _model_digest(vllm_config: VllmConfig, model_version: str) -> str:
+    """The target model's identity, and a draft model's when speculative decoding runs one: its layers' KV is stored
+    beside the target's in the same blocks."""
+    digest = model_identity(vllm_config.model_config, model_version).digest
+    draft = getattr(getattr(vllm_config, "speculative_config", None), "draft_model_config", None)
+    if draft is not None and (draft_digest := model_identity(draft, model_version).digest) != digest:
+        digest = f"{digest}+draft:{draft_digest}"
+    return digest
 
 
 def _group_description(group: Any) -> str:

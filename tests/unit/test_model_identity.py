@@ -154,3 +154,20 @@ def test_vllms_model_config_gives_the_same_identity_at_two_paths_and_another_for
     weights = load_file(copy / "model.safetensors")
     save_file({k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in weights.items()}, copy / "model.safetensors")
     assert identity(copy) != original
+
+
+def test_a_draft_model_is_part_of_the_identity(tmp_path):
+    """Speculative decoding with a draft model stores the draft's layers in the same blocks: another draft, another
+    key; a drafter reading the target's own checkpoint (MTP, ngram) adds nothing."""
+    from kvpool_connector.keys import _model_digest
+
+    target = SimpleNamespace(model=str(write_checkpoint(tmp_path / "target", seed=0)))
+    drafts = [SimpleNamespace(model=str(write_checkpoint(tmp_path / f"draft{i}", seed=i + 1))) for i in range(2)]
+    mi._identity.cache_clear()
+
+    def digest(draft=None) -> str:
+        spec = None if draft is None else SimpleNamespace(draft_model_config=draft)
+        return _model_digest(SimpleNamespace(model_config=target, speculative_config=spec), "")
+
+    assert digest() == digest(target)
+    assert len({digest(), digest(drafts[0]), digest(drafts[1])}) == 3
