@@ -69,6 +69,10 @@ def ttft_by_length(series: dict[str, dict[str, float]], title: str, path: Path) 
     ticks = sorted({int(n) for by_length in series.values() for n in by_length})
     ax.set(xscale="log", yscale="log", xlabel="prompt tokens (log scale)", ylabel="TTFT, ms (log scale)")
     ax.set_xticks(ticks, [f"{n:,}" for n in ticks])
+    values = [v for by_length in series.values() for v in by_length.values()]
+    yticks = [y for y in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000) if min(values) / 2 <= y]
+    yticks = [y for y in yticks if y <= max(values) * 2]
+    ax.set_yticks(yticks, [f"{y:,}" for y in yticks])
     ax.minorticks_off()
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
