@@ -1,11 +1,16 @@
 """The OpenAI server with the connector answers the field's validation requests; a repeat is served from the pool, and
-the connector's counters on /metrics show it.
+the connector's counters on /metrics show it. The Ascend example's requests.sh (bash and curl) sends the same requests
+and gets the same answers.
 
 vLLM's own prefix cache is off here, so any cached prompt tokens on the repeat can only have come from the pool."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +20,8 @@ from kvpool_testkit.server import vllm_server
 from kvpool_testkit.workloads import SEED_REQUESTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
+
+REQUESTS_SH = Path(__file__).parents[2] / "examples" / "ascend" / "requests.sh"
 
 
 def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
@@ -29,12 +36,18 @@ def test_seed_requests_through_openai_server(tiny_model, pool, tmp_path):
         while "KV Transfer metrics: pool_lookups=" not in server.log_text() and time.monotonic() < deadline:
             time.sleep(0.5)
         serving_log = server.log_text()
+        env = {k: v for k, v in os.environ.items() if k != "HERE"}
+        env.update(REQUESTS_URL=server.url, MODEL_PATH=tiny_model)
+        script = subprocess.run(["bash", str(REQUESTS_SH)], env=env, capture_output=True, text=True, timeout=300)
     long_prompt_tokens = first[1]["usage"]["prompt_tokens"]
     assert long_prompt_tokens > 128, "the long seed prompt should span at least one full block"
     for a, b in zip(first, repeat, strict=True):
         assert a["choices"][0]["text"] == b["choices"][0]["text"]
         assert a["usage"]["completion_tokens"] > 0
     assert cached_tokens(first[1]) == 0
+    assert script.returncode == 0, script.stderr
+    by_script = [json.loads(line) for line in script.stdout.splitlines()]
+    assert [a["choices"][0]["text"] for a in by_script] == [a["choices"][0]["text"] for a in first]
     assert cached_tokens(repeat[1]) == long_prompt_tokens // 128 * 128
     assert "Traceback" not in serving_log
     # The connector's counters on the server's /metrics moved with the hit.
