@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from kvpool_connector.config import parse_config
 
@@ -60,21 +59,22 @@ def test_without_the_policy_key_the_seeds_json_still_parses_and_fails_requests_o
 
 @pytest.mark.processes
 @pytest.mark.parametrize("policy_key", ["shipped", "left out (the seed guide's JSON)"])
-def test_multiconnector_builds_our_child_from_the_producer_json(
-    policy_key, tiny_model, pool, tmp_path, monkeypatch, caplog
+@pytest.mark.parametrize("name", ["kv_transfer_producer.json", "kv_transfer_consumer.json"])
+def test_vllms_scheduler_builds_our_child_from_the_json_and_reads_its_policy(
+    name, policy_key, tiny_model, pool, tmp_path, monkeypatch, caplog
 ):
-    """vLLM's MultiConnector builds our scheduler-side child from the shipped JSON. The policy vLLM's scheduler reads
-    is the MultiConnector's, which the child cannot change: without the key the child warns at start-up, once."""
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    """vLLM's own scheduler, built on the shipped JSON, builds MultiConnector and through it our child, and recomputes
+    failed loads. Without the key (the seed guide's JSON) it fails their requests, a choice our child cannot change:
+    the child warns at start-up, once, naming the key."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
 
     from kvpool_connector import plugin
     from kvpool_connector.connector import MemcacheConnectorStoreV1
     from kvpool_testkit import scheduler_side
 
     plugin.register()
-    raw = json.loads((EXAMPLES / "kv_transfer_producer.json").read_text())
+    raw = json.loads((EXAMPLES / name).read_text())
     if policy_key != "shipped":
         del raw["kv_load_failure_policy"]
     # The field's JSON names memcache; point our child at this machine's Mooncake instead, through its env file.
@@ -85,30 +85,34 @@ def test_multiconnector_builds_our_child_from_the_producer_json(
     # the engine config here carries the MultiConnector with our child only.
     raw["kv_connector_extra_config"]["connectors"] = [_ours(raw)]
     vllm_config = scheduler_side.vllm_config(tiny_model, {}, kv_transfer_config=raw)
-    spec = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
-        num_blocks=8,
-        kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in range(4)], spec)],
-    )
     with caplog.at_level(logging.WARNING, logger="vllm.kvpool_connector.connector"):
-        multi = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
+        scheduler = Scheduler(
+            vllm_config=vllm_config,
+            kv_cache_config=scheduler_side.kv_cache_config(vllm_config, 8),
+            structured_output_manager=StructuredOutputManager(vllm_config),
+            block_size=128,
+            hash_block_size=128,
+            log_stats=True,
+        )
     try:
-        (child,) = multi._connectors
+        (child,) = scheduler.connector._connectors
         assert isinstance(child, MemcacheConnectorStoreV1)
         sched = child.connector_scheduler
-        assert sched is not None and sched.saves_enabled and not sched.loads_enabled  # kv_producer: save only
-        assert sched.layout.block_size == 128 and sched.layout.num_layers == 4
+        assert sched is not None and sched.layout.block_size == 128
+        if name == "kv_transfer_producer.json":
+            assert sched.saves_enabled and not sched.loads_enabled
+        else:
+            assert sched.loads_enabled and not sched.saves_enabled
         warnings = [r.getMessage() for r in caplog.records if "kv_load_failure_policy" in r.getMessage()]
         if policy_key == "shipped":
-            assert vllm_config.kv_transfer_config.kv_load_failure_policy == "recompute"
+            assert scheduler.recompute_kv_load_failures is True
             assert warnings == []
         else:  # vLLM's choice stands; the warning names what it costs and the key that changes it
-            assert vllm_config.kv_transfer_config.kv_load_failure_policy == "fail"
+            assert scheduler.recompute_kv_load_failures is False
             assert len(warnings) == 1
             assert "fails its request" in warnings[0] and '"kv_load_failure_policy": "recompute"' in warnings[0]
     finally:
-        multi.shutdown()
+        scheduler.shutdown()
 
 
 def test_field_config_files_parse_with_our_config_code():
