@@ -10,6 +10,10 @@ consumer at TP 2 and a second consumer at TP 1 (MLA blocks are the same at every
 follow the shapes of the computation, so only a consumer at the producer's TP size is expected to answer token for
 token like it; the TP 1 consumer's answer is shown for what it is. ``--model llama``: the seed's GQA Llama, fp32, TP 1.
 
+Each server runs MemcacheConnectorStoreV1 alone (not under MultiConnector), so the connector itself switches vLLM's
+``kv_load_failure_policy`` to ``recompute``; the Ascend example's MultiConnector JSON carries the key. Every server gets
+``PYTHONHASHSEED=0``: one seed for the whole fleet (vLLM 0.23 needs one to hash blocks alike across processes).
+
 Run: ``python examples/pd_disagg.py [--model mla|llama] [--workdir .work/pd]``.
 """
 
@@ -49,7 +53,7 @@ def main() -> None:
     table = Table(title=f"1P1D through the pool ({args.model}, producer at TP {producer.tp}): proxy vs single instance")
     for col in ("request", "decode at", "prompt tokens", "pool hit tokens", "equals producer", "answer (proxy)"):
         table.add_column(col)
-    with pd_deployment(model, workdir, producer, consumers) as pd:
+    with pd_deployment(model, workdir, producer, consumers, env_extra={"PYTHONHASHSEED": "0"}) as pd:
         for name, (prompt, max_tokens) in zip(("short", "long"), SEED_REQUESTS, strict=True):
             for consumer, route in zip(consumers, pd.routes, strict=True):
                 before = pool_hit_tokens(route.consumer_url)
