@@ -193,6 +193,10 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     shard count of keys per block (at TP s, s objects per block; 1 + 2 + 4 + 8 = 15 keys instead of 8 for a model of
     8 KV heads at TP 8 with the default). A size that does not split the KV heads evenly is refused at start-up.
     MLA ignores it: its blocks are the same at every TP size and share keys already."""
+    save_admission: Literal["all", "second_sight"] = "all"
+    """Which computed prompt blocks are put (``admission``): ``all``; or ``second_sight``, a block the second time any
+    instance of the fleet computes it (the first time only a small sighting object is put), so one-off prompts do not
+    push a full pool's reused blocks out. P/D producers' prompts and generated tokens' blocks are always saved."""
     model_version: str = ""
     """Part of every pool key beside the model's weights and config (which keys follow by themselves: see
     docs/configuration.md). Change it when weights change in place with no file changing (RL weight syncs,

@@ -214,6 +214,12 @@ def pool_key(shard_fingerprint: str, block_hash: bytes) -> str:
     return f"{shard_prefix(shard_fingerprint)}{block_hash.hex()}"
 
 
+def sighting_key(shard_fingerprint: str, block_hash: bytes) -> str:
+    """The marker that a block was computed once (``admission``): beside the blocks, under the same prefix, so a
+    cache reset removes it with them."""
+    return f"{shard_prefix(shard_fingerprint)}seen/{block_hash.hex()}"
+
+
 def block_hash_of(pool_key_: str) -> bytes:
     """The vLLM block hash a pool key names (its last part)."""
     return bytes.fromhex(pool_key_.rsplit("/", 1)[1])

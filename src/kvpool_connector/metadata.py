@@ -30,3 +30,4 @@ class PoolConnectorMetadata(KVConnectorMetadata):
     idle_step: bool = False  # nothing scheduled to compute: vLLM is only waiting (for loads, say)
     saves: list[BlockTransfer] = field(default_factory=list)  # after it, once these blocks are written
     reset: bool = False  # the cache was reset since the last step: drop queued saves, remove this shard's objects
+    sightings: list[bytes] = field(default_factory=list)  # blocks computed for the first time: record, do not save

@@ -9,8 +9,9 @@ Counter names (``data`` keys): ``lookups``, ``lookup_tokens`` (prompt tokens loo
 ``hit_tokens``, ``sync_loads``/``async_loads`` (hits by load mode), ``loaded_blocks`` (``loaded_other_tp_blocks``
 of them from another TP size's objects), ``loaded_bytes``,
 ``load_seconds``, ``saved_blocks``, ``saved_bytes``, ``save_seconds``, ``save_skipped_present``,
-``producer_wait_expired``, ``outages``, and per reason ``load_failed.<reason>``, ``save_failed.<reason>``,
-``save_dropped.<reason>`` (``staging_full``, ``unavailable``, ``shutdown``).
+``producer_wait_expired``, ``outages``, ``sightings_recorded``, and per reason ``load_failed.<reason>``,
+``save_failed.<reason>``, ``save_dropped.<reason>`` (``staging_full``, ``unavailable``, ``shutdown``),
+``save_not_admitted.<reason>`` and ``missed_blocks.<reason>`` (``first_sight``, ``seen_before``: ``admission``).
 """
 
 from __future__ import annotations
@@ -37,11 +38,17 @@ PLAIN_COUNTERS = (
     ("lookup_timeouts", "Lookups counted as misses: the pool did not answer within lookup_timeout_ms."),
     ("producer_wait_expired", "Decode requests whose prefill instance's blocks did not reach the pool in time."),
     ("outages", "Times the KV pool became unreachable; each opens a back-off window of reconnect_interval_s."),
+    ("sightings_recorded", "Blocks computed for the first time in the fleet, recorded in the pool (save_admission)."),
 )
 REASON_COUNTERS = (
     ("load_failed", "KV blocks whose load failed (recomputed), by reason."),
     ("save_failed", "KV blocks the pool refused to store, by reason."),
     ("save_dropped", "KV blocks not saved (staging full, pool unavailable, shutdown), by reason."),
+    ("save_not_admitted", "KV blocks not saved by save_admission (first_sight: never computed before), by reason."),
+    (
+        "missed_blocks",
+        "Looked-up blocks the pool did not hold, by why (with save_admission: first_sight, seen_before).",
+    ),
 )
 
 

@@ -16,11 +16,13 @@ at once, and the put then reads host memory (memcache's ``H2G``).
 Calls, in the order they happen:
 1. ``BlockSaver(pool, pages, shards, runtime, stats, stripe, staging_blocks)``: with ``staging_blocks`` > 0, allocate
    and register the staging area and start the save thread;
-2. ``save(transfers)`` at ``wait_for_save``: this rank's stripe of the step's blocks (ranks that hold the same KV,
-   MLA's, split the puts), keyed by this worker's shard of each block's KV cache group. Only keys the pool does not
-   hold yet are put; every outcome is counted. When the staging area is full the oldest queued (not yet started)
-   saves are dropped and counted: a dropped save is a future miss, never a stalled forward pass; a copy the device
-   refuses drops its blocks (counted), never raises;
+2. ``save(transfers, sightings)`` at ``wait_for_save``: this rank's stripe of the step's blocks (ranks that hold the
+   same KV, MLA's, split the puts), keyed by this worker's shard of each block's KV cache group. Only keys the pool
+   does not hold yet are put; every outcome is counted. The worker of the layout's first shard also records the
+   step's sightings (``admission``: blocks computed for the first time), small objects put with the step's blocks.
+   When the staging area is full the oldest queued (not yet started) saves are dropped and counted: a dropped save
+   is a future miss, never a stalled forward pass; a copy the device refuses drops its blocks (counted), never
+   raises;
 3. ``drop_queued(timeout)`` (a cache reset): forget saves not started, wait for the one in flight;
 4. ``flush(timeout)`` / ``close(timeout)``: wait for queued puts (shutdown), then stop and join the thread.
 
@@ -34,12 +36,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kvpool_connector import keys
+from kvpool_connector.admission import SIGHTING_BYTES
 from kvpool_connector.backends import Outcome
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime
@@ -57,6 +60,7 @@ class _SaveJob:
     keys: list[str]
     slots: np.ndarray  # staging slot of each key
     copied: Any  # the device event the copy into the slots completes at (None on the CPU: already done)
+    sightings: list[str] = field(default_factory=list)  # sighting keys to put with them
 
 
 class BlockSaver:
@@ -70,10 +74,12 @@ class BlockSaver:
         stripe: tuple[int, int] = (0, 1),
         staging_blocks: int = 0,
         on_stored: Callable[[list[str]], None] | None = None,
+        sighting_shard: str | None = None,
     ) -> None:
         """``shards``: this worker's fingerprint of each KV cache group; ``stripe``: (index, count), this rank puts
         every count-th block of a step from index on; ``staging_blocks``: the staging area's size in blocks (0:
-        synchronous saves); ``on_stored``: told the keys each save left in the pool (KV events)."""
+        synchronous saves); ``on_stored``: told the keys each save left in the pool (KV events);
+        ``sighting_shard``: the layout's first shard, on the one worker that records sightings."""
         self._pool = pool
         self._pages = pages
         self._shards = list(shards)
@@ -81,6 +87,8 @@ class BlockSaver:
         self.stats = stats
         self._stripe = slice(stripe[0], None, stripe[1])
         self._on_stored = on_stored
+        self._sighting_shard = sighting_shard
+        self._sighting_source: np.ndarray | None = None  # registered at the first sighting
         self._staging: _StagingArea | None = None
         self._cond = threading.Condition()
         self._queue: deque[_SaveJob] = deque()
@@ -94,10 +102,14 @@ class BlockSaver:
             self._thread.start()
 
     # -- forward-pass side ---------------------------------------------------------------------------------
-    def save(self, transfers: Sequence[BlockTransfer]) -> None:
-        """Save this rank's stripe of the blocks of ``transfers``, whose KV the forward pass just queued."""
+    def save(self, transfers: Sequence[BlockTransfer], sightings: Sequence[bytes] = ()) -> None:
+        """Save this rank's stripe of the blocks of ``transfers``, whose KV the forward pass just queued, and record
+        ``sightings`` where this worker keeps them."""
+        sighting_keys = [keys.sighting_key(self._sighting_shard, h) for h in sightings] if self._sighting_shard else []
         block_ids = [b for t in transfers for b in t.block_ids][self._stripe]
         if not block_ids:
+            if sighting_keys:
+                self._queue_sightings(sighting_keys)
             return
         hashes = [h for t in transfers for h in t.block_hashes][self._stripe]
         groups = [g for t in transfers for g in t.block_groups()][self._stripe]
@@ -107,10 +119,21 @@ class BlockSaver:
             self._runtime.wait_on_host(written)
             addrs, sizes = self._pages.addresses(block_ids, groups)
             self._stored(self._put_missing(pool_keys, addrs, sizes))
+            self._put_sightings(sighting_keys)
         else:
-            self._stage(pool_keys, block_ids, groups, written)
+            self._stage(pool_keys, block_ids, groups, written, sighting_keys)
 
-    def _stage(self, pool_keys: list[str], block_ids: list[int], groups: list[int], written: Any) -> None:
+    def _queue_sightings(self, sighting_keys: list[str]) -> None:
+        if self._staging is None:
+            self._put_sightings(sighting_keys)
+            return
+        with self._cond:
+            self._queue.append(_SaveJob([], np.zeros(0, dtype=np.int64), None, sighting_keys))
+            self._cond.notify_all()
+
+    def _stage(
+        self, pool_keys: list[str], block_ids: list[int], groups: list[int], written: Any, sightings: list[str]
+    ) -> None:
         assert self._staging is not None
         if not self._pool.available:  # disconnected or in an outage: nothing could take the copy; count it
             self._skip(len(pool_keys))
@@ -121,6 +144,8 @@ class BlockSaver:
             self.stats.add("save_dropped.staging_full", len(pool_keys) - len(slots))
             pool_keys, block_ids, groups = pool_keys[: len(slots)], block_ids[: len(slots)], groups[: len(slots)]
         if not len(slots):
+            if sightings:
+                self._queue_sightings(sightings)
             return
         try:
             copied = self._staging.copy_in(slots, self._pages.address_array(block_ids, groups), written)
@@ -133,7 +158,7 @@ class BlockSaver:
             )
             return
         with self._cond:
-            self._queue.append(_SaveJob(list(pool_keys), slots, copied))
+            self._queue.append(_SaveJob(list(pool_keys), slots, copied, sightings))
             self._cond.notify_all()
 
     def _take_slots(self, n: int) -> np.ndarray:
@@ -173,9 +198,22 @@ class BlockSaver:
 
     def _put_staged(self, job: _SaveJob) -> None:
         assert self._staging is not None
-        self._runtime.wait_on_host(job.copied)
-        addrs = self._staging.slot_addresses(job.slots).tolist()
-        self._stored(self._put_missing(job.keys, addrs, [self._pages.run_sizes] * len(job.keys)))
+        if job.keys:
+            self._runtime.wait_on_host(job.copied)
+            addrs = self._staging.slot_addresses(job.slots).tolist()
+            self._stored(self._put_missing(job.keys, addrs, [self._pages.run_sizes] * len(job.keys)))
+        self._put_sightings(job.sightings)
+
+    def _put_sightings(self, sighting_keys: list[str]) -> None:
+        """Record blocks computed for the first time: their bytes are never read, only their existence."""
+        if not sighting_keys or not self._pool.available:
+            return
+        if self._sighting_source is None:
+            self._sighting_source = np.zeros(SIGHTING_BYTES, dtype=np.uint8)
+            self._pool.register_memory(self._sighting_source.ctypes.data, SIGHTING_BYTES)
+        source = [[self._sighting_source.ctypes.data]] * len(sighting_keys)
+        outcomes = self._pool.put(sighting_keys, source, [[SIGHTING_BYTES]] * len(sighting_keys))
+        self.stats.add("sightings_recorded", sum(o.ok for o in outcomes))
 
     # -- the put and its accounting ------------------------------------------------------------------------
     def _put_missing(self, pool_keys: list[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[str]:

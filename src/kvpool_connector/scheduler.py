@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvpool_connector import compat, head_shards, keys
+from kvpool_connector.admission import Admission, Sighting
 from kvpool_connector.backends import ClientRole, backend_class, create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
@@ -192,6 +193,7 @@ class _RequestState:
     producer_wait: _ProducerWait | None = None  # its prefill instance is still saving its blocks
     loading: set[int] = field(default_factory=set)  # blocks of its asynchronous load in flight
     load_failed: bool = False  # its asynchronous load failed: no second try
+    sighting: Sighting | None = None  # the latest lookup's admission answer; None: every block is admitted
 
     def forget_lookup(self) -> None:
         if self.lookup is not None:
@@ -226,6 +228,8 @@ class PoolScheduler:
         self.load_mode = LoadModeChooser(config.pool.load_async)
         self.producer_wait_s = config.pool.producer_wait_ms / 1e3
         self.save_decode_cache = config.pool.save_decode_cache
+        # Only an engine that looks up learns sightings; one that only saves (a P/D producer) saves everything.
+        self.admission = Admission(config.pool.save_admission if self.loads_enabled else "all", self.shards[0])
         self.events = PoolEvents() if compat.kv_events_enabled(vllm_config) else None
         self.reset_policy = config.pool.reset_cache
         self._reset_pending = False  # tell the workers at the next step
@@ -326,22 +330,36 @@ class PoolScheduler:
         block's groups load from (``present_prefix_by_layout``); None while an asynchronous query runs."""
         assert self.pool is not None and self.lookups is not None
         if not self.lookup_async:
-            found = self.lookups.exists_within(self.lookup_keys(hashes[start:]), self.lookup_timeout_s)
-            return present_prefix_by_layout(found, self.readable_groups, self.windows)
+            found = self.lookups.exists_within(self._question_keys(hashes[start:]), self.lookup_timeout_s)
+            return self._answer(state, start, len(hashes) - start, found)
         question = (start, len(hashes))
         lookup = state.lookup
         if lookup is None or lookup.question != question:  # keys are built only for a new question
-            future = self.lookups.exists_async(self.lookup_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
+            future = self.lookups.exists_async(self._question_keys(hashes[start:]), stuck_after_s=self.lookup_timeout_s)
             lookup = state.lookup = _Lookup(question, future, time.monotonic() + self.lookup_timeout_s)
         if lookup.future.done():
-            return present_prefix_by_layout(lookup.future.result(), self.readable_groups, self.windows)
+            return self._answer(state, start, len(hashes) - start, lookup.future.result())
         if time.monotonic() < lookup.deadline:
             return None
         self.stats.add("lookup_timeouts")
         self.pool.warn(
             "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.lookup_timeout_s * 1e3
         )
-        return 0, []
+        return self._answer(state, start, len(hashes) - start, [])
+
+    def _question_keys(self, hashes: list[bytes]) -> list[str]:
+        """One lookup's keys: every readable layout's blocks (``lookup_keys``), then the blocks' sightings."""
+        return self.lookup_keys(hashes) + self.admission.question_keys(hashes)
+
+    def _answer(self, state: _RequestState, start: int, asked: int, found: list[bool]) -> tuple[int, list[list[int]]]:
+        """The hit of a lookup of ``asked`` blocks from ``start`` (``present_prefix_by_layout``), noting its admission
+        answer in the request's record. An empty ``found`` (no answer in time) is a miss that admits nothing and
+        learns nothing."""
+        sightings = asked if self.admission.by_sight and found else 0
+        blocks, sighted = found[: len(found) - sightings], found[len(found) - sightings :]
+        hit, at = present_prefix_by_layout(blocks, self.readable_groups, self.windows) if found else (0, [])
+        state.sighting = self.admission.answer(start, hit, sighted)
+        return hit, at
 
     def may_load_async(self, request: Request) -> bool:
         """vLLM 0.34 asks this, cheaply and before any lookup, as a request enters the waiting queue: with
@@ -379,6 +397,9 @@ class PoolScheduler:
             self.stats.add("lookup_tokens", state.asked_tokens)
             if answer is not None:
                 self.stats.add("hit_tokens", max(num_external_tokens, 0))
+            if (sighting := state.sighting) is not None:
+                self.stats.add("missed_blocks.first_sight", sighting.first_sight)
+                self.stats.add("missed_blocks.seen_before", sighting.seen_before)
             state.asked_tokens = None
         state.block_ids = [list(ids) for ids in blocks.get_block_ids()]
         if num_external_tokens <= 0 or answer is None:
@@ -494,6 +515,14 @@ class PoolScheduler:
         hashes = self._block_hashes(request, full_blocks)
         todo = [i for i in range(state.next_save_block, len(hashes)) if i not in state.loaded]
         state.next_save_block = len(hashes)
+        if not todo:
+            return
+        remote_decode = bool((request.kv_transfer_params or {}).get("do_remote_decode"))
+        admit_until = None if state.sighting is None or remote_decode else state.sighting.admit_until
+        todo, first_sight = Admission.split(todo, admit_until, compat.prompt_length(request) // self.block_size)
+        if first_sight:
+            meta.sightings.extend(hashes[i] for i in first_sight)
+            self.stats.add("save_not_admitted.first_sight", len(first_sight))
         if not todo:
             return
         save = group_blocks(request.request_id, state.block_ids, todo, [hashes[i] for i in todo])

@@ -184,6 +184,7 @@ class PoolWorker:
                 stripe=self.stripe,
                 staging_blocks=staging if self._config.pool.async_save else 0,
                 on_stored=self.stored_log.note if self.stored_log is not None else None,
+                sighting_shard=self.shards[0] if self.ranks == (0, 0) else None,
             )
         self.pool.start(wait_s=self._config.pool.startup_wait_s)
         self._log_startup()
@@ -289,8 +290,8 @@ class PoolWorker:
             self.loader.load_now(transfer)
 
     def save(self, meta: PoolConnectorMetadata) -> None:
-        if meta.saves and self.saver is not None:
-            self.saver.save(meta.saves)
+        if (meta.saves or meta.sightings) and self.saver is not None:
+            self.saver.save(meta.saves, meta.sightings)
 
     def finished_loads(self, idle_step: bool) -> set[str]:
         """Requests whose asynchronous loads ended (their failed blocks are in the load errors by now). In a step
