@@ -36,7 +36,7 @@ else
     if [ "$debian_python" = 1 ]; then
       need_apt python3-venv "python3 -m venv, which makes one environment per vLLM release"
     else
-      missing+=("Python's venv module with ensurepip for $python: install a Python that has it (python3 -m ensurepip)")
+      missing+=("venv with ensurepip in $python: rebuild it with ensurepip, or use Debian's python3 and python3-venv")
     fi
   fi
   headers='import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_path("include") + "/Python.h"))'
@@ -44,7 +44,7 @@ else
     if [ "$debian_python" = 1 ]; then
       need_apt python3-dev "Python's C headers, for the native extension"
     else
-      missing+=("Python's C headers (Python.h) for $python: install a Python that ships its headers")
+      missing+=("Python.h for $python: install its headers, or use Debian's python3 and python3-dev")
     fi
   fi
 fi

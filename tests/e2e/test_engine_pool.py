@@ -109,6 +109,7 @@ def test_tampered_object_changes_output(tiny_model, pool, loaded, baseline, moon
     assert tampered.outputs[3] == baseline.outputs[3]
 
 
+@pytest.mark.vllm_engines
 def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline, tmp_path):
     """Workers attached to the pool node through shared memory (``real_client_address``), their KV cache placed in
     memory the node maps: they load what an engine with its own transfer engine saved, save new blocks, and a fresh
