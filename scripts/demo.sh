@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/vllm_legs.sh
+case "$KVPOOL_VLLM" in
+  0.33.0 | 0.34.0)
+    echo "vLLM $KVPOOL_VLLM has no CPU build: no engine runs here (choose KVPOOL_VLLM=0.32.0 or 0.23.0)" >&2
+    exit 2
+    ;;
+esac
 bash scripts/setup.sh "$KVPOOL_VLLM"
-if [ "$KVPOOL_VLLM" = 0.34.0 ]; then
-  echo "vLLM 0.34.0 has no CPU build: its leg runs API tests only, no engine (choose KVPOOL_VLLM=0.32.0 or 0.23.0)" >&2
-  exit 2
-fi
 # vLLM 0.23 seeds block hashes randomly unless PYTHONHASHSEED is set: without it no two processes share pool keys.
 export PYTHONHASHSEED=${PYTHONHASHSEED:-0}
 exec "$(vllm_venv "$KVPOOL_VLLM")/bin/python" examples/quickstart.py "$@"
