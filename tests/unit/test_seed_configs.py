@@ -6,10 +6,13 @@ it: test_ascend_example.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvpool_connector.config import parse_config
@@ -17,6 +20,7 @@ from kvpool_connector.config import parse_config
 pytestmark = pytest.mark.vllm_api
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "ascend"
+BLOCK = 128
 
 
 def _ours(config: dict) -> dict:
@@ -57,20 +61,13 @@ def test_without_the_policy_key_the_seeds_json_still_parses_and_fails_requests_o
     assert KVTransferConfig(**raw).kv_load_failure_policy == "fail"
 
 
-@pytest.mark.processes
-@pytest.mark.parametrize("policy_key", ["shipped", "left out (the seed guide's JSON)"])
-@pytest.mark.parametrize("name", ["kv_transfer_producer.json", "kv_transfer_consumer.json"])
-def test_vllms_scheduler_builds_our_child_from_the_json_and_reads_its_policy(
-    name, policy_key, tiny_model, pool, tmp_path, monkeypatch, caplog
-):
-    """vLLM's own scheduler, built on the shipped JSON, builds MultiConnector and through it our child, and recomputes
-    failed loads. Without the key (the seed guide's JSON) it fails their requests, a choice our child cannot change:
-    the child warns at start-up, once, naming the key."""
+def _vllm_scheduler(name: str, policy_key: str, tiny_model: str, pool, tmp_path: Path, monkeypatch):
+    """vLLM's own scheduler on the shipped JSON ``name`` (``policy_key`` "shipped", or the key left out as in the seed
+    guide), our child on this machine's Mooncake: it builds MultiConnector, and MultiConnector our child."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.structured_output import StructuredOutputManager
 
     from kvpool_connector import plugin
-    from kvpool_connector.connector import MemcacheConnectorStoreV1
     from kvpool_testkit import scheduler_side
 
     plugin.register()
@@ -85,20 +82,37 @@ def test_vllms_scheduler_builds_our_child_from_the_json_and_reads_its_policy(
     # the engine config here carries the MultiConnector with our child only.
     raw["kv_connector_extra_config"]["connectors"] = [_ours(raw)]
     vllm_config = scheduler_side.vllm_config(tiny_model, {}, kv_transfer_config=raw)
+    return Scheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=scheduler_side.kv_cache_config(vllm_config, 16),
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=BLOCK,
+        hash_block_size=BLOCK,
+        log_stats=True,
+    )
+
+
+POLICY_KEY = pytest.mark.parametrize("policy_key", ["shipped", "left out (the seed guide's JSON)"])
+
+
+@pytest.mark.processes
+@POLICY_KEY
+@pytest.mark.parametrize("name", ["kv_transfer_producer.json", "kv_transfer_consumer.json"])
+def test_vllms_scheduler_builds_our_child_from_the_json_and_reads_its_policy(
+    name, policy_key, tiny_model, pool, tmp_path, monkeypatch, caplog
+):
+    """vLLM's own scheduler, built on the shipped JSON, builds MultiConnector and through it our child, and recomputes
+    failed loads. Without the key (the seed guide's JSON) it fails their requests, a choice our child cannot change:
+    the child warns at start-up, once, naming the key."""
+    from kvpool_connector.connector import MemcacheConnectorStoreV1
+
     with caplog.at_level(logging.WARNING, logger="vllm.kvpool_connector.connector"):
-        scheduler = Scheduler(
-            vllm_config=vllm_config,
-            kv_cache_config=scheduler_side.kv_cache_config(vllm_config, 8),
-            structured_output_manager=StructuredOutputManager(vllm_config),
-            block_size=128,
-            hash_block_size=128,
-            log_stats=True,
-        )
+        scheduler = _vllm_scheduler(name, policy_key, tiny_model, pool, tmp_path, monkeypatch)
     try:
         (child,) = scheduler.connector._connectors
         assert isinstance(child, MemcacheConnectorStoreV1)
         sched = child.connector_scheduler
-        assert sched is not None and sched.layout.block_size == 128
+        assert sched is not None and sched.layout.block_size == BLOCK
         if name == "kv_transfer_producer.json":
             assert sched.saves_enabled and not sched.loads_enabled
         else:
@@ -111,6 +125,63 @@ def test_vllms_scheduler_builds_our_child_from_the_json_and_reads_its_policy(
             assert scheduler.recompute_kv_load_failures is False
             assert len(warnings) == 1
             assert "fails its request" in warnings[0] and '"kv_load_failure_policy": "recompute"' in warnings[0]
+    finally:
+        scheduler.shutdown()
+
+
+def _runner_output(connector_output) -> object:
+    """A step's ``ModelRunnerOutput`` with no tokens, only the workers' connector report (0.34 dropped
+    ``req_id_to_index``)."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    fields = {"req_ids": [], "sampled_token_ids": [], "kv_connector_output": connector_output}
+    if "req_id_to_index" in {f.name for f in dataclasses.fields(ModelRunnerOutput)}:
+        fields["req_id_to_index"] = {}
+    return ModelRunnerOutput(**fields)
+
+
+@pytest.mark.processes
+@POLICY_KEY
+def test_a_failed_pool_load_on_the_decode_node_is_recomputed_not_a_failed_request(
+    policy_key, tiny_model, pool, mooncake_client, tmp_path, monkeypatch
+):
+    """The D node's scheduler (consumer JSON): our child finds a 2-block prompt in the pool and vLLM waits for the
+    asynchronous load; the workers report its second block failed (an object gone between lookup and load). With the
+    shipped key vLLM computes the prompt from that block on; without it (the seed guide's JSON) the request ends
+    with an error."""
+    from mooncake.store import ReplicateConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import RequestStatus
+
+    from kvpool_testkit.inspection import prompt_block_keys
+    from kvpool_testkit.scheduler_side import Requests
+
+    scheduler = _vllm_scheduler("kv_transfer_consumer.json", policy_key, tiny_model, pool, tmp_path, monkeypatch)
+    try:
+        (child,) = scheduler.connector._connectors
+        tokens = list(range(1, 2 * BLOCK + 10))
+        marker = np.zeros(64, dtype=np.uint8)  # a lookup asks whether an object exists, not what it holds
+        mooncake_client.register_buffer(marker.ctypes.data, marker.nbytes)
+        for key in prompt_block_keys(child.connector_scheduler.shards[0], tokens):
+            assert mooncake_client.put_from(key, marker.ctypes.data, marker.nbytes, ReplicateConfig()) == 0
+        request = Requests().make("r", tokens)
+        scheduler.add_request(request)
+        deadline = time.monotonic() + 30
+        while request.status != RequestStatus.WAITING_FOR_REMOTE_KVS:  # the lookup is answered off the loop
+            assert time.monotonic() < deadline, "no pool hit"
+            scheduler.update_from_output(scheduler.schedule(), _runner_output(None))
+            time.sleep(0.02)
+        assert request.num_computed_tokens == 2 * BLOCK
+        second_block = scheduler.kv_cache_manager.get_block_ids("r")[0][1]
+        report = KVConnectorOutput(finished_recving={"r"}, invalid_block_ids={second_block})
+        scheduler.update_from_output(scheduler.schedule(), _runner_output(report))
+        out = scheduler.schedule()
+        if policy_key == "shipped":
+            assert request.status == RequestStatus.RUNNING
+            assert out.num_scheduled_tokens == {"r": len(tokens) - BLOCK}  # the first block kept, the rest computed
+        else:
+            assert request.status == RequestStatus.FINISHED_ERROR
+            assert out.num_scheduled_tokens == {}
     finally:
         scheduler.shutdown()
 
