@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import httpx
 import psutil
 import pytest
 
+from kvpool_connector.backends.mooncake_service import parse_samples
 from kvpool_connector.processes import free_port, spawn, stop_process
 from kvpool_testkit.client import cached_tokens, complete, server_metrics, wait_for
 from kvpool_testkit.engine import engine_env
@@ -138,6 +140,12 @@ class PoolHost:
     extra: dict  # the kv_connector_extra_config it printed
     lines: list[str]
     children: list[psutil.Process]
+    metrics_port: str
+
+    def objects(self) -> float:
+        """Objects the master holds, from its metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
+            return parse_samples(answer.read().decode())["master_key_count"]
 
     def read_until(self, prefix: str) -> str:
         while not (line := self.proc.stdout.readline()).startswith(prefix):
@@ -163,7 +171,7 @@ def pool_host(workdir: Path, wheel: Path) -> Iterator[PoolHost]:
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=venv.env(), cwd=workdir,
         start_new_session=True,
     )  # fmt: skip
-    host = PoolHost(venv, proc, {}, [], [])
+    host = PoolHost(venv, proc, {}, [], [], ports[2])
     try:
         host.extra = json.loads(host.read_until("{"))
         host.children = psutil.Process(proc.pid).children()
@@ -241,15 +249,20 @@ def engine(engine_host: Venv, pool_host: PoolHost, tiny_model: str, workdir: Pat
         stop_server(server)
 
 
-def test_engine_host_serves_pool_hits_with_the_readme_config(engine_host: Venv, engine: Server, tiny_model: str):
+def test_engine_host_serves_pool_hits_with_the_readme_config(
+    engine_host: Venv, engine: Server, pool_host: PoolHost, tiny_model: str
+) -> None:
     where = engine_host.run(engine_host.python, "-c", "import kvpool_connector; print(kvpool_connector.__file__)")
     assert where.stdout.startswith(str(engine_host.path)), f"the connector must come from the wheel: {where}"
     first, second = shared_prefix_prompts(1, 2, prefix_len=3 * BLOCK, suffix_len=40, seed=91)
+    before = pool_host.objects()
     complete(engine.url, tiny_model, first, 4)
-    wait_for(lambda: server_metrics(engine.url).get("vllm:kvpool_saved_blocks_total", 0) >= 3, 30, "3 blocks saved")
+    # The pool, not /metrics: a save that lands after the engine went idle is counted with its next step.
+    wait_for(lambda: pool_host.objects() >= before + 3, 30, "the first prompt's 3 blocks in the pool")
     answer = complete(engine.url, tiny_model, second, 4)
     metrics = server_metrics(engine.url)
     assert cached_tokens(answer) == 3 * BLOCK
+    assert metrics["vllm:kvpool_saved_blocks_total"] == 3
     assert metrics["vllm:kvpool_hit_tokens_total"] == 3 * BLOCK
     assert metrics["vllm:kvpool_loaded_blocks_total"] == 3
     assert "Traceback" not in engine.log_text()
