@@ -1,22 +1,35 @@
-"""The pool across network hosts: four network namespaces on a bridge stand for four machines.
+"""The pool across network hosts: network namespaces on a bridge stand for machines.
+
+First, docs/deployment.md's multi-host recipe as written: ``kvpool-pool``, two engines and ``kvpool-proxy`` on hosts
+of their own, at the recipe's addresses. Then, four hosts for the faults:
 
 Host M runs ``mooncake_master``, host P the pool node (``mooncake_client``, which holds every object), hosts H1 and
 H2 one vLLM OpenAI server each (engines A and B, contributing no memory). Mooncake runs over TCP between the hosts'
 own addresses. A partition takes a host's bridge port down.
 
-One engine pair serves the whole module, in order: both start while M is partitioned; A stores, B is served across
+One engine pair serves the fault tests, in order: both start while M is partitioned; A stores, B is served across
 hosts; P is partitioned while B loads from it; M is partitioned while B serves. The oracle for every answer is A's
 own first answer to the same prompt, computed with nothing from the pool (asserted: 0 cached tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 
+from kvpool_connector.processes import spawn, stop_process
 from kvpool_testkit import netns
 from kvpool_testkit.client import cached_tokens, complete, server_metrics, wait_for
 from kvpool_testkit.engine import engine_env
@@ -120,6 +133,93 @@ def hosts(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             for server in servers:
                 stop_server(server)
             pool.stop()
+
+
+RECIPE_HOSTS = ("pool", "e1", "e2", "router", "client")  # 10.0.0.1 to .5: the addresses of the recipe
+
+
+def deployment_recipe() -> dict[str, list[str]]:
+    """docs/deployment.md's "Several hosts" commands by program (``kvpool-pool``, ``python``, ``kvpool-proxy``)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    section = text[text.index("\n## Several hosts\n") :]
+    block = section[section.index("```bash\n") + 8 : section.index("\n```\n")]
+    lines = [line for line in block.splitlines() if not line.startswith("#")]
+    commands, current = [], ""
+    for line in lines:  # a line inside an open quote continues the command
+        current = f"{current}\n{line}" if current else line
+        if current.count("'") % 2 == 0:
+            commands.append(shlex.split(current))
+            current = ""
+    return {command[0]: command for command in commands}
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_deployment_recipe_runs_as_written(tiny_model: str) -> None:
+    """The pool, two engines and the router each on their own host, started with docs/deployment.md's commands
+    (a 256 MB segment, the tiny model and the test's engine settings added); a client on a fifth host asks the router
+    the same prompt twice: one engine computes and saves it, the other is served from the pool, the same answer."""
+    recipe = deployment_recipe()
+    pool_cmd, engine_cmd, proxy_cmd = recipe["kvpool-pool"], recipe["python"], recipe["kvpool-proxy"]
+    pool_cmd[pool_cmd.index("--segment-size") + 1] = "256MB"
+    bin_dir = Path(sys.executable).parent
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvpool-recipe-")))
+        topo = stack.enter_context(netns.topology(*RECIPE_HOSTS, subnet="10.0.0"))
+        with topo.on("pool"):
+            pool = subprocess.Popen(
+                [str(bin_dir / pool_cmd[0]), *pool_cmd[1:], "--workdir", str(workdir / "pool")],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir, start_new_session=True,
+            )  # fmt: skip
+        stack.callback(stop_process, pool, signal.SIGINT)
+        printed = ""
+        while not printed.startswith("{"):
+            printed = pool.stdout.readline()
+            assert printed, "kvpool-pool exited before printing its settings"
+        mooncake = json.loads(printed)["mooncake"]
+        config = json.loads(engine_cmd[engine_cmd.index("--kv-transfer-config") + 1])
+        assert mooncake["master_server_address"] == "10.0.0.1:50051"
+        assert config["kv_connector_extra_config"]["mooncake"]["master_server_address"] == "10.0.0.1:50051"
+
+        model = tiny_model
+        servers = []
+        for host in ("e1", "e2"):
+            config["kv_connector_extra_config"]["mooncake"]["local_hostname"] = topo.address(host)
+            args = [sys.executable, *engine_cmd[1:]]
+            args[args.index("MODEL")] = model
+            args[args.index("--kv-transfer-config") + 1] = json.dumps(config)
+            args += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--seed", "0", *SERVER_ARGS]
+            with topo.on(host):
+                proc = spawn(args, workdir / f"{host}.log", env=engine_env())
+            server = Server(f"http://{topo.address(host)}:8100", proc, workdir / f"{host}.log")
+            stack.callback(stop_server, server)
+            servers.append(server)
+        with topo.on("router"):
+            proxy = spawn([str(bin_dir / proxy_cmd[0]), *proxy_cmd[1:]], workdir / "proxy.log")
+        stack.callback(stop_process, proxy)
+
+        with topo.on("client"):
+            for server in servers:
+                wait_healthy(server)
+            router = f"http://{topo.address('router')}:8000"
+            wait_for(lambda: _answers(f"{router}/healthcheck"), 30, "the router and both engines healthy")
+            prompt = PROMPTS[0]
+            first = complete(router, model, prompt, MAX_TOKENS, return_token_ids=True)
+            saved = [lambda s=s: server_metrics(s.url).get("vllm:kvpool_saved_blocks_total", 0) for s in servers]
+            wait_for(lambda: max(f() for f in saved) >= 2, 30, "the first answer's blocks saved")
+            second = complete(router, model, prompt, MAX_TOKENS, return_token_ids=True)
+            metrics = [server_metrics(s.url) for s in servers]
+    assert cached_tokens(first) == 0
+    assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+    assert cached_tokens(second) == FULL_HIT
+    # One engine saved, the other loaded: the round-robin router sent the repeat across hosts.
+    assert sorted(m.get("vllm:kvpool_saved_blocks_total", 0) for m in metrics) == [0, 2]
+    assert sorted(m.get("vllm:kvpool_loaded_blocks_total", 0) for m in metrics) == [0, 2]
 
 
 def test_engines_started_while_the_master_is_partitioned_serve_at_once_then_connect(hosts: Hosts) -> None:
