@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
@@ -244,13 +245,39 @@ def workers_report_stats_every_step() -> bool:
 
 
 def recompute_failed_loads(kv_transfer_config: Any, logger: logging.Logger) -> None:
-    """Make vLLM recompute blocks whose pool load failed instead of failing the request (vLLM 0.32 defaults to
-    ``kv_load_failure_policy="fail"``). The scheduler reads the policy of the top-level config right after building
-    the connector, so this takes effect when we are that connector; under MultiConnector set it in the top-level JSON.
-    """
+    """Make a failed pool load cost a recompute, not its request. vLLM's scheduler reads ``kv_load_failure_policy``
+    (default ``"fail"`` in 0.23 through 0.34) from the top-level config right after building the connector: when we
+    are that connector, switch it. Under MultiConnector our config is a copy built from our entry that nothing reads,
+    so only the parent's top-level key counts: when it says ``fail``, warn once what that costs and how to fix it."""
+    parent = _enclosing_multiconnector_transfer_config()
+    if parent is not None:
+        if getattr(parent, "kv_load_failure_policy", None) == "fail":
+            logger.warning(
+                "MultiConnector runs with kv_load_failure_policy 'fail' (vLLM's default): a failed pool load (an "
+                "outage, an object evicted or lost between lookup and load) fails its request instead of recomputing "
+                'its blocks. Add "kv_load_failure_policy": "recompute" at the top level of --kv-transfer-config '
+                '(beside "kv_connector": "MultiConnector")'
+            )
+        return
     if getattr(kv_transfer_config, "kv_load_failure_policy", "recompute") == "fail":
         kv_transfer_config.kv_load_failure_policy = "recompute"
         logger.info("kv_load_failure_policy set to 'recompute': a failed pool load costs a recompute, not the request")
+
+
+def _enclosing_multiconnector_transfer_config() -> Any:
+    """The parent's ``kv_transfer_config`` when a MultiConnector is building this connector, else None. vLLM hands a
+    child no reference to its parent's config; the MultiConnector constructor on the stack holds it as its
+    ``vllm_config`` argument (0.23 through 0.34). Read-only, and None wherever that does not hold."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
+    except ImportError:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), MultiConnector):
+            return getattr(frame.f_locals.get("vllm_config"), "kv_transfer_config", None)
+        frame = frame.f_back
+    return None
 
 
 def resumed_request_ids(cached: CachedRequestData) -> Collection[str]:

@@ -6,7 +6,6 @@ process a :class:`PoolWorker`, and every method delegates to the one its role ha
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,6 @@ from kvpool_connector.compat import (
     SupportsHMA,
 )
 from kvpool_connector.config import parse_config
-from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, PoolPromMetrics
 from kvpool_connector.scheduler import PoolScheduler
@@ -38,8 +36,6 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
-
 
 class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
@@ -49,7 +45,6 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
         self.connector_scheduler: PoolScheduler | None = None
         self.connector_worker: PoolWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            _warn_if_a_multiconnector_fails_requests_on_load_errors()
             self.connector_scheduler = PoolScheduler(vllm_config, kv_cache_config, config)
         else:
             self.connector_worker = PoolWorker.from_vllm(vllm_config, kv_cache_config, config)
@@ -188,28 +183,3 @@ class MemcacheConnectorStoreV1(KVConnectorBase_V1, SupportsHMA):
     def take_events(self) -> Iterable[KVCacheEvent]:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.take_events()
-
-
-def _warn_if_a_multiconnector_fails_requests_on_load_errors() -> None:
-    """Under MultiConnector vLLM's scheduler reads the parent's ``kv_load_failure_policy`` (default ``fail``), which
-    this child cannot change: its own config is a copy built from its entry. The parent's config is in the frame of the
-    MultiConnector constructor building this child (its ``vllm_config`` argument, vLLM 0.23 through 0.34); when it
-    says ``fail``, warn once at start-up what that costs and the key that fixes it. Nothing is found, and nothing
-    logged, when this connector is the top-level one (it then switches the policy itself)."""
-    try:
-        from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
-    except ImportError:
-        return
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), MultiConnector):
-            transfer = getattr(frame.f_locals.get("vllm_config"), "kv_transfer_config", None)
-            if getattr(transfer, "kv_load_failure_policy", None) == "fail":
-                logger.warning(
-                    "MultiConnector runs with kv_load_failure_policy 'fail' (vLLM's default): a failed pool load "
-                    "(an outage, an object evicted or lost between lookup and load) fails its request instead of "
-                    'recomputing its blocks. Add "kv_load_failure_policy": "recompute" at the top level of '
-                    '--kv-transfer-config (beside "kv_connector": "MultiConnector")'
-                )
-            return
-        frame = frame.f_back

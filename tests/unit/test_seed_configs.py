@@ -106,7 +106,7 @@ def test_vllms_scheduler_builds_our_child_from_the_json_and_reads_its_policy(
     the child warns at start-up, once, naming the key."""
     from kvpool_connector.connector import MemcacheConnectorStoreV1
 
-    with caplog.at_level(logging.WARNING, logger="vllm.kvpool_connector.connector"):
+    with caplog.at_level(logging.WARNING, logger="vllm.kvpool_connector.scheduler"):
         scheduler = _vllm_scheduler(name, policy_key, tiny_model, pool, tmp_path, monkeypatch)
     try:
         (child,) = scheduler.connector._connectors
