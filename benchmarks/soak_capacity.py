@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="tiny: check the soak runs")
+    parser.add_argument(
+        "--save-admission", default="all", choices=["all", "second_sight"], help="the connector's save_admission"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     console = Console(width=160)
@@ -126,7 +129,7 @@ def main() -> None:
         model = str(build_model(work / args.preset, preset=args.preset))
         with mooncake_pool(work / "pool", segment_size=f"{args.pool_mb} MB") as pool:
             env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
-            config = pool.connector_config(load_async="auto")
+            config = pool.connector_config(load_async="auto", save_admission=args.save_admission)
             with vllm_server(model, work / "server", config, SERVER_ARGS, env=env) as server:
                 traffic = Traffic(server.url, model, args, PRESETS[args.preset].vocab_size)
                 threads = [
@@ -158,6 +161,7 @@ def main() -> None:
                         "saved blocks": int(grew.get("vllm:kvpool_saved_blocks_total", 0)),
                         "refused blocks": int(sum(grew.get(f"vllm:kvpool_save_failed_total[{r}]", 0) for r in REFUSED)),
                         "dropped blocks": int(grew.get("vllm:kvpool_save_dropped_total", 0)),
+                        "not admitted blocks": int(grew.get("vllm:kvpool_save_not_admitted_total[first_sight]", 0)),
                         "pool objects": int(health["objects"]),
                         "pool MiB": round(float(health["used_bytes"]) / 2**20, 1),
                         "put refusals (master)": int(master.get("master_put_start_alloc_failures_total", 0)),
@@ -180,7 +184,10 @@ def main() -> None:
         "windows": windows,
         "errors": traffic.errors[:20],
     }
-    table = Table(title=f"Pool at capacity: {args.pool_mb} MB node, {args.minutes} min, {args.preset} model")
+    table = Table(
+        title=f"Pool at capacity: {args.pool_mb} MB node, {args.minutes} min, {args.preset} model, "
+        f"save_admission {args.save_admission}"
+    )
     for col in windows[0]:
         table.add_column(col, justify="right")
     for w in windows:
@@ -188,7 +195,8 @@ def main() -> None:
     console.print(table)
     (args.out / "soak_capacity.json").write_text(json.dumps(report, indent=2))
     title = (
-        f"A pool at capacity: {args.pool_mb} MB pool node, {args.minutes} min, {args.preset} model\n{plots.run_label()}"
+        f"A pool at capacity: {args.pool_mb} MB pool node, {args.minutes} min, {args.preset} model, "
+        f"save_admission {args.save_admission}\n{plots.run_label()}"
     )
     plots.capacity_soak(windows, title, args.out / "soak_capacity.png")
     console.print(f"wrote {args.out / 'soak_capacity.json'} and soak_capacity.png")
