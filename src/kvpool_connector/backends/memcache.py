@@ -114,7 +114,8 @@ def _import_store_class() -> type:
     except ImportError as exc:
         raise ImportError(
             f"backend 'memcache' needs Huawei memcache's Python client ({exc}). Install it with "
-            '`pip install memcache-hybrid memfabric-hybrid`, or choose "backend": "mooncake".'
+            "`pip install 'kvpool-connector[memcache]'` (the 1.3.0 pair), or `[memcache12]` (the 1.2.0 pair "
+            'vllm-ascend 0.23 pins); or choose "backend": "mooncake".'
         ) from exc
     return DistributedObjectStore
 

@@ -119,9 +119,10 @@ def _import_store():
         from mooncake.store import MooncakeDistributedStore, ReplicateConfig
     except ImportError as exc:
         raise ImportError(
-            f"backend 'mooncake' needs Mooncake Store's Python client ({exc}). Install it with "
-            "`pip install mooncake-transfer-engine` (GPU hosts) or `pip install mooncake-transfer-engine-non-cuda` "
-            "(CPU-only hosts); on Debian it also needs `apt-get install libibverbs1 libnl-3-200 libnl-route-3-200`."
+            f"backend 'mooncake' needs Mooncake Store's Python client ({exc}). Install the extra of this host: "
+            "`pip install 'kvpool-connector[mooncake]'` (CPU engines), `[mooncake-cuda]` (GPU, torch on CUDA 12) or "
+            "`[mooncake-cuda13]` (CUDA 13): README, Install; on Debian it also needs "
+            "`apt-get install libibverbs1 libnl-3-200 libnl-route-3-200`."
         ) from exc
     return MooncakeDistributedStore, ReplicateConfig
 
