@@ -39,9 +39,15 @@ class PoolOnFreePorts(mooncake_service.MooncakePool):
 
 
 @contextmanager
-def mooncake_pool(workdir: str | Path, segment_size: str = "1 GB", client_ttl_s: int = 10) -> Iterator[PoolOnFreePorts]:
-    """Start master and pool node on free loopback ports; stop both on exit."""
-    pool = PoolOnFreePorts(Path(workdir), segment_size=segment_size, client_ttl_s=client_ttl_s)
+def mooncake_pool(
+    workdir: str | Path,
+    segment_size: str = "1 GB",
+    client_ttl_s: int = 10,
+    disk: mooncake_service.DiskTier | None = None,
+) -> Iterator[PoolOnFreePorts]:
+    """Start master and pool node on free loopback ports (with ``disk``, a disk tier under the node's DRAM); stop
+    both on exit."""
+    pool = PoolOnFreePorts(Path(workdir), segment_size=segment_size, client_ttl_s=client_ttl_s, disk=disk)
     with mooncake_service.running(pool):
         yield pool
 

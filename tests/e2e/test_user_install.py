@@ -2,7 +2,8 @@
 with the pip lines of README.md's "Install" table (parsed out of it, so the test breaks when the README does).
 
 - Pool host: the ``[mooncake]`` extra only, no vLLM. ``kvpool-pool`` serves several health lines, a Mooncake client
-  in that environment puts and gets bytes through it, and Ctrl-C stops it with its master and node.
+  in that environment puts and gets bytes through it, again after ``POOL_HOST_ALIVE_S`` (the health line fired every
+  second meanwhile), and Ctrl-C stops it with its master and node.
 - Engine host: vLLM's OpenAI server started with the README's ``--kv-transfer-config`` against that pool; two
   requests sharing a long prefix show saves and a pool hit on ``/metrics``.
 - Router host: ``kvpool-proxy`` without the ``[proxy]`` extra prints the pip line that installs it; with the README's
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,12 +47,14 @@ from kvpool_testkit.engine import engine_env
 from kvpool_testkit.server import Server, stop_server, wait_healthy
 from kvpool_testkit.workloads import shared_prefix_prompts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.processes]
+# light_engines: one TP 1 engine and no timing bound, so the module runs beside others (the pool host's wait too)
+pytestmark = [pytest.mark.e2e, pytest.mark.processes, pytest.mark.light_engines]
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 BLOCK = 128
 PIP_TIMEOUT_S = 600
+POOL_HOST_ALIVE_S = 300  # a pool host must outlive many health lines: the first one killed it once
 
 
 def readme_section(title: str) -> str:
@@ -142,6 +146,7 @@ class PoolHost:
     lines: list[str]
     children: list[psutil.Process]
     metrics_port: str
+    started: float = 0.0  # time.monotonic() at start
 
     def objects(self) -> float:
         """Objects the master holds, from its metrics."""
@@ -172,7 +177,7 @@ def pool_host(workdir: Path, wheel: Path) -> Iterator[PoolHost]:
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=venv.env(), cwd=workdir,
         start_new_session=True,
     )  # fmt: skip
-    host = PoolHost(venv, proc, {}, [], [], ports[2])
+    host = PoolHost(venv, proc, {}, [], [], ports[2], time.monotonic())
     try:
         host.extra = json.loads(host.read_until("{"))
         host.children = psutil.Process(proc.pid).children()
@@ -316,6 +321,18 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_pool_host_serves_after_minutes_of_health_lines(pool_host: PoolHost) -> None:
+    """Runs after the engine and router tests, so most of the wait has passed by then."""
+    time.sleep(max(0.0, pool_host.started + POOL_HOST_ALIVE_S - time.monotonic()))
+    assert pool_host.proc.poll() is None, "".join(pool_host.lines)
+    while sum(line.startswith("health: ") for line in pool_host.lines) < POOL_HOST_ALIVE_S * 0.8:  # one a second
+        pool_host.read_until("health: ")
+    venv = pool_host.venv
+    done = venv.run(venv.python, "-c", _PUT_GET, pool_host.extra["mooncake"]["master_server_address"])
+    assert done.returncode == 0 and "put-get ok" in done.stdout, done.stdout + done.stderr
+    assert not any("not available" in line for line in pool_host.lines)
 
 
 def test_pool_host_stops_on_ctrl_c(pool_host: PoolHost) -> None:
