@@ -56,17 +56,26 @@ def test_kvpool_pool_starts_prints_its_config_serves_and_stops(tmp_path):
         while not (line := proc.stdout.readline()).startswith("health:"):
             assert line, "no health line"
         assert line.startswith("health: 1 objects"), line
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=60)[0]
-        assert proc.returncode == 0, rest
-        assert "KV pool stopped" in rest
+        _stops_cleanly(proc, signal.SIGTERM)
         assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for child in children:
-            if child.is_running():
-                child.kill()
+        _kill(proc, children)
+
+
+def _stops_cleanly(proc: subprocess.Popen, sig: int) -> None:
+    proc.send_signal(sig)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, rest
+    assert "KV pool stopped" in rest
+
+
+def _kill(proc: subprocess.Popen, children: list[psutil.Process]) -> None:
+    """Whatever a failed test left running."""
+    if proc.poll() is None:
+        proc.kill()
+    for child in children:
+        if child.is_running():
+            child.kill()
 
 
 def _read_until(proc: subprocess.Popen, prefix: str, seen: list[str]) -> str:
@@ -103,16 +112,9 @@ def test_listen_advertise_ttl_and_a_failing_health_line_keeps_the_pool(tmp_path)
             master.resume()
         _read_until(proc, "health: 0 objects", seen)
         assert all(c.is_running() for c in children)
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
-        assert proc.returncode == 0, rest
-        assert "KV pool stopped" in rest
+        _stops_cleanly(proc, signal.SIGINT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for child in children:
-            if child.is_running():
-                child.kill()
+        _kill(proc, children)
 
 
 def test_a_wildcard_address_is_never_handed_to_engines():
