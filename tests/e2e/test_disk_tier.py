@@ -5,9 +5,12 @@ to disk, and settings known to lose objects or stall the pool are refused with t
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +39,9 @@ def tiered(tmp_path_factory):
     disk = DiskTier.plan(work / "disk", "1GB", SEGMENT)
     with mooncake_pool(work / "pool", segment_size=SEGMENT, client_ttl_s=3, disk=disk) as pool:
         yield pool
+
+
+DASHBOARD = Path(__file__).parents[2] / "examples" / "grafana" / "kvpool-dashboard.json"
 
 
 def put_all(handle) -> tuple[int, int]:
@@ -125,3 +131,13 @@ def test_kvpool_pool_names_a_refused_setting_and_starts_nothing(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "--disk-bucket-size 40MB: must be between 16 MB" in done.stderr
     assert not (tmp_path / "mooncake_master.log").exists()
+
+
+def test_the_dashboards_pool_tier_series_are_ones_the_master_exports(tiered):
+    """The dashboard's series not named ``vllm:`` are the Mooncake master's: each must be in its exposition."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for e in exprs for name in re.findall(r"(?<![:\w])([a-z_][a-z0-9_]*)\{", e)}
+    assert {"master_allocated_file_size_bytes", "file_cache_hit_nums_"} <= used
+    exported = set(re.findall(r"^([a-z_][a-z0-9_]*)[ {]", tiered._master_http("/metrics"), re.M))
+    assert used <= exported, used - exported
