@@ -1,7 +1,8 @@
 """The pool's disk tier (``kvpool-pool --disk-dir --disk-size``: Mooncake's own offload) on a real Mooncake: a pool
 node with 64 MB of DRAM takes three times that through the connector's pool client, every object reads back
 byte-exact through the same client (the calls the loader makes), a node restarted on its directory serves what went
-to disk, and settings known to lose objects or stall the pool are refused with the reason."""
+to disk, settings known to lose objects or stall the pool are refused with the reason, and a vLLM engine whose saves
+overflow the DRAM is served from disk by a fresh engine with the no-connector answers."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from kvpool_connector.backends.base import Outcome
 from kvpool_connector.backends.mooncake_service import DiskTier
 from kvpool_connector.config import ConfigError
 from kvpool_testkit.client import wait_for
+from kvpool_testkit.engine import EngineSpec, run_engine
 from kvpool_testkit.mooncake_pool import mooncake_pool, pool_handle
+from kvpool_testkit.workloads import distinct_prompts
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.e2e, pytest.mark.light_engines]
 
 SEGMENT = "64MB"
 OBJECT_BYTES = 2 << 20
@@ -141,3 +144,32 @@ def test_the_dashboards_pool_tier_series_are_ones_the_master_exports(tiered):
     assert {"master_allocated_file_size_bytes", "file_cache_hit_nums_"} <= used
     exported = set(re.findall(r"^([a-z_][a-z0-9_]*)[ {]", tiered._master_http("/metrics"), re.M))
     assert used <= exported, used - exported
+
+
+ENGINE_PROMPTS = distinct_prompts(24, 8 * 128 + 10, seed=35)  # 192 blocks of 512 KiB (tiny Llama, fp32): 1.5x DRAM
+
+
+def test_an_engine_is_served_from_disk_what_overflowed_the_dram(tiny_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("engine-disk-tier")
+    disk = DiskTier.plan(work / "disk", "1GB", SEGMENT)
+    with mooncake_pool(work / "pool", segment_size=SEGMENT, disk=disk) as pool:
+        config = pool.connector_config(reconnect_interval_s=1.0)
+        assert config["kv_connector_extra_config"]["mooncake"]["local_buffer_size"] == "64MB"
+
+        def run(name: str, transfer: dict | None, prompts: list[list[int]] = ENGINE_PROMPTS):
+            spec = EngineSpec(model=tiny_model, prompts=prompts, kv_transfer_config=transfer, sequential=True)
+            return run_engine(spec, work / name)
+
+        baseline = run("baseline", None)
+        # Saves the pool cannot take before its next offload cycle are refused and dropped (never waited for): save
+        # in four engines, the offload catching up while each starts.
+        stored = sum(
+            run(f"save-{i}", config, ENGINE_PROMPTS[i::4]).worker_totals[0].get("saved_blocks", 0) for i in range(4)
+        )
+        assert stored * 512 * 1024 > 1.2 * pool.health()["capacity_bytes"], "the saves must overflow the DRAM"
+        before = pool.health()
+        loaded = run("load", config)
+        after = pool.health()
+    assert loaded.outputs == baseline.outputs
+    assert loaded.loaded_blocks > 128, "more blocks than the DRAM holds came back"
+    assert after["disk_hits"] > before["disk_hits"], "some of them from disk"
