@@ -63,6 +63,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 
+# Disk, checked before anything installs: an environment takes 4 to 7 GB (0.23's torch brings CUDA libraries), and
+# pip's own temporary copies need about as much again while it unpacks. A full disk mid-install leaves a broken
+# environment and an OSError far from its cause.
+gb_needed() {
+  local total=0 release venv
+  for release in "$@"; do
+    venv=$(vllm_venv "$release")
+    [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import vllm' >/dev/null 2>&1 && continue
+    case "$release" in 0.23.0) total=$((total + 10)) ;; *) total=$((total + 7)) ;; esac
+  done
+  echo "$total"
+}
+check_disk() {
+  local need free
+  need=$(gb_needed "$@")
+  [ "$need" -eq 0 ] && return 0
+  free=$(df -P -BG . | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+  if [ "$free" -lt "$need" ]; then
+    echo "[setup] not enough disk: ${free} GB free on $(df -P . | awk 'NR == 2 { print $6 }'), about ${need} GB" \
+      "needed for the environments of vLLM $* (free space, e.g. old clones or build trees, and run set-up again)" >&2
+    exit 1
+  fi
+}
+
 phase() { echo "[setup] vLLM $release: $*"; }  # $release: the release setup_release is installing
 
 # vLLM without its pinned torch: install the wheel alone, then what its metadata requires (less torch; with
@@ -131,6 +155,7 @@ if [ "${1:-}" = all ]; then
   # Side by side: pip spends much of its time waiting on downloads and unpacking, which overlap well on 2 cores.
   # Each release logs to its own file; this loop prints each file's new phase lines as they come, and once a minute
   # without one, what every environment still installing is doing.
+  check_disk "${VLLM_LEGS[@]}"
   mkdir -p .work
   pids=() shown=() phase_start=()
   for release in "${VLLM_LEGS[@]}"; do
@@ -176,5 +201,6 @@ if [ "${1:-}" = all ]; then
     exit 1
   fi
 else
+  check_disk "${1:-$KVPOOL_VLLM}"
   setup_release "${1:-$KVPOOL_VLLM}"
 fi
