@@ -4,7 +4,8 @@ Sources, in the order they are read:
 1. ``kv_connector_extra_config`` of the connector's ``--kv-transfer-config`` entry (vllm-ascend deployments' JSON works
    as written: ``use_layerwise``, ``memcache_rpc_port``);
 2. for Mooncake, an inline ``"mooncake": {...}`` object, else the JSON file named by ``MOONCAKE_CONFIG_PATH``;
-3. for memcache, the ``key = value`` file named by ``MMC_LOCAL_CONFIG_PATH`` (pymmc reads it itself; we check it).
+3. for memcache, the ``key = value`` file named by ``MMC_LOCAL_CONFIG_PATH`` (pymmc reads it itself; we check it,
+   its SSD tier's raw devices included).
 
 Every problem raises :class:`ConfigError` with the offending key and what is allowed, so vLLM fails at startup with
 one readable line instead of a traceback from deep inside a pool client.
@@ -15,11 +16,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+
+from kvpool_connector.logs import init_logger
+
+logger = init_logger(__name__)
 
 MOONCAKE_CONFIG_ENV = "MOONCAKE_CONFIG_PATH"
 MMC_LOCAL_CONFIG_ENV = "MMC_LOCAL_CONFIG_PATH"
@@ -138,6 +144,8 @@ class MemcacheSettings(msgspec.Struct, frozen=True, kw_only=True):
     meta_service_url: str
     device_id: int | None = None
     """Device this worker's memcache client binds (``memcache_device_id``); None: the worker's local rank."""
+    ssd_devices: tuple[str, ...] = ()
+    """The raw block devices of memcache's SSD tier (``ubsio.disk.path``); empty when the tier is off."""
 
 
 class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -379,7 +387,77 @@ def _memcache_settings(pool: PoolConfig, env: dict[str, str]) -> MemcacheSetting
         raise ConfigError(
             f"{source}={path!r}: ock.mmc.meta_service_url must be tcp://host:port, got {url or 'nothing'!r}"
         )
-    return MemcacheSettings(local_config_path=str(path), meta_service_url=url, device_id=pool.memcache_device_id)
+    return MemcacheSettings(
+        local_config_path=str(path),
+        meta_service_url=url,
+        device_id=pool.memcache_device_id,
+        ssd_devices=_memcache_ssd_devices(entries, f"{source}={path!r}"),
+    )
+
+
+MMC_STORAGE_ENABLED = "ock.mmc.local_service.storage.enabled"
+UBSIO_DISK_PATH = "ubsio.disk.path"
+UBSIO_MEM_SIZE = "ubsio.mem.size_in_gb"
+UBSIO_DEVICE_COUNT = "ubsio.standalone.device_count"
+UBSIO_MAX_DEVICE_COUNT = 16  # UBS IO's documented range for ubsio.standalone.device_count: 0 to 16
+_MOUNTINFO = Path("/proc/self/mountinfo")
+_SYS_DEV_BLOCK = Path("/sys/dev/block")
+
+
+def _memcache_ssd_devices(entries: dict[str, str], where: str) -> tuple[str, ...]:
+    """Check memcache's SSD tier (UBS IO) where the host can, before memcache starts: UBS IO takes whole raw block
+    devices and refuses mounted ones, so a wrong path otherwise fails deep inside the first pool client's init."""
+    enabled = entries.get(MMC_STORAGE_ENABLED, "false")
+    if enabled.lower() not in ("true", "false"):
+        raise ConfigError(f"{where}: {MMC_STORAGE_ENABLED} must be true or false, got {enabled!r}")
+    if enabled.lower() == "false":
+        return ()
+    mem = entries.get(UBSIO_MEM_SIZE)  # unset: UBS IO's default
+    if mem is not None and not (mem.isdigit() and int(mem) > 0):
+        raise ConfigError(f"{where}: {UBSIO_MEM_SIZE} must be a whole number of GB, at least 1, got {mem!r}")
+    count = entries.get(UBSIO_DEVICE_COUNT)
+    if count is not None and not (count.isdigit() and int(count) <= UBSIO_MAX_DEVICE_COUNT):
+        raise ConfigError(
+            f"{where}: {UBSIO_DEVICE_COUNT} must be a whole number from 0 to {UBSIO_MAX_DEVICE_COUNT} (the memcache "
+            f"local services on this host that give DRAM), got {count!r}"
+        )
+    paths = [p.strip() for p in entries.get(UBSIO_DISK_PATH, "").split(":")]
+    if paths == [""]:
+        raise ConfigError(
+            f"{where}: {MMC_STORAGE_ENABLED} is true but {UBSIO_DISK_PATH} is not set; give the raw block devices "
+            "of the SSD tier, colon-separated (e.g. /dev/nvme1n1:/dev/nvme2n1)"
+        )
+    mountinfo = _MOUNTINFO.read_text() if _MOUNTINFO.exists() else ""
+    mounted = {fields[2] for fields in map(str.split, mountinfo.splitlines()) if len(fields) > 2}
+    seen: dict[int, str] = {}
+    for dev in paths:
+        problem = _raw_device_problem(dev, mounted, seen)
+        if problem:
+            raise ConfigError(f"{where}: {UBSIO_DISK_PATH} entry {dev!r} {problem}; UBS IO needs raw disks of its own")
+    logger.info("memcache SSD tier on (%s): %d raw device(s) %s", where, len(paths), ":".join(paths))
+    return tuple(paths)
+
+
+def _raw_device_problem(dev: str, mounted: set[str], seen: dict[int, str]) -> str | None:
+    """Why ``dev`` cannot be a UBS IO device (None if it can); ``seen`` collects the devices already checked."""
+    if not os.path.isabs(dev):
+        return "is not an absolute path"
+    try:
+        st = os.stat(dev)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not stat.S_ISBLK(st.st_mode):
+        return "is not a block device"
+    number = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    if number in mounted:
+        return f"is mounted (device {number} in {_MOUNTINFO})"
+    if st.st_rdev in seen:
+        return f"is the same device as {seen[st.st_rdev]!r}"
+    seen[st.st_rdev] = dev
+    sys_dir = _SYS_DEV_BLOCK / number
+    if sys_dir.is_dir() and any((child / "partition").exists() for child in sys_dir.iterdir()):
+        return "has partitions (give an unused partition, or a disk without any)"
+    return None
 
 
 def parse_config(extra_config: dict[str, Any] | None, env: dict[str, str] | None = None) -> ResolvedConfig:
