@@ -41,10 +41,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import plots
+from common import start_router, vllm_store_connector
 from rich.console import Console
 from rich.table import Table
 
-from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
 from kvpool_testkit.client import server_metrics
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool
@@ -73,18 +73,7 @@ def _kv_config(mode: str, pool: PoolOnFreePorts, workdir: Path) -> tuple[dict | 
     if mode == "no connector":
         return None, {}
     if mode == "vLLM MooncakeStoreConnector":
-        settings = {
-            "metadata_server": "P2PHANDSHAKE",
-            "master_server_address": pool.master_address,
-            "protocol": "tcp",
-            "device_name": "",
-            "mode": "standalone-store",  # objects on the pool node, as ours over TCP
-            "global_segment_size": 0,
-            "local_buffer_size": "256MB",
-        }
-        path = workdir / "mooncake-store.json"
-        path.write_text(json.dumps(settings))
-        return {"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both"}, {"MOONCAKE_CONFIG_PATH": str(path)}
+        return vllm_store_connector(pool, workdir)
     return pool.connector_config(shared_memory=mode == "pool, shared memory", load_async="auto"), {}
 
 
@@ -108,16 +97,6 @@ def _start_servers(
     for server in servers:
         wait_healthy(server, 600)
     return servers
-
-
-def _start_router(servers: list[Server], work: Path, stack: ExitStack) -> str:
-    port = free_port()
-    log = work / "router.log"
-    args = ["--port", str(port), "--instances", *(s.url for s in servers), "--health-interval", "2"]
-    proc = spawn([sys.executable, "-m", "kvpool_connector.proxy", *args], log)
-    stack.callback(stop_process, proc)
-    wait_port(port, proc, 30, "router", log)
-    return f"http://127.0.0.1:{port}"
 
 
 def _chat_dataset(path: Path, args: argparse.Namespace, seed: int, vocab_words: list[str]) -> int:
@@ -230,7 +209,7 @@ def run_mode(
         pool = stack.enter_context(mooncake_pool(work / "pool", segment_size=args.pool_size))
         console.print(f"[bold]{mode}[/]: starting two servers and the router ...")
         servers = _start_servers(mode, model, pool, work, stack, args)
-        router = _start_router(servers, work, stack)
+        router = start_router([s.url for s in servers], work, stack)
         for workload in workloads:
             first = _traffic_args(workload, args, args.seed, work, model)
             fleet = _traffic_args(workload, args, args.seed + 1, work, model)

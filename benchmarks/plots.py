@@ -293,3 +293,27 @@ def capacity_soak(windows: list[dict], title: str, path: Path) -> None:
         ax.legend(fontsize=8)
     axes[0].set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def capacity_hit_rate(rows: list[dict], title: str, path: Path) -> None:
+    """bench_capacity's traffic rows: the prefix hit rate of each setup against working set / DRAM, the unbounded
+    pool's as a ceiling line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    sized = [r for r in rows if r["working set / DRAM"] != "unbounded"]
+    ratios = sorted({int(r["working set / DRAM"].rstrip("x")) for r in sized})
+    for i, setup in enumerate(dict.fromkeys(r["setup"] for r in sized)):
+        points = {int(r["working set / DRAM"].rstrip("x")): r["prefix hit %"] for r in sized if r["setup"] == setup}
+        xs = [x for x in ratios if x in points]
+        style = "s--" if setup.startswith("vLLM") else "o-"
+        ax.plot(xs, [points[x] for x in xs], style, color=f"C{i}", label=setup)
+    for r in rows:
+        if r["working set / DRAM"] == "unbounded" and r["setup"] == "DRAM only":
+            ax.axhline(r["prefix hit %"], color="black", linestyle=":", label="unbounded pool (ceiling)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ratios, [f"{x}x" for x in ratios])
+    ax.set(xlabel="working set / pool DRAM", ylabel="prefix requests' pool hit, % of full-block tokens", ylim=(0, 105))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -12,7 +12,7 @@ routed experts and a dense first layer, as DeepSeek-V2-Lite.
 The Gemma 3 preset is the hybrid-attention class: sliding-window layers alternate with full-attention ones, so vLLM's
 hybrid KV cache manager gives it two KV cache groups.
 
-Usage: ``python -m kvpool_testkit.tiny_model DIR [--preset tiny|bench|tiny-mla|bench-mla|tiny-sliding]``.
+Usage: ``python -m kvpool_testkit.tiny_model DIR [--preset tiny|capacity|bench|tiny-mla|bench-mla|tiny-sliding]``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ class SlidingPreset(ModelPreset):
 PRESETS: dict[str, ModelPreset | MLAPreset] = {
     # ~4.5 M parameters: builds in seconds, a CPU engine prefills a few thousand tokens per second.
     "tiny": ModelPreset(256, 4, 4, 2, 512, 2048, 8192, 0.05),
+    # the tiny model's compute with twice its KV (8 KiB of fp32 KV per token, 1 MiB a block): working sets many
+    # times a pool's DRAM in few prefixes, each recomputed in about a second, for the capacity benchmark
+    "capacity": ModelPreset(256, 4, 4, 4, 512, 2048, 8192, 0.05),
     # ~78 M parameters, 16 KiB of fp32 KV per token: prefill dominates, for TTFT benchmarks.
     "bench": ModelPreset(1024, 8, 16, 4, 2816, 8192, 8192, 0.02),
     # DeepSeek-V2 at toy width: 3 layers (1 dense, 2 MoE with 4 routed + 1 shared experts, top 2), 2.25 KiB of fp32
