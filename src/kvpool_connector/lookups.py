@@ -2,10 +2,11 @@
 
 Calls, in the order the scheduler makes them:
 1. ``exists_async(keys, stuck_after_s)``: a future answered on the lookup thread. Queries made while a pool call is
-   running go out together in the next one (64 prompts arriving at once cost two round trips, not 64). Answered at
-   once with misses while the pool is not connected, inside an outage's back-off, or while a query has been running
-   for over ``stuck_after_s`` (a stuck pool client costs misses, never a stalled scheduler).
-2. ``exists_within(keys, timeout_s)``: the same, waited for, bounded by ``timeout_s`` (past it: a miss).
+   running go out together in the next one (64 prompts arriving at once cost two round trips, not 64). Answered
+   ``None`` (no answer: every key a miss, the pool's fault) at once while the pool is not connected, inside an
+   outage's back-off, or while a query has been running for over ``stuck_after_s`` (a stuck pool client costs
+   misses, never a stalled scheduler), and when the pool's call fails.
+2. ``exists_within(keys, timeout_s)``: the same, waited for, bounded by ``timeout_s`` (past it: ``None``).
 3. ``close()``.
 """
 
@@ -26,12 +27,12 @@ class LookupBatcher:
             1, thread_name_prefix=f"kvpool-lookup-{pool.label}", initializer=pool.bind_thread
         )
         self._lock = threading.Lock()
-        self._batch: list[tuple[list[str], concurrent.futures.Future[list[bool]]]] = []
+        self._batch: list[tuple[list[str], concurrent.futures.Future[list[bool] | None]]] = []
         self._queued = False
         self._inflight: concurrent.futures.Future | None = None  # the lookup thread's current pool call
         self._started = 0.0
 
-    def exists_within(self, keys: Sequence[str], timeout_s: float) -> list[bool]:
+    def exists_within(self, keys: Sequence[str], timeout_s: float) -> list[bool] | None:
         try:
             return self.exists_async(keys).result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
@@ -39,12 +40,14 @@ class LookupBatcher:
             self._pool.warn(
                 "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", timeout_s * 1e3
             )
-            return [False] * len(keys)
+            return None
 
-    def exists_async(self, keys: Sequence[str], stuck_after_s: float = 0.0) -> concurrent.futures.Future[list[bool]]:
-        future: concurrent.futures.Future[list[bool]] = concurrent.futures.Future()
+    def exists_async(
+        self, keys: Sequence[str], stuck_after_s: float = 0.0
+    ) -> concurrent.futures.Future[list[bool] | None]:
+        future: concurrent.futures.Future[list[bool] | None] = concurrent.futures.Future()
         if self._answer_now_with_misses(stuck_after_s):
-            future.set_result([False] * len(keys))
+            future.set_result(None)
             return future
         with self._lock:
             self._batch.append((list(keys), future))
@@ -73,10 +76,10 @@ class LookupBatcher:
             batch, self._batch = self._batch, []
             self._queued = False
         batch = [(keys, future) for keys, future in batch if future.set_running_or_notify_cancel()]
-        found = self._pool.exists([key for keys, _ in batch for key in keys])
+        found = self._pool.exists_or_none([key for keys, _ in batch for key in keys])
         offset = 0
         for keys, future in batch:
-            future.set_result(found[offset : offset + len(keys)])
+            future.set_result(None if found is None else found[offset : offset + len(keys)])
             offset += len(keys)
 
     def close(self) -> None:

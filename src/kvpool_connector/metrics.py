@@ -11,7 +11,8 @@ of them from another TP size's objects), ``loaded_bytes``,
 ``load_seconds``, ``saved_blocks``, ``saved_bytes``, ``save_seconds``, ``save_skipped_present``,
 ``producer_wait_expired``, ``outages``, ``sightings_recorded``, and per reason ``load_failed.<reason>``,
 ``save_failed.<reason>``, ``save_dropped.<reason>`` (``staging_full``, ``unavailable``, ``shutdown``),
-``save_not_admitted.<reason>`` and ``missed_blocks.<reason>`` (``first_sight``, ``seen_before``: ``admission``).
+``save_not_admitted.<reason>`` and ``missed_blocks.<reason>`` (``pool_unavailable``: the pool gave no answer; with
+``second_sight`` admission also ``first_sight``, ``seen_before``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ REASON_COUNTERS = (
     ("save_not_admitted", "KV blocks not saved by save_admission (first_sight: never computed before), by reason."),
     (
         "missed_blocks",
-        "Looked-up blocks the pool did not hold, by why (with save_admission: first_sight, seen_before).",
+        "Looked-up blocks not served, by why (pool_unavailable; with second_sight: first_sight, seen_before).",
     ),
 )
 

@@ -228,20 +228,27 @@ class PoolHandle:
 
     # -- data calls -----------------------------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Which of ``keys`` the pool holds; no answer counts as absent."""
+        found = self.exists_or_none(keys)
+        return [False] * len(keys) if found is None else found
+
+    def exists_or_none(self, keys: Sequence[str]) -> list[bool] | None:
+        """Which of ``keys`` the pool holds, or None when it gave no answer (not connected, in an outage, a failed or
+        short reply): a lookup counts those misses as the pool's, not the blocks'."""
         backend = self._usable_backend()
         if backend is None:
-            return [False] * len(keys)
+            return None
         try:
             found = backend.exists(keys)
         except PoolUnavailable as exc:
             self.outage("lookup", exc)
-            return [False] * len(keys)
+            return None
         except Exception as exc:  # noqa: BLE001 - any pool client error is a miss
             self.warn("exists", "KV pool lookup failed, counting it as a miss: %r", exc)
-            return [False] * len(keys)
+            return None
         if len(found) != len(keys):
             self.warn("exists", "KV pool answered %d of %d existence queries; counting a miss", len(found), len(keys))
-            return [False] * len(keys)
+            return None
         self._reachable()
         return found
 

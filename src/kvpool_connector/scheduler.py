@@ -194,6 +194,7 @@ class _RequestState:
     loading: set[int] = field(default_factory=set)  # blocks of its asynchronous load in flight
     load_failed: bool = False  # its asynchronous load failed: no second try
     sighting: Sighting | None = None  # the latest lookup's admission answer; None: every block is admitted
+    unanswered_blocks: int = 0  # the latest lookup's blocks the pool gave no answer for (unavailable, too slow)
 
     def forget_lookup(self) -> None:
         if self.lookup is not None:
@@ -345,20 +346,25 @@ class PoolScheduler:
         self.pool.warn(
             "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.lookup_timeout_s * 1e3
         )
-        return self._answer(state, start, len(hashes) - start, [])
+        return self._answer(state, start, len(hashes) - start, None)
 
     def _question_keys(self, hashes: list[bytes]) -> list[str]:
         """One lookup's keys: every readable layout's blocks (``lookup_keys``), then the blocks' sightings."""
         return self.lookup_keys(hashes) + self.admission.question_keys(hashes)
 
-    def _answer(self, state: _RequestState, start: int, asked: int, found: list[bool]) -> tuple[int, list[list[int]]]:
+    def _answer(
+        self, state: _RequestState, start: int, asked: int, found: list[bool] | None
+    ) -> tuple[int, list[list[int]]]:
         """The hit of a lookup of ``asked`` blocks from ``start`` (``present_prefix_by_layout``), noting its admission
-        answer in the request's record. An empty ``found`` (no answer in time) is a miss that admits nothing and
-        learns nothing."""
-        sightings = asked if self.admission.by_sight and found else 0
+        answer in the request's record. ``found`` None (the pool gave no answer in time) is a miss of every block,
+        counted as the pool's, that admits nothing and learns nothing."""
+        if found is None:
+            state.sighting, state.unanswered_blocks = self.admission.answer(start, 0, []), asked
+            return 0, []
+        sightings = asked if self.admission.by_sight else 0
         blocks, sighted = found[: len(found) - sightings], found[len(found) - sightings :]
-        hit, at = present_prefix_by_layout(blocks, self.readable_groups, self.windows) if found else (0, [])
-        state.sighting = self.admission.answer(start, hit, sighted)
+        hit, at = present_prefix_by_layout(blocks, self.readable_groups, self.windows)
+        state.sighting, state.unanswered_blocks = self.admission.answer(start, hit, sighted), 0
         return hit, at
 
     def may_load_async(self, request: Request) -> bool:
@@ -400,6 +406,7 @@ class PoolScheduler:
             if (sighting := state.sighting) is not None:
                 self.stats.add("missed_blocks.first_sight", sighting.first_sight)
                 self.stats.add("missed_blocks.seen_before", sighting.seen_before)
+            self.stats.add("missed_blocks.pool_unavailable", state.unanswered_blocks)
             state.asked_tokens = None
         state.block_ids = [list(ids) for ids in blocks.get_block_ids()]
         if num_external_tokens <= 0 or answer is None:

@@ -151,6 +151,14 @@ def test_a_hung_pool_answers_a_miss_at_the_deadline_and_never_stalls(tiny_model,
         other = requests.make("while-hung", tokens(2 * BLOCK + 5, seed=4))
         assert scheduler.get_num_new_matched_tokens(other, 0) == (0, False)  # the stuck query: a miss at once
         assert scheduler.stats["lookup_timeouts"] == 2  # both misses are counted (vllm:kvpool_lookup_timeouts_total)
+        # Each unanswered lookup's blocks are missed for the pool's sake, not for want of a save, once allocated.
+        from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+        from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+        for i, asked in enumerate((request, other)):
+            blocks = KVCacheBlocks(([KVCacheBlock(10 * i + b) for b in range(3)],))
+            scheduler.update_state_after_alloc(asked, blocks, 0)
+        assert scheduler.stats["missed_blocks.pool_unavailable"] == 4  # two lookups of two full blocks each
     finally:
         pool.master.send_signal(signal.SIGCONT)
         scheduler.shutdown()
