@@ -235,6 +235,13 @@ def shard_prefix(shard_fingerprint: str) -> str:
     return f"{KEY_FORMAT}/{shard_fingerprint}/"
 
 
+def adapter_block_hashes(hashes: Sequence[bytes], adapter: str) -> list[bytes]:
+    """A LoRA request's block hashes chained with its adapter's weight digest (``model_identity.adapter_digest``):
+    each still names the whole prefix, now also the adapter's weights, which vLLM's own hash does not."""
+    salt = f"lora:{adapter}".encode()
+    return [hashlib.sha256(salt + bytes(h)).digest() for h in hashes]
+
+
 def block_hashes(hashes: Sequence[bytes], block_size: int, hash_block_size: int, num_blocks: int) -> list[bytes]:
     """The hash of each of the first ``num_blocks`` KV blocks, from ``request.block_hashes``.
 

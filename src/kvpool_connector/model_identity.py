@@ -15,7 +15,13 @@ checkpoint mounted at two paths (two hosts, two cache folders) must share its bl
 Not covered, by design: the path, file times, the tokenizer (token ids are in vLLM's block hashes already). A
 partial update that leaves every sampled window of a large file unchanged is not seen: set ``model_version``.
 
-Calls: :func:`model_identity` (once per process, cached) -> ``ModelIdentity.digest`` into ``keys.KVLayout``.
+A LoRA adapter changes the KV of the requests that use it. vLLM's block hash names the adapter by name and path,
+not by its weights, so :func:`adapter_digest` (the adapter's weight files and ``adapter_config.json``, recomputed when
+a file's size or time changes) goes into the block hashes of its requests (``keys.adapter_block_hashes``): an
+adapter reloaded with other weights at the same path misses.
+
+Calls: :func:`model_identity` (once per process, cached) -> ``ModelIdentity.digest`` into ``keys.KVLayout``;
+:func:`adapter_digest` per LoRA request (cached per file state).
 """
 
 from __future__ import annotations
@@ -84,6 +90,21 @@ def _identity(
         what += f" + model_version {model_version!r}"
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return ModelIdentity(hashlib.sha256(blob).hexdigest()[:16], what)
+
+
+def adapter_digest(path: str) -> str:
+    """16 hex digits naming a LoRA adapter folder's weights and config (not its path or name)."""
+    folder = Path(path).expanduser()
+    files = [*weight_files(folder), folder / "adapter_config.json"] if folder.is_dir() else [folder]
+    state = tuple((str(f), st.st_size, st.st_mtime_ns) for f in files if f.is_file() and (st := f.stat()))
+    return _adapter_digest(state)
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter_digest(state: tuple[tuple[str, int, int], ...]) -> str:
+    """By the files' (path, size, mtime) so a reload that rewrites them is read again, and nothing else is."""
+    parts = [[Path(name).name, size, file_digest(Path(name))] for name, size, _ in state]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def weight_files(checkpoint: Path) -> list[Path]:

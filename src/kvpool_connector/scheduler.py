@@ -44,7 +44,7 @@ from kvpool_connector.logs import init_logger
 from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, pool_counters, take_stats
-from kvpool_connector.model_identity import model_identity
+from kvpool_connector.model_identity import adapter_digest, model_identity
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.routing import SAVING_PARAM
 
@@ -268,7 +268,10 @@ class PoolScheduler:
         )
 
     def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
-        return keys.block_hashes(request.block_hashes, self.block_size, self.hash_block_size, num_blocks)
+        hashes = keys.block_hashes(request.block_hashes, self.block_size, self.hash_block_size, num_blocks)
+        if (lora := request.lora_request) is not None:
+            return keys.adapter_block_hashes(hashes, adapter_digest(lora.lora_path))
+        return hashes
 
     # -- 1. lookup --------------------------------------------------------------------------------------------
     def _state(self, request: Request) -> _RequestState:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ class EngineSpec:
     local_cache_reset_after: int | None = None
     """With ``sequential``: after this many prompts, wait for the connector's queued saves and empty vLLM's own prefix
     cache (not the pool): later prompts then hit the pool in the same engine."""
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams over the greedy ones (n: the first kept)
+    cache_salts: list[str | None] = field(default_factory=list)  # per prompt, vLLM's cache_salt (none past the list)
+    adapters: list[str | None] = field(default_factory=list)  # per prompt, a LoRA adapter's folder (its name: the
+    # folder's name; none past the list); needs extra_llm_args enable_lora
     turns: list[list[int]] = field(default_factory=list)
     """Chat follow-ups: each prompt opens a conversation, and turn k+1's prompt is turn k's prompt + its answer +
     ``turns[k]``. Results are turn-major (every conversation's turn 1, then every turn 2, ...)."""
@@ -56,10 +60,16 @@ class EngineRun:
     wall_s: float  # the whole process, engine start-up included
     generate_s: float  # the generate() calls only
     worker_totals: list[dict[str, float]] = field(default_factory=list)  # per rank: the connector's counters
+    reset_totals: list[dict[str, float]] = field(default_factory=list)  # the same at local_cache_reset_after
 
     @property
     def loaded_blocks(self) -> int:
         return int(sum(t.get("loaded_blocks", 0) for t in self.worker_totals))
+
+    @property
+    def loaded_before_reset(self) -> int:
+        """Blocks loaded from the pool before vLLM's prefix cache was emptied (a :func:`run_twice` first pass)."""
+        return int(sum(t.get("loaded_blocks", 0) for t in self.reset_totals))
 
     @property
     def outputs(self) -> list[list[int]]:
@@ -120,7 +130,8 @@ def run_engine(
     spec_file, out_file, log_file = (workdir / f"engine-{stamp}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_file.write_text(json.dumps(asdict(spec)))
     env = dict(env or engine_env())
-    if spec.extra_llm_args.get("tensor_parallel_size", 1) == 1:
+    args = spec.extra_llm_args
+    if args.get("tensor_parallel_size", 1) * args.get("pipeline_parallel_size", 1) == 1:
         # One process, scheduler and worker in it (as vLLM runs TP 1 on a GPU): half the start-up of vLLM CPU's
         # engine-core and worker processes, and still a fresh process per run.
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -147,7 +158,33 @@ def run_engine(
         wall_s=time.monotonic() - start,
         generate_s=out["generate_s"],
         worker_totals=out["worker_totals"],
+        reset_totals=out["reset_totals"],
     )
+
+
+def run_twice(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = None) -> EngineRun:
+    """``spec``'s prompts computed one at a time (and saved), vLLM's own prefix cache emptied (not the pool), then
+    asked again: results of both passes, the second's hits the pool's alone."""
+    count = len(spec.prompts)
+
+    def again(per_prompt: list) -> list:
+        return (per_prompt + [None] * (count - len(per_prompt))) * 2 if per_prompt else []
+
+    twice = replace(
+        spec,
+        prompts=list(spec.prompts) * 2,
+        cache_salts=again(spec.cache_salts),
+        adapters=again(spec.adapters),
+        sequential=True,
+        local_cache_reset_after=count,
+    )
+    return run_engine(twice, workdir, env)
+
+
+def passes(run: EngineRun) -> tuple[list[int], list[int]]:
+    """A :func:`run_twice` run's cached tokens per prompt: (first pass, second pass)."""
+    hits = [r.num_cached_tokens for r in run.results]
+    return hits[: len(hits) // 2], hits[len(hits) // 2 :]
 
 
 class PoolTotalsExtension:
@@ -197,9 +234,11 @@ def _main(spec_path: str, out_path: str) -> None:
         kwargs["kv_transfer_config"] = KVTransferConfig(**spec.kv_transfer_config)
         kwargs["worker_extension_cls"] = "kvpool_testkit.engine.PoolTotalsExtension"
     llm = LLM(**kwargs)
-    params = SamplingParams(
-        temperature=0.0, max_tokens=spec.max_tokens, ignore_eos=True, logprobs=spec.logprobs or None
-    )
+    greedy = {"temperature": 0.0, "max_tokens": spec.max_tokens, "ignore_eos": True, "logprobs": spec.logprobs or None}
+    params = SamplingParams(**(greedy | spec.sampling))
+    reset_totals: list[dict[str, float]] = []
+    salts = dict(enumerate(spec.cache_salts))
+    adapters = {i: _lora_request(path) for i, path in enumerate(spec.adapters) if path}
     conversations = [list(p) for p in spec.prompts]
     outputs = []
     start = time.perf_counter()
@@ -210,15 +249,19 @@ def _main(spec_path: str, out_path: str) -> None:
                 c + list(a.outputs[0].token_ids) + spec.turns[turn - 1]
                 for c, a in zip(conversations, answers, strict=True)
             ]
-        prompts = [TokensPrompt(prompt_token_ids=c) for c in conversations]
+        prompts = [
+            TokensPrompt(prompt_token_ids=c, cache_salt=salts[i]) if salts.get(i) else TokensPrompt(prompt_token_ids=c)
+            for i, c in enumerate(conversations)
+        ]
+        loras = [adapters.get(i) for i in range(len(prompts))]
         if spec.sequential:
-            for prompt in prompts:
+            for prompt, lora in zip(prompts, loras, strict=True):
                 if len(outputs) == spec.local_cache_reset_after:
-                    llm.collective_rpc("kvpool_totals")  # each rank's saves reached the pool
+                    reset_totals = llm.collective_rpc("kvpool_totals")  # each rank's saves reached the pool
                     assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
-                outputs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+                outputs.append(llm.generate([prompt], params, use_tqdm=False, lora_request=lora)[0])
         else:
-            outputs += llm.generate(prompts, params, use_tqdm=False)
+            outputs += llm.generate(prompts, params, use_tqdm=False, lora_request=loras if adapters else None)
     generate_s = time.perf_counter() - start
     results = []
     for out in outputs:
@@ -239,9 +282,19 @@ def _main(spec_path: str, out_path: str) -> None:
         )
     worker_totals = llm.collective_rpc("kvpool_totals") if spec.kv_transfer_config is not None else []
     Path(out_path).write_text(
-        json.dumps({"results": results, "generate_s": generate_s, "worker_totals": worker_totals})
+        json.dumps(
+            {"results": results, "generate_s": generate_s, "worker_totals": worker_totals, "reset_totals": reset_totals}
+        )
     )
     llm.llm_engine.engine_core.shutdown()
+
+
+def _lora_request(path: str):
+    """vLLM's request for the adapter in folder ``path``, named and numbered by the folder (stable across runs)."""
+    from vllm.lora.request import LoRARequest
+
+    name = Path(path).name
+    return LoRARequest(name, int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) + 1, path)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,41 @@ def build_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Pat
     return out
 
 
+def build_lora(out_dir: str | Path, base: str | Path, seed: int, rank: int = 8, std: float = 0.3) -> Path:
+    """A LoRA adapter in PEFT's format for the tiny Llama at ``base``: rank ``rank`` on every layer's ``q_proj`` and
+    ``v_proj``, A and B drawn from ``seed`` (B nonzero, unlike a fresh PEFT adapter, so it changes the answers).
+    Rewritten on every call: a test may replace an adapter's weights under the same path."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(base) / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    head_dim = hidden // config["num_attention_heads"]
+    outputs = {"q_proj": hidden, "v_proj": config["num_key_value_heads"] * head_dim}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for proj, out_features in outputs.items():
+            name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * std
+            tensors[f"{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * std
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(outputs),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return out
+
+
 def _build(out: Path, spec: ModelPreset | MLAPreset | SlidingPreset, seed: int) -> None:
     import torch
 
