@@ -49,6 +49,7 @@ from rich.table import Table
 from kvpool_connector.backends.mooncake_service import DiskTier
 from kvpool_testkit.client import server_metrics, wait_for
 from kvpool_testkit.engine import engine_env
+from kvpool_testkit.inspection import prompt_block_keys, worker_shard
 from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool, plain_client
 from kvpool_testkit.server import Server, start_vllm_server, stop_server, wait_healthy
 from kvpool_testkit.tiny_model import PRESETS, build_model
@@ -247,10 +248,6 @@ def run_traffic(work: Path, args: argparse.Namespace, console: Console) -> dict:
     return {"working set MiB": working_set_mb, "requests": len(traffic), "rows": rows}
 
 
-def _saved_blocks(urls: list[str]) -> float:
-    return _server_counters(urls).get("vllm:kvpool_saved_blocks_total", 0)
-
-
 def _block_mib(preset: str) -> float:
     spec = PRESETS[preset]
     head_dim = spec.hidden_size // spec.num_attention_heads
@@ -278,27 +275,31 @@ def run_disk_hit(work: Path, args: argparse.Namespace, console: Console) -> dict
     rows = []
     with ExitStack() as stack:
         pool = stack.enter_context(mooncake_pool(work / "pool", dram, disk=DiskTier.plan(work / "disk", "4 GB", dram)))
-        (url,) = _start_servers(Setup("ours", "all", False), model, pool, work, _one_server(args), stack)
+        env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
+        server = start_vllm_server(model, work / "server", pool.connector_config(), SERVER_ARGS, env=env)
+        stack.callback(stop_server, server)
+        wait_healthy(server, 600)
+        url, shard = server.url, worker_shard(server.log_text())
         store = stack.enter_context(plain_client(pool))
+        recompute, dram_hit = [], []
+        for prompt in prompts:  # each computed and saved (3 x 64 MiB fit the 256 MB node), then a DRAM hit
+            recompute.append(_ask(url, model, prompt))
+            keys = prompt_block_keys(shard, prompt)  # the server's counters move only with its steps: ask the pool
+            wait_for(lambda keys=keys: all(store.is_exist(k) == 1 for k in keys), 60, "the prompt's saves")
+            dram_hit.append(_ask(url, model, prompt))
         filler = bytes(2 << 20)
+        for i in range(192):  # 384 MB through the 256 MB node: every earlier object is evicted to disk
+            wait_for(lambda key=f"filler/{i}": store.put(key, filler) == 0, 120, f"the pool to take filler {i}")
         for n, prompt in enumerate(prompts):
-            recompute, _ = _ask(url, model, prompt)
-            saved = 32 * (n + 1)  # 4,096 tokens in 128-token blocks, per prompt so far
-            wait_for(lambda saved=saved: _saved_blocks([url]) >= saved, 60, "the prompt's saves")
-            dram_hit, dram_cached = _ask(url, model, prompt)
-            for i in range(192):  # 384 MB through a 256 MB node: every earlier object is evicted to disk
-                key = f"filler/{n}/{i}"
-                wait_for(lambda key=key: store.put(key, filler) == 0, 120, f"the pool to take {key}")
             disk_reads = pool.health()["disk_hits"]
             disk_hit, disk_cached = _ask(url, model, prompt)
-            read_from_disk = int(pool.health()["disk_hits"] - disk_reads)
             row = {
                 "prompt": n,
-                "recompute ms": round(recompute, 1),
-                "DRAM hit ms": round(dram_hit, 1),
+                "recompute ms": round(recompute[n][0], 1),
+                "DRAM hit ms": round(dram_hit[n][0], 1),
                 "disk hit ms": round(disk_hit, 1),
-                "cached tokens (DRAM, disk)": f"{dram_cached}, {disk_cached}",
-                "objects read from disk": read_from_disk,
+                "cached tokens (DRAM, disk)": f"{dram_hit[n][1]}, {disk_cached}",
+                "objects read from disk": int(pool.health()["disk_hits"] - disk_reads),
             }
             console.print(row)
             rows.append(row)
@@ -378,7 +379,7 @@ def main() -> None:
     parser.add_argument("--one-off", type=float, default=0.25, help="share of prompts never asked again")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--disk-size", default="4 GB")
-    parser.add_argument("--disk-hit-prompts", type=int, default=4)
+    parser.add_argument("--disk-hit-prompts", type=int, default=3, help="at most 3: they share 256 MB")
     parser.add_argument("--save-cost-requests", type=int, default=96)
     parser.add_argument("--save-cost-fill", type=int, default=32, help="requests that fill the pool first")
     parser.add_argument("--seed", type=int, default=11)

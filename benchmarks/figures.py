@@ -80,6 +80,12 @@ def draw(data: dict, out: Path) -> list[Path]:
     plots.capacity_soak(
         e["windows"], _title("A pool at capacity: saves, hits and memory per window", e), path("capacity")
     )
+    e = data["capacity_hit_rate"]
+    plots.capacity_hit_rate(
+        e["rows"],
+        _title(f"Prefix hit rate against working set / DRAM ({e['requests']} requests, {e['working set MiB']} MiB)", e),
+        path("capacity_hit_rate"),
+    )
     return written
 
 

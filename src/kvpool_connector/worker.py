@@ -346,7 +346,11 @@ class PoolWorker:
         for ptr, size in self.pages.regions:
             self.pool.register_memory(ptr, size)
         self._kv_released = False
-        logger.info("KV cache registered again after wake-up (%d regions)", len(self.pages.regions))
+        logger.info(
+            "KV cache registered again after wake-up (%d regions); pool keys still name the model this engine started "
+            "with: if wake-up brought other weights, restart with another model_version, or its hits are wrong",
+            len(self.pages.regions),
+        )
 
     def shutdown(self) -> None:
         if self.loader is not None:

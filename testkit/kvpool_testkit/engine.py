@@ -8,6 +8,7 @@ CLI (used by :func:`run_engine`): ``python -m kvpool_testkit.engine SPEC.json OU
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +40,8 @@ class EngineSpec:
     cache_salts: list[str | None] = field(default_factory=list)  # per prompt, vLLM's cache_salt (none past the list)
     adapters: list[str | None] = field(default_factory=list)  # per prompt, a LoRA adapter's folder (its name: the
     # folder's name; none past the list); needs extra_llm_args enable_lora
+    embeds: list[bool] = field(default_factory=list)  # per prompt: sent as its tokens' input embeddings (read from
+    # the checkpoint) instead of token ids; needs extra_llm_args enable_prompt_embeds
     turns: list[list[int]] = field(default_factory=list)
     """Chat follow-ups: each prompt opens a conversation, and turn k+1's prompt is turn k's prompt + its answer +
     ``turns[k]``. Results are turn-major (every conversation's turn 1, then every turn 2, ...)."""
@@ -175,6 +178,7 @@ def run_twice(spec: EngineSpec, workdir: Path, env: dict[str, str] | None = None
         prompts=list(spec.prompts) * 2,
         cache_salts=again(spec.cache_salts),
         adapters=again(spec.adapters),
+        embeds=again(spec.embeds),
         sequential=True,
         local_cache_reset_after=count,
     )
@@ -213,7 +217,6 @@ class PoolTotalsExtension:
 def _main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVEventsConfig, KVTransferConfig
-    from vllm.inputs import TokensPrompt
 
     spec = EngineSpec(**json.loads(Path(spec_path).read_text()))
     kwargs: dict[str, Any] = dict(
@@ -235,7 +238,12 @@ def _main(spec_path: str, out_path: str) -> None:
         kwargs["worker_extension_cls"] = "kvpool_testkit.engine.PoolTotalsExtension"
     llm = LLM(**kwargs)
     greedy = {"temperature": 0.0, "max_tokens": spec.max_tokens, "ignore_eos": True, "logprobs": spec.logprobs or None}
-    params = SamplingParams(**(greedy | spec.sampling))
+    sampling = greedy | spec.sampling
+    if isinstance(structured := sampling.get("structured_outputs"), dict):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        sampling["structured_outputs"] = StructuredOutputsParams(**structured)
+    params = SamplingParams(**sampling)
     reset_totals: list[dict[str, float]] = []
     salts = dict(enumerate(spec.cache_salts))
     adapters = {i: _lora_request(path) for i, path in enumerate(spec.adapters) if path}
@@ -250,7 +258,7 @@ def _main(spec_path: str, out_path: str) -> None:
                 for c, a in zip(conversations, answers, strict=True)
             ]
         prompts = [
-            TokensPrompt(prompt_token_ids=c, cache_salt=salts[i]) if salts.get(i) else TokensPrompt(prompt_token_ids=c)
+            _prompt(c, salts.get(i), i < len(spec.embeds) and spec.embeds[i], spec.model)
             for i, c in enumerate(conversations)
         ]
         loras = [adapters.get(i) for i in range(len(prompts))]
@@ -287,6 +295,27 @@ def _main(spec_path: str, out_path: str) -> None:
         )
     )
     llm.llm_engine.engine_core.shutdown()
+
+
+def _prompt(tokens: list[int], salt: str | None, as_embeds: bool, model: str) -> Any:
+    """vLLM's prompt for ``tokens``: token ids, or their input embeddings; with ``salt`` as its ``cache_salt``."""
+    from vllm.inputs import EmbedsPrompt, TokensPrompt
+
+    extra = {"cache_salt": salt} if salt else {}
+    if as_embeds:
+        return EmbedsPrompt(prompt_embeds=_input_embeddings(model)[tokens], **extra)
+    return TokensPrompt(prompt_token_ids=tokens, **extra)
+
+
+@functools.cache
+def _input_embeddings(model: str) -> Any:
+    from safetensors import safe_open
+
+    for path in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            if "model.embed_tokens.weight" in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                return f.get_tensor("model.embed_tokens.weight")
+    raise FileNotFoundError(f"no model.embed_tokens.weight in {model}")
 
 
 def _lora_request(path: str):

@@ -173,6 +173,32 @@ def build_lora(out_dir: str | Path, base: str | Path, seed: int, rank: int = 8, 
     return out
 
 
+def build_eagle(out_dir: str | Path, base: str | Path, seed: int, std: float = 0.05) -> Path:
+    """An EAGLE draft head for the tiny Llama at ``base``, in the layout vLLM's ``EagleLlamaForCausalLM`` loads: one
+    decoder layer (without the input norm its first layer skips) and ``fc``, which joins the token embedding and the
+    target's hidden state; embeddings and ``lm_head`` come from the target. Random weights drawn from ``seed``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = json.loads((Path(base) / "config.json").read_text())
+    config.update(num_hidden_layers=1, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(seed)
+    layer = LlamaForCausalLM(LlamaConfig(**config)).model.layers[0]
+    tensors = {
+        f"layers.0.{name}": value.detach().clone()
+        for name, value in layer.state_dict().items()
+        if not name.startswith("input_layernorm")
+    }
+    hidden = config["hidden_size"]
+    tensors["fc.weight"] = torch.randn(hidden, 2 * hidden, generator=torch.Generator().manual_seed(seed)) * std
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def _build(out: Path, spec: ModelPreset | MLAPreset | SlidingPreset, seed: int) -> None:
     import torch
 

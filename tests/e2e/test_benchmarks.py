@@ -76,6 +76,9 @@ ENGINE_TOYS = {
                  "--hit-engines", "1", "--model", "mla"],
     "soak": ["benchmarks/soak_capacity.py", "--preset", "tiny", "--minutes", "0.25", "--window-s", "5",
              "--pool-mb", "64", "--prompt-tokens", "300"],
+    "capacity": ["benchmarks/bench_capacity.py", "--preset", "tiny", "--requests", "12", "--prefixes", "6",
+                 "--ratios", "4", "--setups", "admission + disk tier", "vLLM MooncakeStoreConnector + disk tier",
+                 "--disk-hit-prompts", "1", "--save-cost-requests", "8", "--save-cost-fill", "4"],
     "hit_breakdown": ["benchmarks/bench_hit_breakdown.py", "--preset", "tiny", "--tokens", "258", "--reps", "1"],
     "multiturn": ["benchmarks/bench_multiturn.py", "--preset", "tiny", "--conversations", "2", "--turns", "2",
                   "--first", "260", "--answer", "8", "--question", "20"],
@@ -159,3 +162,15 @@ def test_soak_capacity_toy(toys):
     result = _result(toys, "soak", "soak_capacity.json")
     assert len(result["windows"]) == 3 and result["errors"] == []
     assert sum(w["saved blocks"] for w in result["windows"]) > 0
+
+
+@pytest.mark.benchmark_toys
+@pytest.mark.e2e
+def test_bench_capacity_toy(toys):
+    result = _result(toys, "capacity", "bench_capacity.json")
+    rows = result["traffic"]["rows"]
+    assert [r["setup"] for r in rows] == ["admission + disk tier", "vLLM MooncakeStoreConnector + disk tier"]
+    assert all(r["working set / DRAM"] != "unbounded" for r in rows)  # no unbounded row without its setups
+    (disk_hit,) = result["disk-hit"]["rows"]
+    assert disk_hit["objects read from disk"] > 0 and disk_hit["cached tokens (DRAM, disk)"] == "4096, 4096"
+    assert {r["mode"] for r in result["save-cost"]["rows"]} == {"no connector", "saving into a full pool"}

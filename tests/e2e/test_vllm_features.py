@@ -14,7 +14,10 @@ pool, so each first pass also says whether the feature's blocks are shared with 
    per block, never shared with the fp32 engines, the same samples from a hit as from the computed prompt;
 5. LoRA: one prompt for the base model and two adapters: the base request takes the plain blocks, each adapter's are
    its own (vLLM's block hash names the adapter); then one adapter's weights rewritten under the same name and path,
-   in a fresh engine: a miss (the connector keys LoRA requests by the adapter's weights too), new answers.
+   in a fresh engine: a miss (the connector keys LoRA requests by the adapter's weights too), new answers;
+6. prompt embeddings and structured outputs: a prompt sent as its input embeddings is keyed by them (vLLM hashes
+   the embeddings), apart from the same tokens; a constrained answer is the same from a hit as from the computed
+   prompt (constraints act on sampling, not on the prompt's KV).
 """
 
 from __future__ import annotations
@@ -95,6 +98,18 @@ def lora(tiny_model, pool, fp8, adapters, tmp_path_factory) -> EngineRun:
     )
 
 
+@pytest.fixture(scope="module")
+def inputs(tiny_model, pool, lora, tmp_path_factory) -> EngineRun:
+    return features(
+        tiny_model,
+        pool,
+        tmp_path_factory.mktemp("inputs"),
+        embeds=[False, True],
+        sampling={"structured_outputs": {"regex": "[a-z]+( [a-z]+)*"}},
+        extra_llm_args={"enable_prompt_embeds": True},
+    )
+
+
 def test_chunked_prefill_with_a_small_token_budget_saves_and_hits(plain, baseline_outputs):
     assert passes(plain) == ([0, 0], [FULL_HIT, FULL_HIT])
     assert plain.outputs == baseline_outputs * 2
@@ -146,3 +161,11 @@ def test_an_adapter_rewritten_under_its_name_and_path_misses(lora, tiny_model, p
     assert (again.loaded_before_reset, again.loaded_blocks) == (0, 3)
     assert again.outputs[0] != lora.outputs[1]  # the new weights answer otherwise
     assert again.outputs[1] == again.outputs[0]
+
+
+def test_prompt_embeddings_are_keyed_apart_and_structured_outputs_hit(inputs):
+    first, second = passes(inputs)
+    assert first == [FULL_HIT, 0]  # the tokens: the plain engine's blocks; their embeddings: another key
+    assert second == [FULL_HIT, FULL_HIT]
+    assert (inputs.loaded_before_reset, inputs.loaded_blocks) == (3, 9)
+    assert inputs.outputs[2:] == inputs.outputs[:2]
