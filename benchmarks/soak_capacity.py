@@ -10,7 +10,8 @@ server's processes and of the pool node. Healthy is: saves keep landing window a
 objects), refusals stay a small share, the hot hit rate stays level, memory stays flat.
 
 Run: ``python benchmarks/soak_capacity.py [--minutes 10] [--pool-mb 256] [--preset bench|tiny]
-[--out benchmarks/results]`` -> a table, ``soak_capacity.json`` and ``soak_capacity.png``.
+[--save-admission all|second_sight] [--disk-size 2GB] [--out benchmarks/results]`` -> a table,
+``soak_capacity.json`` and ``soak_capacity.png``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from kvpool_connector.backends.mooncake_service import DiskTier
 from kvpool_testkit.client import server_metrics
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.mooncake_pool import mooncake_pool
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument(
         "--save-admission", default="all", choices=["all", "second_sight"], help="the connector's save_admission"
     )
+    parser.add_argument("--disk-size", help="a disk tier of this size under the node's DRAM (kvpool-pool --disk-size)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     console = Console(width=160)
@@ -127,7 +130,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = str(build_model(work / args.preset, preset=args.preset))
-        with mooncake_pool(work / "pool", segment_size=f"{args.pool_mb} MB") as pool:
+        disk = DiskTier.plan(work / "disk", args.disk_size, f"{args.pool_mb} MB") if args.disk_size else None
+        with mooncake_pool(work / "pool", segment_size=f"{args.pool_mb} MB", disk=disk) as pool:
             env = engine_env({"VLLM_CPU_KVCACHE_SPACE": "2"})
             config = pool.connector_config(load_async="auto", save_admission=args.save_admission)
             with vllm_server(model, work / "server", config, SERVER_ARGS, env=env) as server:
@@ -164,6 +168,7 @@ def main() -> None:
                         "not admitted blocks": int(grew.get("vllm:kvpool_save_not_admitted_total[first_sight]", 0)),
                         "pool objects": int(health["objects"]),
                         "pool MiB": round(float(health["used_bytes"]) / 2**20, 1),
+                        "disk MiB": round(float(health["disk_used_bytes"]) / 2**20, 1),
                         "put refusals (master)": int(master.get("master_put_start_alloc_failures_total", 0)),
                         "server RSS MiB": _rss_mib(server_proc),
                         "pool node RSS MiB": _rss_mib(node_proc),
@@ -186,7 +191,7 @@ def main() -> None:
     }
     table = Table(
         title=f"Pool at capacity: {args.pool_mb} MB node, {args.minutes} min, {args.preset} model, "
-        f"save_admission {args.save_admission}"
+        f"save_admission {args.save_admission}{f', disk tier {args.disk_size}' if args.disk_size else ''}"
     )
     for col in windows[0]:
         table.add_column(col, justify="right")
@@ -196,7 +201,8 @@ def main() -> None:
     (args.out / "soak_capacity.json").write_text(json.dumps(report, indent=2))
     title = (
         f"A pool at capacity: {args.pool_mb} MB pool node, {args.minutes} min, {args.preset} model, "
-        f"save_admission {args.save_admission}\n{plots.run_label()}"
+        f"save_admission {args.save_admission}{f', disk tier {args.disk_size}' if args.disk_size else ''}\n"
+        f"{plots.run_label()}"
     )
     plots.capacity_soak(windows, title, args.out / "soak_capacity.png")
     console.print(f"wrote {args.out / 'soak_capacity.json'} and soak_capacity.png")

@@ -15,7 +15,9 @@ pool, so each first pass also says whether the feature's blocks are shared with 
 5. LoRA: one prompt for the base model and two adapters: the base request takes the plain blocks, each adapter's are
    its own (vLLM's block hash names the adapter); then one adapter's weights rewritten under the same name and path,
    in a fresh engine: a miss (the connector keys LoRA requests by the adapter's weights too), new answers;
-6. prompt embeddings and structured outputs: a prompt sent as its input embeddings is keyed by them (vLLM hashes
+6. EAGLE speculative decoding (a tiny EAGLE head): the head's attention layer is saved with the target's (5 layers
+   a block object instead of 4), keyed apart (the head's weights are part of the key), full hits, identical answers;
+7. prompt embeddings and structured outputs: a prompt sent as its input embeddings is keyed by them (vLLM hashes
    the embeddings), apart from the same tokens; a constrained answer is the same from a hit as from the computed
    prompt (constraints act on sampling, not on the prompt's KV).
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import pytest
 
 from kvpool_testkit.engine import EngineRun, EngineSpec, passes, run_twice
-from kvpool_testkit.tiny_model import build_lora, build_model
+from kvpool_testkit.tiny_model import build_eagle, build_lora, build_model
 from kvpool_testkit.workloads import distinct_prompts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
@@ -110,6 +112,15 @@ def inputs(tiny_model, pool, lora, tmp_path_factory) -> EngineRun:
     )
 
 
+@pytest.fixture(scope="module")
+def eagle(tiny_model, pool, inputs, tmp_path_factory) -> EngineRun:
+    head = str(build_eagle(tmp_path_factory.mktemp("eagle-head"), tiny_model, seed=5))
+    speculation = {"method": "eagle", "model": head, "num_speculative_tokens": 2}
+    return features(
+        tiny_model, pool, tmp_path_factory.mktemp("eagle"), extra_llm_args={"speculative_config": speculation}
+    )
+
+
 def test_chunked_prefill_with_a_small_token_budget_saves_and_hits(plain, baseline_outputs):
     assert passes(plain) == ([0, 0], [FULL_HIT, FULL_HIT])
     assert plain.outputs == baseline_outputs * 2
@@ -130,6 +141,18 @@ def test_draft_model_speculation_is_keyed_apart_and_hits_its_own(draft, baseline
     assert draft.outputs == baseline_outputs * 2
 
 
+def bytes_per_block(run: EngineRun) -> float:
+    return sum(t.get("loaded_bytes", 0) for t in run.worker_totals) / run.loaded_blocks
+
+
+def test_eagle_saves_its_head_layer_with_the_target_keyed_apart_and_hits_its_own(eagle, plain, baseline_outputs):
+    assert passes(eagle) == ([0, 0], [FULL_HIT, FULL_HIT])
+    assert (eagle.loaded_before_reset, eagle.loaded_blocks) == (0, 6)
+    assert bytes_per_block(eagle) * 4 == bytes_per_block(plain) * 5  # the head's layer beside the target's four
+    assert eagle.outputs == baseline_outputs * 2
+    assert "EAGLE drafter KV cache initialized" in eagle.log
+
+
 def test_an_fp8_kv_cache_and_parallel_sampling_keyed_apart_with_a_quarter_of_the_bytes(fp8, plain):
     # With n = 2 the second sample of a prompt takes the first's blocks from vLLM's own cache in either pass; the
     # pool's loads tell the passes apart: none before the reset (fp32 blocks are other keys), every block after.
@@ -137,9 +160,6 @@ def test_an_fp8_kv_cache_and_parallel_sampling_keyed_apart_with_a_quarter_of_the
     assert passes(fp8)[1] == [FULL_HIT, FULL_HIT]
     half = len(PROMPTS)
     assert fp8.outputs[half:] == fp8.outputs[:half]  # a hit samples as the fp8 engine's own computation did
-
-    def bytes_per_block(run: EngineRun) -> float:
-        return sum(t.get("loaded_bytes", 0) for t in run.worker_totals) / run.loaded_blocks
 
     assert bytes_per_block(fp8) * 4 == bytes_per_block(plain)
 
