@@ -28,6 +28,7 @@ Run: ``python benchmarks/bench_capacity.py [--parts traffic disk-hit save-cost] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import httpx
 import plots
+import psutil
 from common import start_router, vllm_store_connector
 from rich.console import Console
 from rich.table import Table
@@ -107,8 +109,8 @@ def make_traffic(args: argparse.Namespace, vocab: int) -> tuple[list[Request], i
     return requests, working_set, working_set + one_off_blocks
 
 
-def replay(urls: list[str], model: str, requests: list[Request], concurrency: int) -> list[dict]:
-    """Send ``requests`` in order from ``concurrency`` threads (round robin over ``urls`` is the router's job);
+def replay(url: str, model: str, requests: list[Request], concurrency: int) -> list[dict]:
+    """Send ``requests`` in order to ``url`` from ``concurrency`` threads;
     each answer's cached tokens and latency (one output token: the time to first token, at the client)."""
     results: list[dict] = [{} for _ in requests]
     order = iter(range(len(requests)))
@@ -123,7 +125,7 @@ def replay(urls: list[str], model: str, requests: list[Request], concurrency: in
                     return
                 body = {"model": model, "prompt": requests[i].tokens, "max_tokens": 1, "temperature": 0}
                 start = time.perf_counter()
-                answer = http.post(f"{urls[0]}/v1/completions", json=body)
+                answer = http.post(f"{url}/v1/completions", json=body)
                 answer.raise_for_status()
                 details = answer.json()["usage"].get("prompt_tokens_details") or {}
                 results[i] = {"ttft_s": time.perf_counter() - start, "cached": details.get("cached_tokens") or 0}
@@ -147,11 +149,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+@dataclass(frozen=True)
+class Fleet:
+    url: str  # where requests go: the server, or the router in front of several
+    servers: list[Server]
+
+
 def _start_servers(
     setup: Setup | None, model: str, pool: PoolOnFreePorts, work: Path, args: argparse.Namespace, stack: ExitStack
-) -> list[str]:
-    """``args.servers`` servers for ``setup`` (None: no connector) on ``pool``; their URLs (behind the router if
-    several)."""
+) -> Fleet:
+    """``args.servers`` servers for ``setup`` (None: no connector) on ``pool``, behind the router if several."""
     servers: list[Server] = []
     for n in range(args.servers):
         extra_env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
@@ -170,14 +177,14 @@ def _start_servers(
     for server in servers:
         wait_healthy(server, 600)
     if len(servers) == 1:
-        return [servers[0].url]
-    return [start_router([s.url for s in servers], work, stack), *(s.url for s in servers)]
+        return Fleet(servers[0].url, servers)
+    return Fleet(start_router([s.url for s in servers], work, stack), servers)
 
 
-def _server_counters(urls: list[str]) -> dict[str, float]:
+def _server_counters(fleet: Fleet) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for url in urls[1:] if len(urls) > 1 else urls:
-        for name, value in server_metrics(url).items():
+    for server in fleet.servers:
+        for name, value in server_metrics(server.url).items():
             totals[name] = totals.get(name, 0.0) + value
     return totals
 
@@ -189,11 +196,11 @@ def traffic_row(
     disk = DiskTier.plan(work / "disk", args.disk_size, f"{dram_mb} MB") if setup.disk else None
     with ExitStack() as stack:
         pool = stack.enter_context(mooncake_pool(work / "pool", segment_size=f"{dram_mb} MB", disk=disk))
-        urls = _start_servers(setup, model, pool, work, args, stack)
+        fleet = _start_servers(setup, model, pool, work, args, stack)
         start = time.monotonic()
-        results = replay(urls, model, traffic, args.concurrency)
+        results = replay(fleet.url, model, traffic, args.concurrency)
         elapsed = time.monotonic() - start
-        counters = _server_counters(urls)
+        counters = _server_counters(fleet)
         health = pool.health()
     half = len(traffic) // 2
     ttfts = [r["ttft_s"] * 1000 for r in results]
@@ -316,43 +323,71 @@ def _one_server(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "servers": 1})
 
 
+SAVE_COST_MODES = {  # mode: (pool DRAM, disk tier, the connector saving)
+    "no connector": ("64 MB", False, False),
+    "saving, room in DRAM": ("2 GB", False, True),
+    "saving into a full pool": ("64 MB", True, True),
+}
+
+
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = p.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def run_save_cost(work: Path, args: argparse.Namespace, console: Console) -> dict:
-    """Requests/s of all-miss traffic with no connector and with ours saving into a full DRAM + full disk pool."""
+    """Requests/s of all-miss traffic with no connector, with ours saving into a pool with room, and with ours saving
+    into a pool whose DRAM and disk tier are full; the CPU seconds the server and the pool spent meanwhile (they
+    share this host's cores)."""
     model = str(build_model(work / args.preset, preset=args.preset))
     vocab = PRESETS[args.preset].vocab_size
     rows = []
     for rep in range(2):
-        for saving in (False, True):
+        for mode, (dram, with_disk, saving) in SAVE_COST_MODES.items():
             rng = random.Random(args.seed + 100 + rep)
             prompts = [
                 Request("one-off", [rng.randrange(3, vocab) for _ in range(BLOCK * 16 + 32)], BLOCK * 16)
                 for _ in range(args.save_cost_requests)
             ]
+            name = f"{rep}-{mode}".replace(" ", "_").replace(",", "")
             with ExitStack() as stack:
-                disk = DiskTier.plan(work / f"disk-{rep}", "128 MB", "64 MB")
-                pool = stack.enter_context(mooncake_pool(work / f"pool-{rep}-{saving}", "64 MB", disk=disk))
+                disk = DiskTier.plan(work / f"disk-{name}", "128 MB", dram) if with_disk else None
+                pool = stack.enter_context(mooncake_pool(work / f"pool-{name}", dram, disk=disk))
                 setup = Setup("ours", "all", False) if saving else None
-                urls = _start_servers(setup, model, pool, work / f"save-{rep}-{saving}", _one_server(args), stack)
-                if saving:  # fill DRAM and disk first: 256 blocks through a 64 MB node with a 128 MB tier
-                    replay(urls, model, prompts[: args.save_cost_fill], args.concurrency)
+                fleet = _start_servers(setup, model, pool, work / f"save-{name}", _one_server(args), stack)
+                # fill DRAM and disk first (with the tier: 256 blocks through a 64 MB node and a 128 MB tier)
+                replay(fleet.url, model, prompts[: args.save_cost_fill], args.concurrency)
+                server = psutil.Process(fleet.servers[0].proc.pid)
+                pool_procs = [psutil.Process(pool.master.pid), psutil.Process(pool.node.pid)]
+                cpu_before = (_cpu_s([server]), _cpu_s(pool_procs))
                 start = time.monotonic()
-                replay(urls, model, prompts[args.save_cost_fill :], args.concurrency)
+                replay(fleet.url, model, prompts[args.save_cost_fill :], args.concurrency)
                 elapsed = time.monotonic() - start
-                counters = _server_counters(urls)
+                server_cpu, pool_cpu = _cpu_s([server]) - cpu_before[0], _cpu_s(pool_procs) - cpu_before[1]
+                counters = _server_counters(fleet)
                 health = pool.health()
             row = {
                 "run": rep + 1,
-                "mode": "saving into a full pool" if saving else "no connector",
+                "mode": mode,
                 "req/s": round((len(prompts) - args.save_cost_fill) / elapsed, 3),
                 "saved": int(counters.get("vllm:kvpool_saved_blocks_total", 0)),
                 "dropped": int(counters.get("vllm:kvpool_save_dropped_total", 0)),
                 "refused": int(counters.get("vllm:kvpool_save_failed_total[pool_full]", 0)),
                 "disk MiB used": round(float(health["disk_used_bytes"]) / 2**20),
+                "server CPU s": round(server_cpu, 1),
+                "pool CPU s": round(pool_cpu, 1),
+                "seconds": round(elapsed, 1),
             }
             console.print(row)
             rows.append(row)
-    by_mode = {m: statistics.median(r["req/s"] for r in rows if r["mode"] == m) for m in {r["mode"] for r in rows}}
-    return {"rows": rows, "saving / none": round(by_mode["saving into a full pool"] / by_mode["no connector"], 3)}
+    by_mode = {m: statistics.median(r["req/s"] for r in rows if r["mode"] == m) for m in SAVE_COST_MODES}
+    ratios = {m: round(v / by_mode["no connector"], 3) for m, v in by_mode.items()}
+    return {"rows": rows, "req/s x no connector": ratios}
 
 
 def _table(title: str, rows: list[dict]) -> Table:
@@ -406,7 +441,7 @@ def main() -> None:
         console.print({k: v for k, v in report["disk-hit"].items() if k != "rows"})
     if "save-cost" in report:
         console.print(_table("Saving into a full pool", report["save-cost"]["rows"]))
-        console.print(f"saving / none: {report['save-cost']['saving / none']}")
+        console.print(f"req/s x no connector: {report['save-cost']['req/s x no connector']}")
     console.print(f"wrote {args.out / 'bench_capacity.json'}")
 
 
