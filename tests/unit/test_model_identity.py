@@ -171,3 +171,21 @@ def test_a_draft_model_is_part_of_the_identity(tmp_path):
 
     assert digest() == digest(target)
     assert len({digest(), digest(drafts[0]), digest(drafts[1])}) == 3
+
+
+def _adapter(folder: Path, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    weights = {"lora_A.weight": rng.standard_normal((8, 16), dtype=np.float32)}
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"]}))
+    return folder
+
+
+def test_an_adapter_is_named_by_its_weights_not_its_path_and_a_rewrite_is_seen(tmp_path):
+    one = mi.adapter_digest(str(_adapter(tmp_path / "a", seed=1)))
+    assert mi.adapter_digest(str(_adapter(tmp_path / "copy", seed=1))) == one  # same files elsewhere
+    _adapter(tmp_path / "a", seed=2)  # other weights under the same path: the file's size is the same, its time not
+    assert mi.adapter_digest(str(tmp_path / "a")) != one
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["v_proj"]}))
+    assert mi.adapter_digest(str(tmp_path / "a")) != mi.adapter_digest(str(tmp_path / "copy"))
