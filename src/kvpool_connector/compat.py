@@ -295,6 +295,16 @@ def prompt_length(request: Request) -> int:
     return int(request.num_prompt_tokens)
 
 
+def skips_external_kv(request: Request) -> bool:
+    """Whether the request must compute its prompt rather than load it: prompt logprobs (or an explicit
+    ``skip_reading_prefix_cache``). ``skip_reading_external_kv`` on 0.34+, ``skip_reading_prefix_cache`` before;
+    0.23 and 0.34 do not check it on a connector's hit, so the connector must not offer one."""
+    skip = getattr(request, "skip_reading_external_kv", None)
+    if skip is None:
+        skip = getattr(request, "skip_reading_prefix_cache", False)
+    return bool(skip)
+
+
 def kv_cache_access_registers() -> Any:
     """vLLM 0.34's ``KVCacheAccess.REGISTERS`` (the connector registers KV memory with an RDMA/NPU engine, so each
     segment must be one physical allocation), or None on releases that never ask."""

@@ -14,6 +14,20 @@ def init_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"vllm.{name}")
 
 
+class OncePerReason:
+    """Log a line at INFO the first time its reason comes up: an explanation (why a kind of request is never served
+    from the pool, say) that a reader needs once per engine, not once per request."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._said: set[str] = set()
+
+    def __call__(self, reason: str, msg: str, *args: object) -> None:
+        if reason not in self._said:
+            self._said.add(reason)
+            self._logger.info(msg, *args)
+
+
 class RateLimitedWarning:
     """Emit a warning for a given reason at most once per ``interval_s``; counts what it held back."""
 

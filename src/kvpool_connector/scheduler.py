@@ -40,7 +40,7 @@ from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.kv_events import PoolEvents, StoredInPool, pool_block_stored
 from kvpool_connector.load_mode import LoadModeChooser
-from kvpool_connector.logs import init_logger
+from kvpool_connector.logs import OncePerReason, init_logger
 from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, pool_counters, take_stats
@@ -235,6 +235,7 @@ class PoolScheduler:
         self.reset_policy = config.pool.reset_cache
         self._reset_pending = False  # tell the workers at the next step
         self.stats = StatsCounter()
+        self.explain_once = OncePerReason(logger)
         self.pool: PoolHandle | None = None
         self.lookups: LookupBatcher | None = None
         if self.loads_enabled:
@@ -284,6 +285,14 @@ class PoolScheduler:
         """Extra tokens the pool holds past the local hit, and whether they load asynchronously; ``None`` while the
         answer is not in yet (vLLM asks again next step). Asking again changes nothing but the latest answer."""
         if self.pool is None:
+            return 0, False
+        if compat.skips_external_kv(request):  # its blocks are still saved for other requests
+            self.explain_once(
+                "skip-reading-prefix-cache",
+                "requests with prompt logprobs (or skip_reading_prefix_cache) are never served from the KV pool: "
+                "vLLM computes every prompt position for them; their blocks are still saved (first: %s)",
+                request.request_id,
+            )
             return 0, False
         state = self._state(request)
         state.answer = None

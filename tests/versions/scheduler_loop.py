@@ -271,11 +271,11 @@ class SchedulerLoop:
             assert self.worker.saver.flush(timeout_s), "queued saves did not reach the pool"
 
     # -- requests ---------------------------------------------------------------------------------------------
-    def add(self, req_id: str, prompt: Sequence[int], max_tokens: int) -> None:
+    def add(self, req_id: str, prompt: Sequence[int], max_tokens: int, **sampling: Any) -> None:
         from vllm.sampling_params import SamplingParams
         from vllm.v1.request import Request
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling)
         request = Request(req_id, list(prompt), params, None, block_hasher=self._block_hasher)
         self.requests[req_id] = request
         self.scheduler.add_request(request)

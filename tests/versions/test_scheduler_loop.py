@@ -128,6 +128,29 @@ def test_a_fresh_scheduler_and_worker_load_every_full_prompt_block(tiny_model, p
         loop.close()
 
 
+def test_a_request_for_prompt_logprobs_is_never_served_from_the_pool(tiny_model, pool, first_run, caplog):
+    """Prompt logprobs need every prompt position computed: vLLM skips its own prefix cache for such a request, and
+    0.23 and 0.34 would take a connector's hit anyway. The pool offers none and says why, once."""
+    loop = SchedulerLoop(tiny_model, connector_config(pool))
+    try:
+        loop.wait_connected()
+        with caplog.at_level("INFO", logger="vllm.kvpool_connector.scheduler"):
+            for req_id, tokens in PROMPTS.items():
+                extra = {"prompt_logprobs": 1} if req_id in ("three-and-5", "four-and-9") else {}
+                loop.add(req_id, tokens, MAX_TOKENS, **extra)
+            loop.run()
+        hits = {r: 0 if r in ("three-and-5", "four-and-9") else pool_hit(t) for r, t in PROMPTS.items()}
+        assert loop.stats.external_cached == hits
+        assert loop.stats.first_hit == hits
+        assert loop.worker.stats["loaded_blocks"] == full_prompt_blocks(PROMPTS["two-and-1"]) + 3
+        assert loop.problems == []
+        assert_outputs_right(loop, PROMPTS)
+        said = [r.getMessage() for r in caplog.records if "prompt logprobs" in r.getMessage()]
+        assert len(said) == 1, said
+    finally:
+        loop.close()
+
+
 # Four requests of 5 blocks each at the end (3 of prompt, 2 of output) in 11 usable blocks (block 0 is vLLM's null
 # block): the scheduler admits three prompts, then preempts as decodes need blocks, and resumes later.
 PREEMPTION_MAX_TOKENS = 32
