@@ -38,6 +38,7 @@ from kvpool_connector.admission import Admission, Sighting
 from kvpool_connector.backends import ClientRole, backend_class, create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
+from kvpool_connector.engine_layout import engine_layout, group_windows
 from kvpool_connector.kv_events import PoolEvents, StoredInPool, pool_block_stored
 from kvpool_connector.load_mode import LoadModeChooser
 from kvpool_connector.logs import OncePerReason, init_logger
@@ -209,12 +210,12 @@ class PoolScheduler:
         if (reason := compat.unstable_block_hash_reason(vllm_config)) is not None:
             raise ConfigError(f"pool keys would differ between processes: {reason}")
         compat.recompute_failed_loads(transfer, logger)
-        self.layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config, config.pool.model_version)
+        self.layout = engine_layout(vllm_config, kv_cache_config, config.pool.model_version)
         self.block_size = self.layout.block_size
         self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)
         self.shards = keys.shard_fingerprints(self.layout)
         self.group_shards = [keys.shard_fingerprints(self.layout, g) for g in range(self.layout.num_groups)]
-        self.windows = keys.group_windows([g.kv_cache_spec for g in kv_cache_config.kv_cache_groups], self.block_size)
+        self.windows = group_windows([g.kv_cache_spec for g in kv_cache_config.kv_cache_groups], self.block_size)
         # The stored layouts a lookup asks for, this engine's own first: GQA blocks stored at another TP size load too.
         self.readable = [
             head_shards.layout_at_tp(self.layout, tp)

@@ -30,6 +30,7 @@ from kvpool_connector.backends import ClientRole, PoolBackend, PoolUnavailable, 
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
+from kvpool_connector.engine_layout import engine_layout
 from kvpool_connector.kv_allocation import KVCacheAt
 from kvpool_connector.kv_events import StoredInPool, WorkerStoredLog
 from kvpool_connector.kv_pages import KVPages
@@ -95,7 +96,7 @@ class PoolWorker:
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> PoolWorker:
         """The worker of this process's (tp, pp) shard."""
-        layout = keys.KVLayout.from_vllm(vllm_config, kv_cache_config, config.pool.model_version)
+        layout = engine_layout(vllm_config, kv_cache_config, config.pool.model_version)
         tp_rank, pp_rank = compat.worker_parallel_ranks()
         groups = kv_cache_config.kv_cache_groups
         return cls(

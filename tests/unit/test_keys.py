@@ -102,7 +102,7 @@ def test_context_parallelism_is_refused_until_supported():
     from vllm.config import ParallelConfig
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from kvpool_connector.keys import check_supported
+    from kvpool_connector.engine_layout import check_supported
 
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float32)
     check_supported(spec, ParallelConfig(tensor_parallel_size=2))
@@ -116,7 +116,7 @@ def test_layers_with_their_own_page_sizes_are_refused():
     from vllm.config import ParallelConfig
     from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs
 
-    from kvpool_connector.keys import check_supported
+    from kvpool_connector.engine_layout import check_supported
 
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float32)
     mixed = UniformTypeKVCacheSpecs(block_size=16, kv_cache_specs={"a": spec, "b": spec})
@@ -142,7 +142,7 @@ def test_only_sliding_window_groups_let_a_lookup_miss_their_older_blocks():
     import torch
     from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
-    from kvpool_connector.keys import group_windows
+    from kvpool_connector.engine_layout import group_windows
 
     shape = dict(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32)
     specs = [
@@ -159,7 +159,7 @@ def test_kv_cache_groups_other_than_attention_pages_are_refused_with_the_reason(
     import torch
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec
 
-    from kvpool_connector.keys import check_kv_cache_groups
+    from kvpool_connector.engine_layout import check_kv_cache_groups
 
     full = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32)
     window = SlidingWindowSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=256)

@@ -159,7 +159,7 @@ def test_vllms_model_config_gives_the_same_identity_at_two_paths_and_another_for
 def test_a_draft_model_is_part_of_the_identity(tmp_path):
     """Speculative decoding with a draft model stores the draft's layers in the same blocks: another draft, another
     key; a drafter reading the target's own checkpoint (MTP, ngram) adds nothing."""
-    from kvpool_connector.keys import _model_digest
+    from kvpool_connector.engine_layout import _model_digest
 
     target = SimpleNamespace(model=str(write_checkpoint(tmp_path / "target", seed=0)))
     drafts = [SimpleNamespace(model=str(write_checkpoint(tmp_path / f"draft{i}", seed=i + 1))) for i in range(2)]

@@ -39,6 +39,7 @@ import torch
 
 from kvpool_connector import keys
 from kvpool_connector.config import parse_config
+from kvpool_connector.engine_layout import engine_layout
 from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.worker import PoolWorker
 from kvpool_testkit.inspection import wait_connected
@@ -225,7 +226,7 @@ class SchedulerLoop:
 
         transfer = self.vllm_config.kv_transfer_config
         config = parse_config(transfer.kv_connector_extra_config, env={})
-        layout = keys.KVLayout.from_vllm(self.vllm_config, self.kv_cache_config, config.pool.model_version)
+        layout = engine_layout(self.vllm_config, self.kv_cache_config, config.pool.model_version)
         self.shard = keys.fingerprint(layout, tp_rank=0, pp_rank=0)
         self.worker = PoolWorker(
             layout,
