@@ -101,7 +101,7 @@ class BlockLoader:
     def _read(self, transfer: BlockTransfer) -> list[Outcome]:
         """Each block's outcome: this engine's own objects straight into its pages, other TP sizes' re-assembled."""
         groups = transfer.block_groups()
-        if not transfer.sources:  # every block in this engine's own layout (the common case): one read, no regrouping
+        if transfer.sources is None:  # all in this engine's own layout (the common case): one read, no regrouping
             return self._read_own(transfer.block_ids, transfer.block_hashes, groups)
         sources = transfer.sources
         outcomes = [Outcome.FAILED] * len(sources)

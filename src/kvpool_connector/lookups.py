@@ -1,6 +1,7 @@
-"""Existence queries off the scheduler loop: one lookup thread, batched, bounded.
+"""Existence queries of prompt blocks, off the scheduler loop: one lookup thread, batched, bounded; and the
+scheduler's lookup of one request on top of it.
 
-Calls, in the order the scheduler makes them:
+``LookupBatcher``, in the order the scheduler makes its calls:
 1. ``exists_async(keys, stuck_after_s)``: a future answered on the lookup thread. Queries made while a pool call is
    running go out together in the next one (64 prompts arriving at once cost two round trips, not 64). Answered
    ``None`` (no answer: every key a miss, the pool's fault) at once while the pool is not connected, inside an
@@ -8,6 +9,14 @@ Calls, in the order the scheduler makes them:
    misses, never a stalled scheduler), and when the pool's call fails.
 2. ``exists_within(keys, timeout_s)``: the same, waited for, bounded by ``timeout_s`` (past it: ``None``).
 3. ``close()``.
+
+``PrefixLookup``, for each request vLLM asks about:
+1. ``found_blocks(state, start, hashes)``: the blocks from ``start`` the pool holds on every shard of some readable
+   stored layout, and the layout each loads from (``lookup_math``: the keys' order and what the answers mean), with
+   the admission question asked beside them. Asked inline (bounded by the lookup timeout) or asynchronously: then
+   ``None`` ("ask again") until the answer is in or its deadline passed (a miss).
+2. ``count(state, hit_tokens)``, once vLLM allocated the request's blocks: the lookup's counters.
+3. ``wait_while_idle(states)``, in a step that runs nothing: a short wait for what waiting requests wait for.
 """
 
 from __future__ import annotations
@@ -15,9 +24,23 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from kvpool_connector.keys import KVLayout, shard_fingerprints, shard_groups
+from kvpool_connector.lookup_math import lookup_keys, present_prefix_by_layout
 from kvpool_connector.pool import PoolHandle
+
+if TYPE_CHECKING:
+    from kvpool_connector.admission import Admission
+    from kvpool_connector.counters import StatsCounter
+    from kvpool_connector.request_state import RequestState
+
+IDLE_STEP_LOOKUP_WAIT_S = 0.02
+"""Longest a step with nothing scheduled waits on the scheduler for a lookup answer or a producer-wait poll: as long
+as the longest pause between two polls of a P/D consumer (``handoff.POLL_PAUSE_MAX_S``), so an idle engine sleeps
+through such a pause in one step rather than spinning through it."""
 
 
 class LookupBatcher:
@@ -84,3 +107,134 @@ class LookupBatcher:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Lookup:
+    """One request's asynchronous existence query: asked once per question (first block, blocks), answered once."""
+
+    question: tuple[int, int]
+    future: concurrent.futures.Future[list[bool] | None]
+    deadline: float  # time.monotonic() past which an unanswered query is a miss
+
+
+class PrefixLookup:
+    """How much of a request's prompt the pool holds, across every readable stored layout.
+
+    ``readable``: the stored layouts a lookup asks for, this engine's own first (``head_shards.readable_tp_sizes``);
+    ``windows``: each KV cache group's window in blocks (``lookup_math.present_prefix_blocks``); a lookup waits at
+    most ``timeout_s`` for its answer, inline or (``asynchronous``) across steps."""
+
+    def __init__(
+        self,
+        pool: PoolHandle,
+        readable: Sequence[KVLayout],
+        windows: Sequence[int | None],
+        admission: Admission,
+        timeout_s: float,
+        asynchronous: bool,
+        stats: StatsCounter,
+    ) -> None:
+        self.pool = pool
+        self.readable = list(readable)
+        self.readable_shards = [shard_fingerprints(stored) for stored in self.readable]
+        self.readable_groups = [shard_groups(stored) for stored in self.readable]
+        self.windows = list(windows)
+        self.admission = admission
+        self.timeout_s = timeout_s
+        self.asynchronous = asynchronous
+        self.stats = stats
+        self.batcher = LookupBatcher(pool)
+
+    def keys(self, hashes: Sequence[bytes]) -> list[str]:
+        """Each readable layout's keys of ``hashes``, in the lookup key order (``lookup_math``)."""
+        return lookup_keys(self.readable_shards, hashes)
+
+    def found_blocks(self, state: RequestState, start: int, hashes: list[bytes]) -> tuple[int, list[list[int]]] | None:
+        """Leading blocks from ``start`` the pool holds on every shard of some readable layout, and the layout each
+        block's groups load from (``present_prefix_by_layout``); None while an asynchronous query runs."""
+        if not self.asynchronous:
+            found = self.batcher.exists_within(self._question_keys(hashes[start:]), self.timeout_s)
+            return self._answer(state, start, len(hashes) - start, found)
+        question = (start, len(hashes))
+        lookup = state.lookup
+        if lookup is None or lookup.question != question:  # keys are built only for a new question
+            future = self.batcher.exists_async(self._question_keys(hashes[start:]), stuck_after_s=self.timeout_s)
+            lookup = state.lookup = Lookup(question, future, time.monotonic() + self.timeout_s)
+        if lookup.future.done():
+            return self._answer(state, start, len(hashes) - start, lookup.future.result())
+        if time.monotonic() < lookup.deadline:
+            return None
+        self.stats.add("lookup_timeouts")
+        self.pool.warn(
+            "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.timeout_s * 1e3
+        )
+        return self._answer(state, start, len(hashes) - start, None)
+
+    def sources(self, found_at: list[list[int]]) -> list[list[int]]:
+        """The stored TP size each block of a hit loads from, per KV cache group (``found_blocks``'s second part)."""
+        return [[self.readable[i].tp_size for i in groups] for groups in found_at]
+
+    def _question_keys(self, hashes: list[bytes]) -> list[str]:
+        """One lookup's keys: every readable layout's blocks (``keys``), then the blocks' sightings."""
+        return self.keys(hashes) + self.admission.question_keys(hashes)
+
+    def _answer(
+        self, state: RequestState, start: int, asked: int, found: list[bool] | None
+    ) -> tuple[int, list[list[int]]]:
+        """The hit of a lookup of ``asked`` blocks from ``start`` (``present_prefix_by_layout``), noting its admission
+        answer in the request's record. ``found`` None (the pool gave no answer in time) is a miss of every block,
+        counted as the pool's, that admits nothing and learns nothing."""
+        if found is None:
+            state.sighting, state.unanswered_blocks = self.admission.answer(start, 0, []), asked
+            return 0, []
+        sightings = asked if self.admission.by_sight else 0
+        blocks, sighted = found[: len(found) - sightings], found[len(found) - sightings :]
+        hit, at = present_prefix_by_layout(blocks, self.readable_groups, self.windows)
+        state.sighting, state.unanswered_blocks = self.admission.answer(start, hit, sighted), 0
+        return hit, at
+
+    def count(self, state: RequestState, hit_tokens: int | None) -> None:
+        """Once vLLM allocated the request's blocks: its latest lookup's counters (``hit_tokens`` None: no hit was
+        offered), counted once however often vLLM asked."""
+        if state.asked_tokens is None:
+            return
+        self.stats.add("lookups")
+        self.stats.add("lookup_tokens", state.asked_tokens)
+        if hit_tokens is not None:
+            self.stats.add("hit_tokens", max(hit_tokens, 0))
+        if (sighting := state.sighting) is not None:
+            self.stats.add("missed_blocks.first_sight", sighting.first_sight)
+            self.stats.add("missed_blocks.seen_before", sighting.seen_before)
+        self.stats.add("missed_blocks.pool_unavailable", state.unanswered_blocks)
+        state.asked_tokens = None
+
+    def wait_while_idle(self, states: Iterable[RequestState]) -> None:
+        """In a step that runs nothing, wait (at most ``IDLE_STEP_LOOKUP_WAIT_S``) for what the waiting requests wait
+        for: the first lookup answer, or the next producer-wait poll. vLLM steps again at once otherwise, an empty
+        forward call on every rank, about a thousand a second: that spinning engine takes the cores the lookup itself
+        needs (this process's lookup thread, the pool's master), which on a small host can delay a lookup past its
+        deadline. Nothing runs meanwhile, and a request arriving is scheduled at most ``IDLE_STEP_LOOKUP_WAIT_S``
+        later."""
+        lookups: list[concurrent.futures.Future[list[bool] | None]] = []
+        wake_at: list[float] = []  # lookup deadlines, producer-wait polls
+        for state in states:
+            if state.lookup is not None:
+                if state.lookup.future.done():
+                    return  # an answer to hand out in the next step
+                lookups.append(state.lookup.future)
+                wake_at.append(state.lookup.deadline)
+            elif state.producer_wait is not None:
+                wake_at.append(state.producer_wait.next_poll)
+        if not wake_at:
+            return  # nothing of the pool's to wait for (asynchronous loads wait in the workers)
+        timeout = min(IDLE_STEP_LOOKUP_WAIT_S, min(wake_at) - time.monotonic())
+        if timeout <= 0:
+            return
+        if lookups:
+            concurrent.futures.wait(lookups, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        else:
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        self.batcher.close()

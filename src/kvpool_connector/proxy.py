@@ -31,7 +31,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpool_connector.routing import SAVING_PARAM, HeldPrompts, Instance, InstanceGroup, Policy, prompt_identity
+from kvpool_connector.handoff import SAVING_PARAM
+from kvpool_connector.routing import HeldPrompts, Instance, InstanceGroup, Policy, prompt_identity
 
 try:
     import httpx

@@ -2,10 +2,10 @@
 prompt (so a P/D deployment can skip the prefill instance).
 
 Held prompts are learned, not guessed: a prefill instance that saves a prompt's full blocks answers with a notice
-(``kvpool_saving``: blocks, shards); the proxy remembers that notice under the prompt's identity, and a later request
-with the same identity goes straight to a decode instance, carrying the notice, so the decode instance loads the
-blocks (waiting for puts still in flight) and computes only the tail of less than one block. The identity is every
-field of the request body except those known not to change the prompt's KV (sampling, streaming, limits): an
+(``handoff.SAVING_PARAM``: blocks, shards); the proxy remembers that notice under the prompt's identity, and a later
+request with the same identity goes straight to a decode instance, carrying the notice, so the decode instance loads
+the blocks (waiting for puts still in flight) and computes only the tail of less than one block. The identity is
+every field of the request body except those known not to change the prompt's KV (sampling, streaming, limits): an
 unknown field stays in it, so a wrong identity can only miss, never send a request to decode without its KV. A prompt
 the pool evicted since is computed by the decode instance: the same answer, a slower first token.
 """
@@ -20,10 +20,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Policy = Literal["round_robin", "least_outstanding"]
+from kvpool_connector.handoff import notice_in
 
-SAVING_PARAM = "kvpool_saving"
-"""The producer's notice in ``kv_transfer_params``: ``{"blocks": n, "shards": [...]}``, the prompt blocks it saves."""
+Policy = Literal["round_robin", "least_outstanding"]
 
 # Request fields that do not change which tokens are prefilled (or their KV): left out of a prompt's identity.
 _NOT_PROMPT = frozenset(
@@ -84,8 +83,8 @@ class HeldPrompts:
         self._notices: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
 
     def remember(self, identity: str, kv_transfer_params: dict[str, Any] | None) -> None:
-        notice = (kv_transfer_params or {}).get(SAVING_PARAM)
-        if self._capacity <= 0 or not isinstance(notice, dict) or not notice.get("blocks"):
+        notice = notice_in(kv_transfer_params)
+        if self._capacity <= 0 or notice is None or not notice.get("blocks"):
             return  # nothing saved (a prompt shorter than a block, saves off, another connector)
         self._notices[identity] = (time.monotonic(), notice)
         self._notices.move_to_end(identity)

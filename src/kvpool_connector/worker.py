@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-IDLE_STEP_WAIT_S = 0.005  # longest wait for a load to end in a step with nothing to compute
+IDLE_STEP_LOAD_WAIT_S = 0.005
+"""Longest a step with nothing to compute waits on each worker for an asynchronous load to end. Shorter than the
+scheduler's wait for a lookup (``lookups.IDLE_STEP_LOOKUP_WAIT_S``): it comes on top of that one in the same step, on
+every rank, and a load of a few blocks ends within milliseconds; one still running is reported a step later."""
 DRAIN_TIMEOUT_S = 10.0  # shutdown, cache reset: how long queued loads and saves may take to end
 
 
@@ -299,7 +302,7 @@ class PoolWorker:
         with nothing to compute, wait a little for one: vLLM is only waiting for loads then (``loading``)."""
         if self.loader is None:
             return set()
-        return self.loader.take_finished(IDLE_STEP_WAIT_S if idle_step else 0.0)
+        return self.loader.take_finished(IDLE_STEP_LOAD_WAIT_S if idle_step else 0.0)
 
     def _reset(self) -> None:
         """After vLLM's cache reset (the scheduler removed this layout's objects): a save staged before it must not

@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpool_connector.scheduler import matched_tokens, present_prefix_blocks, present_prefix_by_layout
+from kvpool_connector.lookup_math import matched_tokens, present_prefix_blocks, present_prefix_by_layout
 
 
 def test_present_prefix_needs_every_shard():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kvpool_connector import routing
+from kvpool_connector.handoff import SAVING_PARAM
 from kvpool_connector.proxy import ProxyConfig
-from kvpool_connector.routing import SAVING_PARAM, HeldPrompts, Instance, InstanceGroup, prompt_identity
+from kvpool_connector.routing import HeldPrompts, Instance, InstanceGroup, prompt_identity
 
 
 def _group(policy: routing.Policy, n: int = 3) -> InstanceGroup:

@@ -14,9 +14,10 @@ import pytest
 
 from kvpool_connector import keys
 from kvpool_connector.config import ConfigError
-from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.routing import SAVING_PARAM
-from kvpool_connector.scheduler import IDLE_STEP_WAIT_S, _RequestState, group_blocks
+from kvpool_connector.handoff import SAVING_PARAM
+from kvpool_connector.lookups import IDLE_STEP_LOOKUP_WAIT_S
+from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata, group_blocks
+from kvpool_connector.request_state import RequestState
 from kvpool_testkit.inspection import wait_connected
 from kvpool_testkit.scheduler_side import BLOCK, Requests, pool_scheduler
 
@@ -165,9 +166,9 @@ def test_a_hung_pool_answers_a_miss_at_the_deadline_and_never_stalls(tiny_model,
 
 
 def test_an_idle_step_waits_for_an_unanswered_lookup_and_a_busy_one_does_not(tiny_model, pool, marker, requests):
-    """With nothing to run, vLLM steps again at once, an empty forward call on every rank: on a 2-core host that
-    spinning engine starved the lookup it waited for (over 10 s). So an idle step waits for the answer, up to
-    IDLE_STEP_WAIT_S; a step that runs requests never waits."""
+    """With nothing to run, vLLM steps again at once, an empty forward call on every rank: that spinning engine takes
+    the cores the lookup it waits for needs. So an idle step waits for the answer, up to IDLE_STEP_LOOKUP_WAIT_S; a
+    step that runs requests never waits."""
     scheduler = make_scheduler(tiny_model, pool, marker, lookup_timeout_ms=5_000)
     request = requests.make("idle", tokens(2 * BLOCK + 5, seed=41))
     store_blocks(scheduler, request, 2, marker)
@@ -175,7 +176,7 @@ def test_an_idle_step_waits_for_an_unanswered_lookup_and_a_busy_one_does_not(tin
     try:
         idle_steps = steps_waiting(scheduler, request, 0.4)
         busy_steps = steps_waiting(scheduler, request, 0.4, running="stream")
-        assert idle_steps <= 0.4 / IDLE_STEP_WAIT_S + 1 < busy_steps, (idle_steps, busy_steps)
+        assert idle_steps <= 0.4 / IDLE_STEP_LOOKUP_WAIT_S + 1 < busy_steps, (idle_steps, busy_steps)
     finally:
         pool.master.send_signal(signal.SIGCONT)
     try:
@@ -261,11 +262,11 @@ def test_a_step_saves_the_blocks_it_completes_generated_ones_with_save_decode_ca
 ):
     scheduler = make_scheduler(tiny_model, pool, marker, save_decode_cache=decode_cache)
     request = requests.make("chat", tokens(2 * BLOCK + 9, seed=71))
-    state = _RequestState(request, block_ids=[list(range(10, 20))])
+    state = RequestState(request, block_ids=[list(range(10, 20))])
 
     def saved_after(computed: int) -> list[tuple[list[int], list[bytes]]]:
         meta = PoolConnectorMetadata()
-        scheduler._plan_saves(state, computed, meta)
+        scheduler.saves.plan(state, computed, meta)
         return [(t.block_ids, t.block_hashes) for t in meta.saves]
 
     prompt_hashes = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, 2)
@@ -314,7 +315,7 @@ def test_each_kv_cache_group_moves_only_the_blocks_vllm_gave_it():
     # loads name each block's stored TP size where one differs from the engine's own (GQA across TP sizes)
     across = group_blocks("r", [full, window], [2, 3], hashes[2:], sources=[[2, 1], [2, 2]], own_tp=2)
     assert across.sources == [2, 1, 2, 2]
-    assert group_blocks("r", [full], [2], hashes[2:3], sources=[[2, 2]], own_tp=2).sources == []
+    assert group_blocks("r", [full], [2], hashes[2:3], sources=[[2, 2]], own_tp=2).sources is None
 
 
 def test_a_gqa_prefix_stored_at_another_tp_size_is_a_hit_loaded_from_there(tiny_model, pool, marker, requests):
