@@ -39,7 +39,7 @@ def test_each_stage_and_rank_saves_and_loads_its_own_part_and_pp1_misses_cleanly
     assert pp2.outputs == baseline_outputs * 2
     assert len(pp2.worker_totals) == 4
     assert [t.get("loaded_blocks") for t in pp2.worker_totals] == [6] * 4  # every worker loaded, its own objects
-    assert len({t["loaded_bytes"] for t in pp2.worker_totals}) == 1  # a quarter of the KV each: half the layers, half the heads
+    assert len({t["loaded_bytes"] for t in pp2.worker_totals}) == 1  # a quarter of the KV each
     assert len(worker_shards(pp2.log)) == 4
 
     pp1 = run_engine(EngineSpec(**{**spec.__dict__, "sequential": True}), tmp_path / "pp1")
