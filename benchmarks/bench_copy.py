@@ -143,7 +143,7 @@ def _measure(handle, savers: dict, pages, prompt_blocks: int, repeat: int, where
             waits[mode].append((time.perf_counter() - t0) * 1e3)
             assert saver.flush(60)
     for mode, saver in savers.items():
-        assert saver.stats["saved_blocks"] == repeat * prompt_blocks, (mode, saver.stats.total())
+        assert saver.stats.total().get("saved_blocks", 0) == repeat * prompt_blocks, (mode, saver.stats.total())
     sync_ms, staged_ms = waits["sync"], waits["staged"]
     # Loads: straight into the KV pages (zero-copy), or into a staging area then a batched scatter.
     stage = np.zeros(prompt_blocks * pages.block_bytes, dtype=np.uint8)

@@ -16,7 +16,7 @@ def test_seed_config_with_memcache_file(tmp_path):
     cfg = parse_config(SEED_PRODUCER, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
     assert cfg.pool.backend == "memcache"
     assert cfg.pool.instance_id == 0
-    assert cfg.memcache is not None and cfg.memcache.meta_service_url == "tcp://127.0.0.1:5000"
+    assert cfg.backend_settings.meta_service_url == "tcp://127.0.0.1:5000"
 
 
 def test_mooncake_from_seed_json_file_ignores_other_users_keys(tmp_path):
@@ -31,9 +31,8 @@ def test_mooncake_from_seed_json_file_ignores_other_users_keys(tmp_path):
     }
     path.write_text(json.dumps(seed))
     cfg = parse_config({**SEED_PRODUCER, "backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
-    assert cfg.mooncake is not None
-    assert cfg.mooncake.protocol == "ascend"
-    assert cfg.mooncake.master_server_address == "127.0.0.1:50088"
+    assert cfg.backend_settings.protocol == "ascend"
+    assert cfg.backend_settings.master_server_address == "127.0.0.1:50088"
 
 
 def test_inline_mooncake_wins_over_env_file(tmp_path):
@@ -41,7 +40,7 @@ def test_inline_mooncake_wins_over_env_file(tmp_path):
         {"backend": "mooncake", "mooncake": {**MOONCAKE, "global_segment_size": "512MB"}},
         env={"MOONCAKE_CONFIG_PATH": str(tmp_path / "absent.json")},
     )
-    assert cfg.mooncake.segment_bytes == 512 << 20
+    assert cfg.backend_settings.segment_bytes == 512 << 20
 
 
 @pytest.mark.parametrize(
@@ -125,7 +124,7 @@ def test_config_is_frozen():
 
 def test_mooncake_master_env_overrides_the_address():
     extra = {"backend": "mooncake", "mooncake": {"master_server_address": "127.0.0.1:50051"}}
-    assert parse_config(extra, env={"MOONCAKE_MASTER": "10.1.2.3:6000"}).mooncake.master_server_address == (
+    assert parse_config(extra, env={"MOONCAKE_MASTER": "10.1.2.3:6000"}).backend_settings.master_server_address == (
         "10.1.2.3:6000"
     )
     with pytest.raises(ConfigError, match="MOONCAKE_MASTER='nope'"):

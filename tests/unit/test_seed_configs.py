@@ -192,6 +192,6 @@ def test_field_config_files_parse_with_our_config_code():
         {"use_layerwise": False, "memcache_rpc_port": "0"},
         env={"MMC_LOCAL_CONFIG_PATH": str(EXAMPLES / "mmc-local.conf")},
     )
-    assert memcache.memcache is not None and memcache.memcache.meta_service_url == "tcp://127.0.0.1:5000"
+    assert memcache.backend_settings.meta_service_url == "tcp://127.0.0.1:5000"
     mooncake = parse_config({"backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(EXAMPLES / "mooncake.json")})
-    assert mooncake.mooncake is not None and mooncake.mooncake.protocol == "ascend"
+    assert mooncake.backend_settings.protocol == "ascend"
