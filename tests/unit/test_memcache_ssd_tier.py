@@ -11,14 +11,14 @@ import pytest
 from kvpool_connector.backends import memcache_settings
 from kvpool_connector.config import ConfigError, parse_config
 
-SEED = {"use_layerwise": False, "memcache_rpc_port": "0"}
+ASCEND_EXTRA = {"use_layerwise": False, "memcache_rpc_port": "0"}
 META = "ock.mmc.meta_service_url = tcp://127.0.0.1:5000\nock.mmc.local_service.dram.size = 1GB\n"
 
 
 def _parse(tmp_path: Path, ssd_lines: str):
     conf = tmp_path / "mmc-local.conf"
     conf.write_text(META + ssd_lines)
-    return parse_config(SEED, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
+    return parse_config(ASCEND_EXTRA, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
 
 
 def _mounted_block_device() -> str:
