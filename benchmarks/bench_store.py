@@ -108,7 +108,7 @@ def bench_data_path(
                     t0 = time.perf_counter()
                     worker.save(plan)
                     if worker.saver is not None:
-                        assert worker.saver.flush(60)
+                        assert worker.saver.drain(60)
                     save_s.append(time.perf_counter() - t0)
                     load = PoolConnectorMetadata(loads=[BlockTransfer("req", list(range(n, 2 * n)), hashes)])
                     load_s.append(_timed(lambda w=worker, plan=load: w.load(plan)))

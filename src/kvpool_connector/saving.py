@@ -1,12 +1,12 @@
 """The save path: put the full blocks a step completed, now or from a staging area on a background thread.
 
-Mirrors ``loading``: one saver, two modes.
+One saver, two modes, on the same transfer-queue shape as loads (``transfers.TransferQueue``):
 - Synchronous (``async_save: false``): at ``wait_for_save`` wait for the compute stream's event, then put straight
   from the KV pages (memcache's ``L2G`` on an NPU); the forward thread waits for the put.
 - Asynchronous (the default): copy the blocks out of the KV cache into a registered host staging area, queued after
   that event (``DeviceRuntime.copy_out``; on the CPU a synchronous batched copy), and put them from the staging area
-  on a background thread. The forward pass waits at most for one local copy; once a block is copied out vLLM may
-  free and reuse it, and what lands in the pool is the staged copy, never a page a later request rewrote.
+  on the saver's thread. The forward pass waits at most for one local copy; once a block is copied out vLLM may free
+  and reuse it, and what lands in the pool is the staged copy, never a page a later request rewrote.
 
 Why stage on a GPU/NPU at all, when production (vllm-ascend) puts straight from the KV pages after an event: a put
 from the pages keeps those blocks pinned in device memory until a network transfer ends, so vLLM must delay freeing
@@ -15,7 +15,7 @@ at once, and the put then reads host memory (memcache's ``H2G``).
 
 Calls, in the order they happen:
 1. ``BlockSaver(pool, pages, shards, runtime, stats, stripe, staging_blocks)``: with ``staging_blocks`` > 0, allocate
-   and register the staging area and start the save thread;
+   and register the staging area (saves are then asynchronous);
 2. ``save(transfers, sightings)`` at ``wait_for_save``: this rank's stripe of the step's blocks (ranks that hold the
    same KV, MLA's, split the puts), keyed by this worker's shard of each block's KV cache group. Only keys the pool
    does not hold yet are put; every outcome is counted. The worker of the layout's first shard also records the
@@ -23,47 +23,46 @@ Calls, in the order they happen:
    When the staging area is full the oldest queued (not yet started) saves are dropped and counted: a dropped save
    is a future miss, never a stalled forward pass; a copy the device refuses drops its blocks (counted), never
    raises;
-3. ``drop_queued(timeout)`` (a cache reset): forget saves not started, wait for the one in flight;
-4. ``flush(timeout)`` / ``close(timeout)``: wait for queued puts (shutdown), then stop and join the thread.
-
-The staging area is layer-major (all slots of run 0, then all slots of run 1, ...), so consecutive blocks copied into
-consecutive slots merge into one copy per layer.
+3. ``drop_queued(timeout_s)`` (a cache reset): forget saves not started, wait for the one in flight;
+4. ``drain(timeout_s)`` / ``close(timeout_s)``: wait for queued puts (shutdown), then stop and join the thread.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvpool_connector import keys
 from kvpool_connector.admission import SIGHTING_BYTES
-from kvpool_connector.backends import Outcome
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime
 from kvpool_connector.kv_pages import KVPages
-from kvpool_connector.logs import init_logger
-from kvpool_connector.metadata import BlockTransfer
 from kvpool_connector.ops import CopyError
 from kvpool_connector.pool import PoolHandle
+from kvpool_connector.staging import StagingArea
+from kvpool_connector.transfers import SAVES, OutcomeCount, TransferQueue
 
-logger = init_logger(__name__)
+if TYPE_CHECKING:
+    from kvpool_connector.metadata import BlockTransfer  # metadata.py subclasses vLLM's metadata: only for annotations
 
 
 @dataclass
-class _SaveJob:
+class SaveJob:
+    """Blocks of one step to put, and where their bytes are once ``ready`` completed."""
+
     keys: list[str]
-    slots: np.ndarray  # staging slot of each key
-    copied: Any  # the device event the copy into the slots completes at (None on the CPU: already done)
+    addrs: list[list[int]]  # each block's runs: in the KV pages (synchronous) or in its staging slot
+    sizes: list[list[int]]
+    ready: Any  # the device event the sources are complete at (None on the CPU: already)
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # staging slots it holds
     sightings: list[str] = field(default_factory=list)  # sighting keys to put with them
 
 
-class BlockSaver:
+class BlockSaver(TransferQueue[SaveJob]):
     def __init__(
         self,
         pool: PoolHandle,
@@ -80,26 +79,21 @@ class BlockSaver:
         every count-th block of a step from index on; ``staging_blocks``: the staging area's size in blocks (0:
         synchronous saves); ``on_stored``: told the keys each save left in the pool (KV events);
         ``sighting_shard``: the layout's first shard, on the one worker that records sightings."""
+        super().__init__("kvpool-save", runtime.bind_thread)
         self._pool = pool
         self._pages = pages
         self._shards = list(shards)
         self._runtime = runtime
         self.stats = stats
+        self._count = OutcomeCount(SAVES, stats, pool)
         self._stripe = slice(stripe[0], None, stripe[1])
         self._on_stored = on_stored
         self._sighting_shard = sighting_shard
         self._sighting_source: np.ndarray | None = None  # registered at the first sighting
-        self._staging: _StagingArea | None = None
-        self._cond = threading.Condition()
-        self._queue: deque[_SaveJob] = deque()
-        self._busy = False
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._staging: StagingArea | None = None
         if staging_blocks > 0:
-            self._staging = _StagingArea(pages, staging_blocks, runtime)
-            pool.register_memory(self._staging.base, self._staging.nbytes)
-            self._thread = threading.Thread(target=self._run, name="kvpool-save", daemon=True)
-            self._thread.start()
+            self._staging = StagingArea(pool, runtime, staging_blocks * pages.block_bytes)
+            self._staging.shape(pages.run_sizes, layer_major=True)
 
     # -- forward-pass side ---------------------------------------------------------------------------------
     def save(self, transfers: Sequence[BlockTransfer], sightings: Sequence[bytes] = ()) -> None:
@@ -109,100 +103,85 @@ class BlockSaver:
         block_ids = [b for t in transfers for b in t.block_ids][self._stripe]
         if not block_ids:
             if sighting_keys:
-                self._queue_sightings(sighting_keys)
+                self._dispatch(SaveJob([], [], [], None, sightings=sighting_keys))
             return
         hashes = [h for t in transfers for h in t.block_hashes][self._stripe]
         groups = [g for t in transfers for g in t.block_groups()][self._stripe]
         pool_keys = keys.group_keys(self._shards, hashes, groups)
         written = self._runtime.record_event()  # after every kernel that writes this step's KV
         if self._staging is None:
-            self._runtime.wait_on_host(written)
             addrs, sizes = self._pages.addresses(block_ids, groups)
-            self._stored(self._put_missing(pool_keys, addrs, sizes))
-            self._put_sightings(sighting_keys)
+            self.run_now(SaveJob(pool_keys, addrs, sizes, written, sightings=sighting_keys))
         else:
             self._stage(pool_keys, block_ids, groups, written, sighting_keys)
 
-    def _queue_sightings(self, sighting_keys: list[str]) -> None:
+    def _dispatch(self, job: SaveJob) -> None:
         if self._staging is None:
-            self._put_sightings(sighting_keys)
-            return
-        with self._cond:
-            self._queue.append(_SaveJob([], np.zeros(0, dtype=np.int64), None, sighting_keys))
-            self._cond.notify_all()
+            self.run_now(job)
+        else:
+            self.submit(job)
 
     def _stage(
         self, pool_keys: list[str], block_ids: list[int], groups: list[int], written: Any, sightings: list[str]
     ) -> None:
-        assert self._staging is not None
+        staging = self._staging
+        assert staging is not None
         if not self._pool.available:  # disconnected or in an outage: nothing could take the copy; count it
             self._skip(len(pool_keys))
             return
         with self._cond:
-            slots = self._take_slots(len(pool_keys))
+            slots = self._take_slots(staging, len(pool_keys))
         if len(slots) < len(pool_keys):
             self.stats.add("save_dropped.staging_full", len(pool_keys) - len(slots))
             pool_keys, block_ids, groups = pool_keys[: len(slots)], block_ids[: len(slots)], groups[: len(slots)]
         if not len(slots):
             if sightings:
-                self._queue_sightings(sightings)
+                self.submit(SaveJob([], [], [], None, sightings=sightings))
             return
+        dst = staging.slot_addresses(slots)
+        run_sizes = np.broadcast_to(np.asarray(self._pages.run_sizes, dtype=np.int64)[None, :], dst.shape)
+        src = self._pages.address_array(block_ids, groups)
         try:
-            copied = self._staging.copy_in(slots, self._pages.address_array(block_ids, groups), written)
+            # Run-major (transposed): consecutive (block, slot) pairs of one layer are adjacent and merge.
+            copied = self._runtime.copy_out(written, dst.T.ravel(), src.T.ravel(), run_sizes.T.ravel())
         except CopyError as exc:
             with self._cond:
-                self._staging.free[slots] = True
+                staging.release(slots)
             self.stats.add("save_failed.copy", len(pool_keys))
             self._pool.warn(
                 "copy", "KV pool save: copying %d blocks out of the KV cache failed: %s", len(pool_keys), exc
             )
             return
-        with self._cond:
-            self._queue.append(_SaveJob(list(pool_keys), slots, copied, sightings))
-            self._cond.notify_all()
+        sizes = [self._pages.run_sizes] * len(pool_keys)
+        self.submit(SaveJob(list(pool_keys), dst.tolist(), sizes, copied, slots, sightings))
 
-    def _take_slots(self, n: int) -> np.ndarray:
+    def _take_slots(self, staging: StagingArea, n: int) -> np.ndarray:
         """Up to n free slots, lowest first; drops the oldest queued jobs when short. Caller holds the lock."""
-        assert self._staging is not None
-        free = self._staging.free
-        while int(free.sum()) < n and self._queue:
+        while int(staging.free.sum()) < n and self._queue:
             dropped = self._queue.popleft()
-            free[dropped.slots] = True
+            staging.release(dropped.slots)
             self.stats.add("save_dropped.staging_full", len(dropped.keys))
-        slots = np.flatnonzero(free)[:n]
-        free[slots] = False
-        return slots
+        return staging.take(n)
 
-    # -- background side -----------------------------------------------------------------------------------
-    def _run(self) -> None:
-        self._runtime.bind_thread()
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-                self._busy = True
-            try:
-                self._put_staged(job)
-            except Exception:
-                logger.warning("KV pool background save failed", exc_info=True)
-                self.stats.add("save_failed.error", len(job.keys))
-            finally:
-                with self._cond:
-                    assert self._staging is not None
-                    self._staging.free[job.slots] = True
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _put_staged(self, job: _SaveJob) -> None:
-        assert self._staging is not None
+    # -- the queue's side ---------------------------------------------------------------------------------------
+    def _transfer(self, job: SaveJob) -> None:
         if job.keys:
-            self._runtime.wait_on_host(job.copied)
-            addrs = self._staging.slot_addresses(job.slots).tolist()
-            self._stored(self._put_missing(job.keys, addrs, [self._pages.run_sizes] * len(job.keys)))
+            self._runtime.wait_on_host(job.ready)
+            self._stored(self._put_missing(job.keys, job.addrs, job.sizes))
         self._put_sightings(job.sightings)
+
+    def _failed(self, job: SaveJob) -> None:
+        self.stats.add("save_failed.error", len(job.keys))
+
+    def _ended(self, job: SaveJob, background: bool) -> None:
+        if self._staging is not None:
+            self._staging.release(job.slots)
+
+    def _dropped(self, jobs: Sequence[SaveJob], reason: str) -> None:
+        for job in jobs:
+            self._ended(job, background=True)
+        if reason == "shutdown":  # a reset's drop is the reset's job: the worker logs it
+            self.stats.add("save_dropped.shutdown", sum(len(job.keys) for job in jobs))
 
     def _put_sightings(self, sighting_keys: list[str]) -> None:
         """Record blocks computed for the first time: their bytes are never read, only their existence."""
@@ -234,25 +213,8 @@ class BlockSaver:
             return held
         start = time.perf_counter()
         outcomes = pool.put([pool_keys[i] for i in todo], [addrs[i] for i in todo], [sizes[i] for i in todo])
-        self.stats.add("save_seconds", time.perf_counter() - start)
-        held += [pool_keys[i] for i, outcome in zip(todo, outcomes, strict=True) if outcome.ok]
-        for i, outcome in zip(todo, outcomes, strict=True):
-            if outcome is Outcome.OK:
-                self.stats.add("saved_blocks")
-                self.stats.add("saved_bytes", sum(sizes[i]))
-            elif outcome is Outcome.EXISTS:
-                self.stats.add("save_skipped_present")
-            else:
-                self.stats.add(f"save_failed.{outcome.value}")
-        if failed := sorted({o.value for o in outcomes if not o.ok}):
-            pool.warn(
-                "save",
-                "KV pool save: %d of %d blocks not stored (%s)",
-                sum(not o.ok for o in outcomes),
-                len(outcomes),
-                ", ".join(failed),
-            )
-        return held
+        self._count(outcomes, [sum(sizes[i]) for i in todo], time.perf_counter() - start, "a step's blocks")
+        return held + [pool_keys[i] for i, outcome in zip(todo, outcomes, strict=True) if outcome.ok]
 
     def _skip(self, count: int) -> None:
         """Saves that cannot happen now (not connected yet, or inside an outage's back-off): counted, not tried."""
@@ -264,57 +226,7 @@ class BlockSaver:
             self._on_stored(held)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued save has been put; False if that took longer than ``timeout_s``."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout=timeout_s)
-
-    def drop_queued(self, timeout_s: float) -> int:
-        """Forget every save not started yet and wait for the one in progress: afterwards nothing staged before
-        this call can still reach the pool. Returns the blocks dropped."""
-        with self._cond:
-            dropped = sum(len(job.keys) for job in self._queue)
-            for job in self._queue:
-                assert self._staging is not None
-                self._staging.free[job.slots] = True
-            self._queue.clear()
-            self._cond.wait_for(lambda: not self._busy, timeout=timeout_s)
-        return dropped
-
     def close(self, timeout_s: float = 10.0) -> None:
-        if self._thread is None:
-            return
-        if not self.flush(timeout_s):
-            with self._cond:
-                self.stats.add("save_dropped.shutdown", sum(len(j.keys) for j in self._queue))
-                self._queue.clear()
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(timeout=timeout_s)
-
-
-class _StagingArea:
-    """Registered host memory holding ``capacity`` block objects, layer-major, and which slots are free."""
-
-    def __init__(self, pages: KVPages, capacity: int, runtime: DeviceRuntime) -> None:
-        self._runtime = runtime
-        self._buffer = runtime.host_buffer(capacity * pages.block_bytes)
-        self.base = self._buffer.data_ptr()
-        self.nbytes = self._buffer.numel()
-        sizes = np.asarray(pages.run_sizes, dtype=np.int64)
-        self._run_bases = self.base + capacity * np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        self._run_strides = sizes
-        self.free = np.ones(capacity, dtype=bool)
-
-    def slot_addresses(self, slots: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(slots, runs) array: the address of each run of each slot."""
-        s = np.asarray(slots, dtype=np.int64)
-        return self._run_bases[None, :] + s[:, None] * self._run_strides[None, :]
-
-    def copy_in(self, slots: np.ndarray, src: np.ndarray, after: Any) -> Any:
-        """Copy the (blocks, runs) pages at ``src`` into ``slots`` once ``after`` completed; returns the event the
-        copy ends at. Run-major (transposed), so consecutive (block, slot) pairs of one layer are adjacent and merge."""
-        dst = self.slot_addresses(slots)
-        sizes = np.broadcast_to(self._run_strides[None, :], dst.shape)
-        return self._runtime.copy_out(after, dst.T.ravel(), src.T.ravel(), sizes.T.ravel())
+        super().close(timeout_s)
+        if self._staging is not None:
+            self._staging.close()

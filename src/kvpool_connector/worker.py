@@ -31,14 +31,15 @@ from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
 from kvpool_connector.engine_layout import engine_layout
+from kvpool_connector.head_shard_reader import HeadShardReader
 from kvpool_connector.kv_allocation import KVCacheAt
 from kvpool_connector.kv_events import StoredInPool, WorkerStoredLog
 from kvpool_connector.kv_pages import KVPages
-from kvpool_connector.loading import BlockLoader, HeadShardReader
+from kvpool_connector.loading import BlockLoader
 from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, take_stats
-from kvpool_connector.pool import PoolHandle, open_pool
+from kvpool_connector.pool import PoolHandle
 from kvpool_connector.saving import BlockSaver
 
 if TYPE_CHECKING:
@@ -221,8 +222,14 @@ class PoolWorker:
 
     def _pool_handle(self, runtime: DeviceRuntime) -> PoolHandle:
         attached, self._attached = self._attached, None  # its memory holds the KV cache: it serves first
-        role = ClientRole(holds_data=True, device_id=self._device_id, runtime=runtime)
-        return open_pool(self._config, role, f"worker shard {self.shards[0]}", self.stats, attached=attached)
+        return PoolHandle(
+            lambda: create_backend(self._config, ClientRole(True, device_id=self._device_id, runtime=runtime)),
+            self._config.pool.reconnect_interval_s,
+            label=f"worker shard {self.shards[0]}",
+            bind_thread=runtime.bind_thread,
+            stats=self.stats,
+            first_backend=attached,
+        )
 
     def _log_startup(self) -> None:
         assert self.pages is not None and self.runtime is not None
@@ -285,7 +292,7 @@ class PoolWorker:
             return
         assert self.loader is not None, "register_kv_caches must run first"
         for transfer in meta.loads:
-            self.loader.load_now(transfer)
+            self.loader.run_now(transfer)
 
     def save(self, meta: PoolConnectorMetadata) -> None:
         if (meta.saves or meta.sightings) and self.saver is not None:
@@ -302,11 +309,11 @@ class PoolWorker:
         """After vLLM's cache reset (the scheduler removed this layout's objects): a save staged before it must not
         land after that removal, so drop the queued ones, let the one in progress end, and remove this shard's
         objects once more."""
-        dropped = self.saver.drop_queued(DRAIN_TIMEOUT_S) if self.saver is not None else 0
+        dropped = self.saver.drop_queued(DRAIN_TIMEOUT_S) if self.saver is not None else []
         removed = self.pool.remove_shards([keys.shard_prefix(s) for s in self.shards]) if self.pool else None
         logger.info(
             "KV pool cache reset: %d queued block saves dropped, %s more objects of shard %s removed",
-            dropped,
+            sum(len(job.keys) for job in dropped),
             "no" if removed is None else removed,
             ", ".join(self.shards),
         )

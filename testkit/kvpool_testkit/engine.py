@@ -208,7 +208,7 @@ class PoolTotalsExtension:
             worker = getattr(child, "connector_worker", None)
             if isinstance(worker, PoolWorker):
                 if worker.saver is not None:
-                    worker.saver.flush(10.0)  # counted once its queued saves reached the pool
+                    worker.saver.drain(10.0)  # counted once its queued saves reached the pool
                 for name, value in worker.stats.total().items():
                     totals[name] = totals.get(name, 0) + value
         return totals

@@ -238,9 +238,9 @@ def _() -> str:
     still_running = not probe.query()
     for t in caches.values():  # a later step reuses the blocks: must wait for the copy on the compute stream
         t[:, blocks] = -1.0
-    assert saver.flush(30)
+    assert saver.drain(30)
     assert still_running, "save() returned only after the forward pass's kernels finished: it blocked"
-    assert saver.stats.total()["saved_blocks"] == 3, saver.stats.total()
+    assert saver.stats["saved_blocks"] == 3, saver.stats.total()
     for block, stored in zip(blocks, _stored(pool, transfer), strict=True):
         assert bool((stored == np.uint16(0x40E0)).all()), f"block {block}: staged bytes are not the final 7.0s"
     # load them back into other blocks, straight into the device pages

@@ -14,8 +14,7 @@ import torch
 from doubles.device_double import RecordingDevice
 
 from kvpool_connector.backends import memcache as memcache_backend
-from kvpool_connector.backends.memcache_settings import MMC_LOCAL_CONFIG_ENV
-from kvpool_connector.config import ResolvedConfig, parse_config
+from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, ResolvedConfig, parse_config
 from kvpool_connector.keys import KVLayout
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.worker import PoolWorker
@@ -88,7 +87,7 @@ def save(worker: PoolWorker, block_ids: list[int], tag: str) -> list[bytes]:
     hashes = [f"{tag}-{b}".encode().ljust(32, b".") for b in block_ids]
     worker.save(PoolConnectorMetadata(saves=[BlockTransfer(f"req-{tag}", block_ids, hashes)]))
     if worker.saver is not None:
-        assert worker.saver.flush(10)
+        assert worker.saver.drain(10)
     return hashes
 
 

@@ -21,8 +21,9 @@ from kvpool_connector.backends import Outcome
 from kvpool_connector.config import ConfigError
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import CpuRuntime
+from kvpool_connector.head_shard_reader import HeadShardReader
 from kvpool_connector.kv_pages import KVPages
-from kvpool_connector.loading import BlockLoader, HeadShardReader
+from kvpool_connector.loading import BlockLoader
 from kvpool_connector.metadata import BlockTransfer
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.saving import BlockSaver
@@ -196,7 +197,7 @@ def test_a_block_missing_one_stored_shard_is_recomputed_and_the_rest_load(handle
     stats = StatsCounter()
     reader = HeadShardReader(handle, pages, layout, (0, 0), CpuRuntime(), 1 << 20)
     loader = BlockLoader(handle, pages, [keys.fingerprint(layout, 0, 0)], stats, own_tp=1, other_tp=reader)
-    loader.load_now(BlockTransfer("mixed", [1, 2, 3, 4], [own_hash, *hashes], sources=[1, 2, 2, 2]))
+    loader.run_now(BlockTransfer("mixed", [1, 2, 3, 4], [own_hash, *hashes], sources=[1, 2, 2, 2]))
     loader.close(1.0)
     assert loader.take_load_errors() == {4}
     totals = stats.total()

@@ -269,7 +269,7 @@ class SchedulerLoop:
     def settle(self, timeout_s: float = 30.0) -> None:
         """Wait until the worker's queued saves reached the pool."""
         if self.worker.saver is not None:
-            assert self.worker.saver.flush(timeout_s), "queued saves did not reach the pool"
+            assert self.worker.saver.drain(timeout_s), "queued saves did not reach the pool"
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, req_id: str, prompt: Sequence[int], max_tokens: int, **sampling: Any) -> None:

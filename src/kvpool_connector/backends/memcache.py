@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar
 
@@ -45,13 +45,7 @@ from kvpool_connector.backends.base import (
     RegistrationRefused,
     knock,
 )
-from kvpool_connector.backends.memcache_settings import (
-    MMC_LOCAL_CONFIG_ENV,
-    MemcacheKeys,
-    MemcacheSettings,
-    parse_memcache_settings,
-)
-from kvpool_connector.config import ResolvedConfig
+from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, MemcacheSettings, ResolvedConfig
 from kvpool_connector.devices import CpuRuntime, DeviceRuntime
 
 # pymmc copy directions (memcache_hybrid.L2G ...).
@@ -177,12 +171,7 @@ class _ProcessClient:
                         "before this worker) and initialises only once per process; this worker cannot move data"
                     )
                 return self.store
-            try:
-                rc = self.store.init(self.device_id, self.wants_bm)
-            except ValueError as exc:  # pymmc's answer to a bad local-service file, which can be fixed while we wait
-                raise PoolUnavailable(
-                    f"memcache init(device {self.device_id}) refused its local service config: {exc}"
-                ) from exc
+            rc = self.store.init(self.device_id, self.wants_bm)
             if rc != 0:
                 hint = " (a client holding pool memory needs the Ascend driver and CANN)" if self.wants_bm else ""
                 raise PoolUnavailable(
@@ -211,19 +200,13 @@ _PROCESS_CLIENT = _ProcessClient()
 class MemcacheBackend(PoolBackend):
     name: ClassVar[str] = "memcache"
     max_buffers_per_object: ClassVar[int | None] = MAX_BUFFERS_PER_KEY
-    config_keys: ClassVar[tuple[str, ...]] = MemcacheKeys.__struct_fields__
-
-    @classmethod
-    def parse_settings(cls, section: dict[str, Any], env: Mapping[str, str]) -> MemcacheSettings:
-        return parse_memcache_settings(section, env)
 
     @classmethod
     def from_config(cls, config: ResolvedConfig, role: ClientRole) -> MemcacheBackend:
-        settings = config.backend_settings
-        assert isinstance(settings, MemcacheSettings), "a config of another backend"
-        configured = settings.device_id  # memcache_device_id overrides the worker's local rank
+        assert config.memcache is not None
+        configured = config.memcache.device_id  # memcache_device_id overrides the worker's local rank
         device = role.device_id if configured is None else configured
-        return cls(settings, holds_data=role.holds_data, device_id=device, runtime=role.runtime)
+        return cls(config.memcache, holds_data=role.holds_data, device_id=device, runtime=role.runtime)
 
     def __init__(
         self,
@@ -317,6 +300,9 @@ class MemcacheBackend(PoolBackend):
                     outcomes[i] = outcome(code)
         return outcomes
 
+    def remove(self, keys: Sequence[str]) -> list[bool]:
+        return [code == 0 for code in _batched(self._store.remove_batch, list(keys), -1)]
+
     def close(self) -> None:
         if self._joined:
             self._joined = False
@@ -331,6 +317,3 @@ def _batched(call: Callable[[list[str]], list[int]], keys: list[str], failed: in
         reply = list(call(chunk))
         codes.extend(reply if len(reply) == len(chunk) else [failed] * len(chunk))
     return codes
-
-
-BACKEND = MemcacheBackend
