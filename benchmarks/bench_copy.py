@@ -96,7 +96,7 @@ def bench_wait_for_save(repeat: int) -> list[dict]:
     from common import warm_segment
 
     from kvpool_connector.backends.mooncake import MooncakeBackend
-    from kvpool_connector.config import MooncakeSettings
+    from kvpool_connector.backends.mooncake_settings import MooncakeSettings
     from kvpool_connector.counters import StatsCounter
     from kvpool_connector.devices import CpuRuntime
     from kvpool_connector.kv_pages import KVPages
@@ -141,9 +141,9 @@ def _measure(handle, savers: dict, pages, prompt_blocks: int, repeat: int, where
             t0 = time.perf_counter()
             saver.save([BlockTransfer("bench", block_ids, hashes)])  # what wait_for_save waits for
             waits[mode].append((time.perf_counter() - t0) * 1e3)
-            assert saver.drain(60)
+            assert saver.flush(60)
     for mode, saver in savers.items():
-        assert saver.stats["saved_blocks"] == repeat * prompt_blocks, (mode, saver.stats.total())
+        assert saver.stats.total().get("saved_blocks", 0) == repeat * prompt_blocks, (mode, saver.stats.total())
     sync_ms, staged_ms = waits["sync"], waits["staged"]
     # Loads: straight into the KV pages (zero-copy), or into a staging area then a batched scatter.
     stage = np.zeros(prompt_blocks * pages.block_bytes, dtype=np.uint8)

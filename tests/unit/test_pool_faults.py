@@ -17,7 +17,8 @@ import torch
 
 from kvpool_connector.backends import Outcome
 from kvpool_connector.backends.mooncake import MooncakeBackend
-from kvpool_connector.config import MooncakeSettings, parse_config
+from kvpool_connector.backends.mooncake_settings import MooncakeSettings
+from kvpool_connector.config import parse_config
 from kvpool_connector.keys import KVLayout, pool_key
 from kvpool_connector.lookups import LookupBatcher
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
@@ -80,10 +81,10 @@ def test_master_killed_then_restarted(own_pool, buffer, caplog):
     addrs, sizes = spans(buffer, 2)
     assert handle.put(["k/0", "k/1"], addrs, sizes) == [Outcome.OK] * 2
 
-    own_pool.stop_master(signal.SIGKILL)
+    stop_process(own_pool.master, signal.SIGKILL)
     found, took = timed(lookups.exists_within, ["k/0", "k/1"], 0.5)
     assert found is None and took < 1.0  # no answer: the pool's miss, not the blocks'
-    assert handle.stats["outages"] == 1 and not handle.available
+    assert handle.stats.total()["outages"] == 1 and not handle.available
     # Inside the back-off window nothing waits on the dead master: loads and saves fail fast.
     for op in (handle.get, handle.put):
         got, took = timed(op, ["k/2"], addrs[:1], sizes[:1])
@@ -97,7 +98,7 @@ def test_master_killed_then_restarted(own_pool, buffer, caplog):
     assert lookups.exists_within(["k/3", "k/0"], 0.5) == [True, False]
     assert handle.get(["k/3"], addrs[1:2], sizes[1:2]) == [Outcome.OK]
     assert "reachable again" in caplog.text
-    assert handle.stats["outages"] == 1
+    assert handle.stats.total()["outages"] == 1
     print(f"saves resumed {recovered_s:.1f} s after the master restarted")
     lookups.close()
     handle.close()
@@ -108,7 +109,7 @@ def test_an_outage_ends_when_the_pool_is_back_not_when_the_back_off_runs_out(own
     return: saves and hits resume then (measured and printed), long before the window would have closed."""
     handle, lookups = open_handle(own_pool, buffer, interval_s=5.0)
     addrs, sizes = spans(buffer, 2)
-    own_pool.stop_master(signal.SIGKILL)
+    stop_process(own_pool.master, signal.SIGKILL)
     assert lookups.exists_within(["r/0"], 0.5) is None and not handle.available
     time.sleep(1.0)  # the probe keeps finding nothing
     assert not handle.available
@@ -163,8 +164,8 @@ def worker(own_pool) -> Iterator[tuple[PoolWorker, dict[str, torch.Tensor]]]:
 
 def _save_blocks(w: PoolWorker, hashes: list[bytes], block_ids: list[int]) -> None:
     w.save(PoolConnectorMetadata(saves=[BlockTransfer("r-save", block_ids, hashes)]))
-    assert w.saver is not None and w.saver.drain(10)
-    assert w.stats["saved_blocks"] == len(block_ids)
+    assert w.saver is not None and w.saver.flush(10)
+    assert w.stats.total().get("saved_blocks", 0) == len(block_ids)
 
 
 def test_object_removed_between_lookup_and_load_is_recomputed(worker, own_pool):
@@ -178,7 +179,7 @@ def test_object_removed_between_lookup_and_load_is_recomputed(worker, own_pool):
     before = {name: t.clone() for name, t in caches.items()}
     w.load(PoolConnectorMetadata(loads=[BlockTransfer("r-load", [5, 6, 7], hashes)]))
     assert w.take_load_errors() == {6}  # vLLM recomputes block 6 (its load-error path)
-    assert w.stats["load_failed.missing"] == 1 and w.stats["loaded_blocks"] == 2
+    assert w.stats.total()["load_failed.missing"] == 1 and w.stats.total()["loaded_blocks"] == 2
     for name, t in caches.items():
         assert torch.equal(t[5], before[name][0]) and torch.equal(t[7], before[name][2])
 
@@ -192,10 +193,10 @@ def test_holder_of_the_objects_exits(worker, own_pool):
     keys = [pool_key("faultshard", h) for h in hashes]
     w.load(PoolConnectorMetadata(loads=[BlockTransfer("r-gone", [4, 5], hashes)]))
     assert w.take_load_errors() == {4, 5}
-    assert w.stats["loaded_blocks"] == 0
+    assert w.stats.total().get("loaded_blocks", 0) == 0
     # Later saves fail (no segment left) and are counted; nothing raises.
     w.save(PoolConnectorMetadata(saves=[BlockTransfer("r-more", [2], [b"\x07" * 32])]))
-    assert w.saver.drain(10)
+    assert w.saver.flush(10)
     failed = {k: v for k, v in w.stats.total().items() if k.startswith(("save_failed", "save_dropped"))}
     assert sum(failed.values()) >= 1, w.stats.total()
     wait_until(lambda: w.pool.exists(keys) == [False, False], 30)  # the master forgets the dead node's objects
