@@ -15,7 +15,7 @@ from kvpool_connector.config import parse_config
 
 
 def main() -> int:
-    settings = parse_config({}, env=dict(os.environ)).memcache
+    settings = parse_config({}, env=dict(os.environ)).backend_settings
     lookup = MemcacheBackend(settings, holds_data=False)
     lookup.connect()
     print("meta service", settings.meta_service_url, "reachable; batch_is_exist ->", lookup.exists(["kvp1/check/0"]))
@@ -31,7 +31,6 @@ def main() -> int:
         data.register_memory(buf.ctypes.data, buf.nbytes)
     print("put", data.put(["kvp1/check/0"], [[page.ctypes.data]], [[page.nbytes]]))
     print("get", data.get(["kvp1/check/0"], [[out.ctypes.data]], [[out.nbytes]]), "equal:", bool((page == out).all()))
-    data.remove(["kvp1/check/0"])
     return 0
 
 

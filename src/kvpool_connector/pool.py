@@ -1,10 +1,11 @@
 """A pool client that is always safe to call: the pool is a cache, its outage costs hits and nothing else.
 
-``PoolHandle`` wraps one :class:`PoolBackend` and owns its connection and its outages:
+``open_pool`` builds every ``PoolHandle`` of the connector (the scheduler's lookup client, each worker's data client).
+A handle wraps one :class:`PoolBackend` and owns its connection and its outages:
 1. ``start(wait_s)`` connects in a background thread, retrying from ``reconnect_interval_s`` with backoff until it
    succeeds or the handle is closed; start-up waits up to ``wait_s`` for the first attempt, then vLLM serves
-   meanwhile. (A background thread is no shield against a client call that holds the GIL, as Mooncake's setup does
-   while it retries a master: backends must refuse an absent pool before making such a call.) A failed attempt's
+   meanwhile. (A background thread is no shield against a client call that holds the GIL while it retries an absent
+   server: backends must refuse an absent pool before making such a call.) A failed attempt's
    client is closed before the next one. A pool that answers but refuses our memory (``RegistrationRefused``) is not
    retried: ``start`` raises it, naming the region.
 2. ``register_memory()`` / ``unregister_memory()`` keep the KV regions registered whenever a connection is made.
@@ -14,7 +15,8 @@
    ``reconnect_interval_s`` (counted as ``outages``): calls inside it fail fast instead of each waiting out the
    client's RPC retries (~4 s for a dead master, 30 s for a hung one). A probe thread ends the window as soon as the
    pool is back (a connect to its front door every 0.2 s, then one confirming lookup), or the first call after the
-   window finds it back. Mooncake's client reconnects to a restarted master by itself, so hits and saves resume then.
+   window finds it back. The handle keeps the client it has: a pool client reconnects to a restarted server by itself,
+   and hits and saves resume then.
 5. ``close()`` stops the connector thread and closes the client.
 
 Batched lookups off the caller's thread live in ``lookups``; the accounting of loads and saves in ``loading`` and
@@ -26,10 +28,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
+from kvpool_connector.backends import backend_class
+from kvpool_connector.backends.base import ClientRole, Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.logs import RateLimitedWarning, init_logger
+
+if TYPE_CHECKING:
+    from kvpool_connector.config import ResolvedConfig
 
 logger = init_logger(__name__)
 
@@ -45,12 +52,9 @@ class PoolHandle:
         label: str,
         bind_thread: Callable[[], None] | None = None,
         stats: StatsCounter | None = None,
-        first_backend: PoolBackend | None = None,
     ) -> None:
-        """``first_backend``: a client connected already (to place the KV cache in its memory), used for the first
-        connection; later ones come from ``backend_factory``."""
+        """``backend_factory``: a new client for each connection attempt (``open_pool`` makes the connector's)."""
         self._factory = backend_factory
-        self._first = first_backend
         # Runs first on the connect and probe threads: the device's context is per thread (ACL, CUDA), and on the CPU
         # the pool client's own threads inherit the connecting thread's cores.
         self.bind_thread = bind_thread or (lambda: None)
@@ -96,17 +100,13 @@ class PoolHandle:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def _next_backend(self) -> PoolBackend:
-        first, self._first = self._first, None
-        return first if first is not None else self._factory()
-
     def _connect_loop(self) -> None:
         self.bind_thread()
         delay = self._interval
         while not self._stop.is_set():
             backend: PoolBackend | None = None
             try:
-                backend = self._next_backend()
+                backend = self._factory()
                 backend.connect()
                 with self._lock:
                     for ptr, size in self._regions:
@@ -123,9 +123,8 @@ class PoolHandle:
                 _close_quietly(backend)
                 self._first_attempt.set()
                 return
-            except (PoolUnavailable, OSError, RuntimeError, ValueError) as exc:
-                # ValueError: pymmc's init raises it for a bad local-service config, which can be fixed while we wait.
-                # The attempt's client goes: memcache's process-wide client keeps a user per open one, and each retry
+            except (PoolUnavailable, OSError, RuntimeError) as exc:
+                # The attempt's client goes: a client shared by the process keeps a user per open one, and each retry
                 # would register the regions again.
                 _close_quietly(backend)
                 self._first_attempt.set()
@@ -293,6 +292,37 @@ class PoolHandle:
                 return None
             removed += count
         return removed
+
+
+def open_pool(
+    config: ResolvedConfig,
+    role: ClientRole,
+    label: str,
+    stats: StatsCounter | None = None,
+    attached: PoolBackend | None = None,
+) -> PoolHandle:
+    """The handle of every pool client the connector holds, not started: clients of ``config``'s backend for
+    ``role``, retried from ``reconnect_interval_s``, every thread that calls them bound as the backend class says for
+    the role (``thread_binding``); ``label`` names it in logs and threads, ``stats`` counts its outages.
+
+    ``attached``: a client of this backend that a worker connected already, on its own thread, because vLLM's KV
+    cache was to be allocated in memory it hands out (``ClientRole.kv_cache_bytes``, ``PoolBackend.kv_cache_memory``).
+    It makes the handle's first connection, since the KV pages in its memory are reachable through it alone; a later
+    attempt (after it failed to register the regions) gets a new client of ``role``, which hands out none.
+    """
+    backend = backend_class(config)
+    pending = [attached] if attached is not None else []
+
+    def next_client() -> PoolBackend:
+        return pending.pop() if pending else backend.from_config(config, role)
+
+    return PoolHandle(
+        next_client,
+        config.pool.reconnect_interval_s,
+        label,
+        bind_thread=backend.thread_binding(config, role),
+        stats=stats,
+    )
 
 
 def _close_quietly(backend: PoolBackend | None) -> None:

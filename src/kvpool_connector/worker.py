@@ -39,7 +39,7 @@ from kvpool_connector.loading import BlockLoader
 from kvpool_connector.logs import init_logger
 from kvpool_connector.metadata import PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, take_stats
-from kvpool_connector.pool import PoolHandle
+from kvpool_connector.pool import PoolHandle, open_pool
 from kvpool_connector.saving import BlockSaver
 
 if TYPE_CHECKING:
@@ -222,14 +222,8 @@ class PoolWorker:
 
     def _pool_handle(self, runtime: DeviceRuntime) -> PoolHandle:
         attached, self._attached = self._attached, None  # its memory holds the KV cache: it serves first
-        return PoolHandle(
-            lambda: create_backend(self._config, ClientRole(True, device_id=self._device_id, runtime=runtime)),
-            self._config.pool.reconnect_interval_s,
-            label=f"worker shard {self.shards[0]}",
-            bind_thread=runtime.bind_thread,
-            stats=self.stats,
-            first_backend=attached,
-        )
+        role = ClientRole(holds_data=True, device_id=self._device_id, runtime=runtime)
+        return open_pool(self._config, role, f"worker shard {self.shards[0]}", self.stats, attached=attached)
 
     def _log_startup(self) -> None:
         assert self.pages is not None and self.runtime is not None

@@ -69,7 +69,7 @@ def plain_client(pool: mooncake_service.MooncakePool) -> Iterator[Any]:
 def pool_handle(pool: mooncake_service.MooncakePool, reconnect_interval_s: float = 1.0) -> Iterator[Any]:
     """A connected ``PoolHandle`` over a data client of ``pool``, as a worker holds one; closed on exit."""
     from kvpool_connector.backends.mooncake import MooncakeBackend
-    from kvpool_connector.config import MooncakeSettings
+    from kvpool_connector.backends.mooncake_settings import MooncakeSettings
     from kvpool_connector.pool import PoolHandle
     from kvpool_testkit.inspection import wait_connected
 

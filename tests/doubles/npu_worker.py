@@ -14,7 +14,8 @@ import torch
 from doubles.device_double import RecordingDevice
 
 from kvpool_connector.backends import memcache as memcache_backend
-from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, ResolvedConfig, parse_config
+from kvpool_connector.backends.memcache_settings import MMC_LOCAL_CONFIG_ENV
+from kvpool_connector.config import ResolvedConfig, parse_config
 from kvpool_connector.keys import KVLayout
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.worker import PoolWorker

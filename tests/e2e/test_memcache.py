@@ -19,7 +19,7 @@ SEED_EXTRA = {"use_layerwise": False, "memcache_rpc_port": "0"}
 
 
 def _settings(meta):
-    return parse_config(SEED_EXTRA, env={"MMC_LOCAL_CONFIG_PATH": str(meta.local_config)}).memcache
+    return parse_config(SEED_EXTRA, env={"MMC_LOCAL_CONFIG_PATH": str(meta.local_config)}).backend_settings
 
 
 @pytest.mark.memcache_package
@@ -39,7 +39,7 @@ import sys
 from kvpool_connector.backends import PoolUnavailable
 from kvpool_connector.backends.memcache import MemcacheBackend
 from kvpool_connector.config import parse_config
-settings = parse_config({"use_layerwise": False, "memcache_rpc_port": "0"}).memcache
+settings = parse_config({"use_layerwise": False, "memcache_rpc_port": "0"}).backend_settings
 backend = MemcacheBackend(settings, holds_data=True)
 try:
     backend.connect()

@@ -42,7 +42,7 @@ def test_kvpool_pool_starts_prints_its_config_serves_and_stops(tmp_path):
         assert json.loads((tmp_path / "mooncake.json").read_text()) == extra["mooncake"]
 
         config = parse_config(extra, env={})  # the printed settings are a valid connector config as they stand
-        backend = MooncakeBackend(config.mooncake, holds_data=True)
+        backend = MooncakeBackend(config.backend_settings, holds_data=True)
         backend.connect()
         data = np.arange(4096, dtype=np.uint8)
         out = np.zeros_like(data)

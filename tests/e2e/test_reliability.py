@@ -265,7 +265,7 @@ def test_reset_prefix_cache_removes_this_layouts_entries_and_no_others(client, s
 
 def test_master_killed_then_restarted(client, server, pool):
     assert client.until_hit(0, 20) < 20  # healthy pool: a repeat is served from it
-    pool.stop_master(signal.SIGKILL)
+    stop_process(pool.master, signal.SIGKILL)
     durations = []
     for i in (2, 3, 0, 2):
         cached, took = client.ask(i)

@@ -87,7 +87,7 @@ def test_env_sh_sets_one_fixed_hash_seed_and_the_memcache_config(tmp_path):
     sourced = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
     assert sourced["PYTHONHASHSEED"] == "0"
     assert Path(sourced["MMC_LOCAL_CONFIG_PATH"]) == EXAMPLES / "mmc-local.conf"
-    settings = parse_config({"use_layerwise": False, "memcache_rpc_port": "0"}, env=sourced).memcache
+    settings = parse_config({"use_layerwise": False, "memcache_rpc_port": "0"}, env=sourced).backend_settings
     assert settings is not None and settings.meta_service_url == "tcp://127.0.0.1:5000"
 
 
@@ -126,7 +126,7 @@ def test_a_launch_script_hands_vllm_the_shipped_config_and_hash_seed(script, con
     parsed = parse_config(ours["kv_connector_extra_config"], env=server_env)  # what our child reads at start-up
     assert parsed.pool.backend == "memcache"
     assert Path(server_env["MMC_LOCAL_CONFIG_PATH"]) == EXAMPLES / "mmc-local.conf"
-    assert parsed.memcache is not None and parsed.memcache.meta_service_url == "tcp://127.0.0.1:5000"
+    assert parsed.backend_settings.meta_service_url == "tcp://127.0.0.1:5000"
 
 
 @pytest.mark.parametrize(

@@ -4,24 +4,24 @@ import pytest
 
 from kvpool_connector.config import ConfigError, PoolConfig, parse_config, parse_size
 
-SEED_PRODUCER = {"use_layerwise": False, "memcache_rpc_port": "0"}
+ASCEND_PRODUCER = {"use_layerwise": False, "memcache_rpc_port": "0"}
 MOONCAKE = {"master_server_address": "127.0.0.1:50088"}
 
 
-def test_seed_config_with_memcache_file(tmp_path):
+def test_vllm_ascend_config_with_memcache_file(tmp_path):
     conf = tmp_path / "config_npu0.conf"
     conf.write_text(
         "# comment\nock.mmc.meta_service_url = tcp://127.0.0.1:5000\nock.mmc.local_service.dram.size = 1GB\n"
     )
-    cfg = parse_config(SEED_PRODUCER, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
+    cfg = parse_config(ASCEND_PRODUCER, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
     assert cfg.pool.backend == "memcache"
     assert cfg.pool.instance_id == 0
-    assert cfg.memcache is not None and cfg.memcache.meta_service_url == "tcp://127.0.0.1:5000"
+    assert cfg.backend_settings.meta_service_url == "tcp://127.0.0.1:5000"
 
 
-def test_mooncake_from_seed_json_file_ignores_other_users_keys(tmp_path):
+def test_mooncake_from_a_shared_json_file_ignores_other_users_keys(tmp_path):
     path = tmp_path / "mooncake.json"
-    seed = {
+    shared = {
         "local_hostname": "127.0.0.1",
         "metadata_server": "P2PHANDSHAKE",
         "protocol": "ascend",
@@ -29,11 +29,10 @@ def test_mooncake_from_seed_json_file_ignores_other_users_keys(tmp_path):
         "master_server_address": "127.0.0.1:50088",
         "use_ascend_direct": True,
     }
-    path.write_text(json.dumps(seed))
-    cfg = parse_config({**SEED_PRODUCER, "backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
-    assert cfg.mooncake is not None
-    assert cfg.mooncake.protocol == "ascend"
-    assert cfg.mooncake.master_server_address == "127.0.0.1:50088"
+    path.write_text(json.dumps(shared))
+    cfg = parse_config({**ASCEND_PRODUCER, "backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(path)})
+    assert cfg.backend_settings.protocol == "ascend"
+    assert cfg.backend_settings.master_server_address == "127.0.0.1:50088"
 
 
 def test_inline_mooncake_wins_over_env_file(tmp_path):
@@ -41,7 +40,7 @@ def test_inline_mooncake_wins_over_env_file(tmp_path):
         {"backend": "mooncake", "mooncake": {**MOONCAKE, "global_segment_size": "512MB"}},
         env={"MOONCAKE_CONFIG_PATH": str(tmp_path / "absent.json")},
     )
-    assert cfg.mooncake.segment_bytes == 512 << 20
+    assert cfg.backend_settings.segment_bytes == 512 << 20
 
 
 @pytest.mark.parametrize(
@@ -125,7 +124,7 @@ def test_config_is_frozen():
 
 def test_mooncake_master_env_overrides_the_address():
     extra = {"backend": "mooncake", "mooncake": {"master_server_address": "127.0.0.1:50051"}}
-    assert parse_config(extra, env={"MOONCAKE_MASTER": "10.1.2.3:6000"}).mooncake.master_server_address == (
+    assert parse_config(extra, env={"MOONCAKE_MASTER": "10.1.2.3:6000"}).backend_settings.master_server_address == (
         "10.1.2.3:6000"
     )
     with pytest.raises(ConfigError, match="MOONCAKE_MASTER='nope'"):

@@ -12,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpool_connector.config import ConfigError, MooncakeSettings, PoolConfig, ResolvedConfig, parse_config, parse_size
+from kvpool_connector.backends import BACKENDS, backend_type
+from kvpool_connector.backends.mooncake_settings import MooncakeSettings
+from kvpool_connector.config import ConfigError, PoolConfig, ResolvedConfig, parse_config, parse_size
 
 MOONCAKE = {"master_server_address": "127.0.0.1:50088"}
 BASE = {"backend": "mooncake", "mooncake": MOONCAKE}
@@ -44,9 +46,10 @@ def assert_usable(cfg: ResolvedConfig) -> None:
     assert pool.lookup_timeout_ms > 0 and math.isfinite(pool.lookup_timeout_ms)
     assert pool.reconnect_interval_s > 0 and math.isfinite(pool.reconnect_interval_s)
     assert pool.staging_buffer_mb > 0 and pool.instance_id >= 0
-    if cfg.mooncake is not None:  # each size means what it says, as the reference below reads it
-        assert cfg.mooncake.buffer_bytes == reference_size(cfg.mooncake.local_buffer_size)
-        assert cfg.mooncake.shared_buffer_bytes == reference_size(cfg.mooncake.shared_buffer_size)
+    settings = cfg.backend_settings
+    if isinstance(settings, MooncakeSettings):  # each size means what it says, as the reference below reads it
+        assert settings.buffer_bytes == reference_size(settings.local_buffer_size)
+        assert settings.shared_buffer_bytes == reference_size(settings.shared_buffer_size)
 
 
 SIZE_SUFFIXES = {"": 1, "b": 1} | {
@@ -86,8 +89,12 @@ def test_a_size_means_what_it_says_or_is_refused_naming_the_key(value):
         assert expected is None and "the_key" in str(exc), (value, expected)
 
 
+CONNECTOR_KEYS = [*PoolConfig.__struct_fields__, *(k for name in BACKENDS for k in backend_type(name).config_keys)]
+"""Every key of ``kv_connector_extra_config``: the common ones and each backend's."""
+
+
 @FUZZ
-@given(key=st.sampled_from([*PoolConfig.__struct_fields__, "unknown_key"]), value=json_values)
+@given(key=st.sampled_from([*CONNECTOR_KEYS, "unknown_key"]), value=json_values)
 def test_any_value_for_a_connector_key(key, value):
     result = parse_or_config_error({**BASE, key: value}, env={})
     if isinstance(result, ConfigError):

@@ -11,7 +11,8 @@ import torch
 from doubles.device_double import RecordingDevice
 
 from kvpool_connector.backends.mooncake import MooncakeBackend
-from kvpool_connector.config import MooncakeSettings, parse_config
+from kvpool_connector.backends.mooncake_settings import MooncakeSettings
+from kvpool_connector.config import parse_config
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import StreamRuntime
 from kvpool_connector.kv_pages import KVPages

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-import kvpool_connector.config as config_module
+from kvpool_connector.backends import memcache_settings
 from kvpool_connector.config import ConfigError, parse_config
 
-SEED = {"use_layerwise": False, "memcache_rpc_port": "0"}
+ASCEND_EXTRA = {"use_layerwise": False, "memcache_rpc_port": "0"}
 META = "ock.mmc.meta_service_url = tcp://127.0.0.1:5000\nock.mmc.local_service.dram.size = 1GB\n"
 
 
 def _parse(tmp_path: Path, ssd_lines: str):
     conf = tmp_path / "mmc-local.conf"
     conf.write_text(META + ssd_lines)
-    return parse_config(SEED, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
+    return parse_config(ASCEND_EXTRA, env={"MMC_LOCAL_CONFIG_PATH": str(conf)})
 
 
 def _mounted_block_device() -> str:
@@ -59,7 +59,7 @@ def raw_device(tmp_path):
 )
 def test_tier_off_checks_nothing(tmp_path, ssd_lines):
     cfg = _parse(tmp_path, ssd_lines)
-    assert cfg.memcache is not None and cfg.memcache.ssd_devices == ()
+    assert cfg.backend_settings.ssd_devices == ()
 
 
 def test_enabled_must_be_true_or_false(tmp_path):
@@ -107,9 +107,9 @@ def test_unmounted_raw_devices_are_accepted_and_logged(tmp_path, raw_device, cap
         "ubsio.mem.size_in_gb = 10\n"
         "ubsio.standalone.device_count = 8\n"
     )
-    with caplog.at_level(logging.INFO, logger="vllm.kvpool_connector.config"):
+    with caplog.at_level(logging.INFO, logger="vllm.kvpool_connector.backends.memcache_settings"):
         cfg = _parse(tmp_path, lines)
-    assert cfg.memcache is not None and cfg.memcache.ssd_devices == (raw_device, second)
+    assert cfg.backend_settings.ssd_devices == (raw_device, second)
     tier_lines = [r.getMessage() for r in caplog.records if "SSD tier on" in r.getMessage()]
     assert len(tier_lines) == 1 and f"2 raw device(s) {raw_device}:{second}" in tier_lines[0]
 
@@ -127,7 +127,7 @@ def test_disk_with_partitions(tmp_path, raw_device, monkeypatch):
     sys_block = tmp_path / "sys-dev-block"
     (sys_block / "7:250" / "ubsio0p1").mkdir(parents=True)
     (sys_block / "7:250" / "ubsio0p1" / "partition").write_text("1\n")
-    monkeypatch.setattr(config_module, "_SYS_DEV_BLOCK", sys_block)
+    monkeypatch.setattr(memcache_settings, "_SYS_DEV_BLOCK", sys_block)
     with pytest.raises(ConfigError, match=rf"entry '{raw_device}' has partitions"):
         _parse(tmp_path, f"ock.mmc.local_service.storage.enabled = true\nubsio.disk.path = {raw_device}\n")
 

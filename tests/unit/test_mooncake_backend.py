@@ -18,8 +18,8 @@ import pytest
 
 from kvpool_connector.backends import Outcome, PoolUnavailable, RegistrationRefused
 from kvpool_connector.backends.mooncake import MooncakeBackend
+from kvpool_connector.backends.mooncake_settings import MooncakeSettings
 from kvpool_connector.backends.shared_area import ObjectTooLarge, SharedArea
-from kvpool_connector.config import MooncakeSettings
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.processes import free_port, stop_process
 from kvpool_testkit.mooncake_pool import mooncake_pool
@@ -42,7 +42,7 @@ def backend(pool, request):
     b.close()
 
 
-def test_put_get_roundtrip_multi_buffer(backend):
+def test_put_get_roundtrip_multi_buffer(backend, mooncake_client):
     src = np.random.default_rng(0).integers(0, 255, 3 * 4096, dtype=np.uint8)
     dst = np.zeros_like(src)
     for arr in (src, dst):
@@ -56,7 +56,7 @@ def test_put_get_roundtrip_multi_buffer(backend):
     assert np.array_equal(src, dst)
     # A second put of the same key keeps the first copy and is not a failure.
     assert backend.put(["t/rt/a"], [[s + 8192, s]], [[4096, 4096]])[0].ok
-    assert backend.remove(["t/rt/a", "t/rt/none"]) == [True, False]
+    assert mooncake_client.batch_remove(["t/rt/a", "t/rt/none"], True)[0] == 0
     assert backend.exists(["t/rt/a", "t/rt/b"]) == [False, True]
 
 
@@ -366,7 +366,7 @@ def test_transfer_timeouts_reach_mooncake_unless_the_environment_sets_them(pool,
     assert [os.environ["MC_TCP_PROGRESS_TIMEOUT_SEC"], os.environ["MC_TCP_STATUS_TIMEOUT_SEC"]] == ["4", "77"]
 
 
-def test_remove_prefix_removes_exactly_the_keys_under_it(backend):
+def test_remove_prefix_removes_exactly_the_keys_under_it(backend, mooncake_client):
     src = np.zeros(64, dtype=np.uint8)
     backend.register_memory(src.ctypes.data, src.nbytes)
     mine = [f"t/prefix/aa11/{i}" for i in range(3)]
@@ -374,7 +374,7 @@ def test_remove_prefix_removes_exactly_the_keys_under_it(backend):
     assert all(o.ok for o in backend.put(mine + others, [[src.ctypes.data]] * 6, [[64]] * 6))
     assert backend.remove_prefix("t/prefix/aa11/") == 3
     assert backend.exists(mine + others) == [False] * 3 + [True] * 3
-    backend.remove(others)
+    mooncake_client.batch_remove(others, True)
 
 
 def test_memory_mooncake_refuses_is_a_start_up_error_not_an_endless_retry(pool):

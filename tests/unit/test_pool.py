@@ -53,9 +53,6 @@ class ScriptedBackend(PoolBackend):
             raise RuntimeError("client exploded")
         return [Outcome.OK] * (len(keys) - 1)  # a short answer must not be trusted
 
-    def remove(self, keys):
-        return [True] * len(keys)
-
     def close(self):
         self.closed = True
 
@@ -114,18 +111,6 @@ def test_a_failed_attempt_closes_its_client_before_the_next_one():
     assert [c.closed for c in attempts] == [True, True, False]
     handle.close()
     assert attempts[2].closed
-
-
-def test_a_value_error_from_a_client_set_up_is_retried():
-    """pymmc's init raises ValueError for a bad local-service file, which can be fixed while the engine serves."""
-    attempts = [ScriptedBackend(), ScriptedBackend()]
-    attempts[0].connect = lambda: (_ for _ in ()).throw(ValueError("bad local service config"))
-    clients = iter(attempts)
-    handle = PoolHandle(lambda: next(clients), 0.05, "flaky")
-    handle.start()
-    assert wait_connected(handle, 5)
-    assert attempts[0].closed
-    handle.close()
 
 
 def test_a_refused_registration_is_raised_at_start_up_and_never_retried():

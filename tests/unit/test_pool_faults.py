@@ -164,7 +164,7 @@ def worker(own_pool) -> Iterator[tuple[PoolWorker, dict[str, torch.Tensor]]]:
 
 def _save_blocks(w: PoolWorker, hashes: list[bytes], block_ids: list[int]) -> None:
     w.save(PoolConnectorMetadata(saves=[BlockTransfer("r-save", block_ids, hashes)]))
-    assert w.saver is not None and w.saver.flush(10)
+    assert w.saver is not None and w.saver.drain(10)
     assert w.stats.total().get("saved_blocks", 0) == len(block_ids)
 
 
@@ -196,7 +196,7 @@ def test_holder_of_the_objects_exits(worker, own_pool):
     assert w.stats.total().get("loaded_blocks", 0) == 0
     # Later saves fail (no segment left) and are counted; nothing raises.
     w.save(PoolConnectorMetadata(saves=[BlockTransfer("r-more", [2], [b"\x07" * 32])]))
-    assert w.saver.flush(10)
+    assert w.saver.drain(10)
     failed = {k: v for k, v in w.stats.total().items() if k.startswith(("save_failed", "save_dropped"))}
     assert sum(failed.values()) >= 1, w.stats.total()
     wait_until(lambda: w.pool.exists(keys) == [False, False], 30)  # the master forgets the dead node's objects

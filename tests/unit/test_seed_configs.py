@@ -1,8 +1,8 @@
 """The field's --kv-transfer-config JSON (examples/ascend) (MultiConnector: MooncakeConnectorV1 +
-MemcacheConnectorStoreV1) as shipped: the seed's, plus ``"kv_load_failure_policy": "recompute"`` at the top level,
-where vLLM's scheduler reads it (default ``fail`` in 0.23 through 0.34: a failed pool load would fail its request).
-vLLM parses it, and our child connector is built from it by MultiConnector itself. The scripts that launch vLLM with
-it: test_ascend_example.py."""
+MemcacheConnectorStoreV1) as shipped: the deployment guide's, plus ``"kv_load_failure_policy": "recompute"`` at the
+top level, where vLLM's scheduler reads it (default ``fail`` in 0.23 through 0.34: a failed pool load would fail its
+request). vLLM parses it, and our child connector is built from it by MultiConnector itself. The scripts that launch
+vLLM with it: test_ascend_example.py."""
 
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def test_shipped_json_parses_with_vllm_and_our_config_and_recomputes_failed_load
 
 
 @pytest.mark.parametrize("name", ["kv_transfer_producer.json", "kv_transfer_consumer.json"])
-def test_without_the_policy_key_the_seeds_json_still_parses_and_fails_requests_on_load_errors(name):
-    """The seed guide's JSON (the shipped file without the key) keeps working as written; vLLM's default is why the
-    shipped file carries the key."""
+def test_without_the_policy_key_the_guides_json_still_parses_and_fails_requests_on_load_errors(name):
+    """The deployment guide's JSON (the shipped file without the key) keeps working as written; vLLM's default is why
+    the shipped file carries the key."""
     from vllm.config import KVTransferConfig
 
     raw = json.loads((EXAMPLES / name).read_text())
@@ -62,8 +62,8 @@ def test_without_the_policy_key_the_seeds_json_still_parses_and_fails_requests_o
 
 
 def _vllm_scheduler(name: str, policy_key: str, tiny_model: str, pool, tmp_path: Path, monkeypatch):
-    """vLLM's own scheduler on the shipped JSON ``name`` (``policy_key`` "shipped", or the key left out as in the seed
-    guide), our child on this machine's Mooncake: it builds MultiConnector, and MultiConnector our child."""
+    """vLLM's own scheduler on the shipped JSON ``name`` (``policy_key`` "shipped", or the key left out as in the
+    deployment guide), our child on this machine's Mooncake: it builds MultiConnector, and MultiConnector our child."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -92,7 +92,7 @@ def _vllm_scheduler(name: str, policy_key: str, tiny_model: str, pool, tmp_path:
     )
 
 
-POLICY_KEY = pytest.mark.parametrize("policy_key", ["shipped", "left out (the seed guide's JSON)"])
+POLICY_KEY = pytest.mark.parametrize("policy_key", ["shipped", "left out (the deployment guide's JSON)"])
 
 
 @pytest.mark.processes
@@ -102,8 +102,8 @@ def test_vllms_scheduler_builds_our_child_from_the_json_and_reads_its_policy(
     name, policy_key, tiny_model, pool, tmp_path, monkeypatch, caplog
 ):
     """vLLM's own scheduler, built on the shipped JSON, builds MultiConnector and through it our child, and recomputes
-    failed loads. Without the key (the seed guide's JSON) it fails their requests, a choice our child cannot change:
-    the child warns at start-up, once, naming the key."""
+    failed loads. Without the key (the deployment guide's JSON) it fails their requests, a choice our child cannot
+    change: the child warns at start-up, once, naming the key."""
     from kvpool_connector.connector import MemcacheConnectorStoreV1
 
     with caplog.at_level(logging.WARNING, logger="vllm.kvpool_connector.scheduler"):
@@ -147,7 +147,7 @@ def test_a_failed_pool_load_on_the_decode_node_is_recomputed_not_a_failed_reques
 ):
     """The D node's scheduler (consumer JSON): our child finds a 2-block prompt in the pool and vLLM waits for the
     asynchronous load; the workers report its second block failed (an object gone between lookup and load). With the
-    shipped key vLLM computes the prompt from that block on; without it (the seed guide's JSON) the request ends
+    shipped key vLLM computes the prompt from that block on; without it (the deployment guide's JSON) the request ends
     with an error."""
     from mooncake.store import ReplicateConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -192,6 +192,6 @@ def test_field_config_files_parse_with_our_config_code():
         {"use_layerwise": False, "memcache_rpc_port": "0"},
         env={"MMC_LOCAL_CONFIG_PATH": str(EXAMPLES / "mmc-local.conf")},
     )
-    assert memcache.memcache is not None and memcache.memcache.meta_service_url == "tcp://127.0.0.1:5000"
+    assert memcache.backend_settings.meta_service_url == "tcp://127.0.0.1:5000"
     mooncake = parse_config({"backend": "mooncake"}, env={"MOONCAKE_CONFIG_PATH": str(EXAMPLES / "mooncake.json")})
-    assert mooncake.mooncake is not None and mooncake.mooncake.protocol == "ascend"
+    assert mooncake.backend_settings.protocol == "ascend"

@@ -3,8 +3,10 @@
 A backend owns one pool client and is the only code that reads that pool's return codes. Everything above it sees
 :class:`Outcome` values; a raw negative code is never mistaken for data.
 
-Calls, in the order they happen: ``connect`` (may block for long: the pool handle calls it off the hot path),
-``register_memory`` for each KV region, then any mix of ``exists`` / ``put`` / ``get`` / ``remove`` (and
+Before any client, at start-up, the class parses its own keys of the connector's config (``config_keys``,
+``parse_settings``) and answers the questions the layers above would otherwise ask by the pool's name.
+Calls of a client, in the order they happen: ``connect`` (may block for long: the pool handle calls it off the hot
+path), ``register_memory`` for each KV region, then any mix of ``exists`` / ``put`` / ``get`` / ``remove_prefix`` (and
 ``unregister_memory`` / ``register_memory`` around vLLM's sleep mode), and finally ``close``.
 An object is one KV block of every layer this worker holds, gathered from (``put``) or scattered to (``get``)
 several page buffers: ``addrs[i]`` and ``sizes[i]`` list the pages of ``keys[i]``.
@@ -15,11 +17,11 @@ from __future__ import annotations
 import enum
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from kvpool_connector.config import ConfigError
+from kvpool_connector.errors import ConfigError
 
 if TYPE_CHECKING:
     from kvpool_connector.config import ResolvedConfig
@@ -77,6 +79,16 @@ class PoolBackend(ABC):
     name: ClassVar[str] = "pool"
     max_buffers_per_object: ClassVar[int | None] = None
     """How many page buffers (runs) one object may gather; None: no limit."""
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    """This pool's own keys of ``kv_connector_extra_config`` (its section); ``config`` reads only the keys every
+    pool shares, and refuses a key that is neither those nor the chosen pool's."""
+
+    @classmethod
+    def parse_settings(cls, section: dict[str, Any], env: Mapping[str, str]) -> Any:
+        """This pool's settings from ``section`` (the ``config_keys`` the user gave) and the environment or files
+        they point to; raise ConfigError naming the key or file on any mistake. The result reaches ``from_config``
+        as ``config.backend_settings``. A pool without keys of its own has none."""
+        return None
 
     @classmethod
     @abstractmethod
@@ -99,6 +111,15 @@ class PoolBackend(ABC):
     def lookup_thread_binding(cls, config: ResolvedConfig) -> Callable[[], None] | None:
         """What the scheduler's lookup threads must run first (a device context the client needs), or None."""
         return None
+
+    @classmethod
+    def thread_binding(cls, config: ResolvedConfig, role: ClientRole) -> Callable[[], None] | None:
+        """What every thread that calls a client of ``role`` must run first: a worker's device binding (the
+        device's context is per thread; on the CPU the client's own threads inherit the caller's cores), else
+        ``lookup_thread_binding``."""
+        if role.holds_data:
+            return role.runtime.bind_thread if role.runtime is not None else None
+        return cls.lookup_thread_binding(config)
 
     @classmethod
     def places_kv_cache(cls, config: ResolvedConfig) -> bool:
@@ -136,10 +157,6 @@ class PoolBackend(ABC):
     @abstractmethod
     def get(self, keys: Sequence[str], addrs: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]) -> list[Outcome]:
         """Read each key's object into its pages; OK only if exactly sum(sizes) bytes arrived."""
-
-    @abstractmethod
-    def remove(self, keys: Sequence[str]) -> list[bool]:
-        """Drop each key's object (also while a reader holds a lease); True where it was removed."""
 
     def remove_prefix(self, prefix: str) -> int | None:
         """Drop every object whose key starts with ``prefix``: how many, or None where the pool cannot select keys

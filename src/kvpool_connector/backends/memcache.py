@@ -14,6 +14,8 @@ Facts of pymmc 1.3.0 this module is built on (memcache ``mmcache_store.cpp``, ``
 - The direction of a transfer says where *that call's buffers* live: ``L2G``/``G2L`` for device (HBM) addresses,
   ``H2G``/``G2H`` for host memory. pymmc treats every buffer of an L2G call as HBM, so a host staging buffer sent
   as L2G is read as a device address. We ask the device runtime where the first buffer of each object lives.
+- ``init`` raises ValueError for a bad local-service file: read as PoolUnavailable, since the file can be fixed while
+  the engine serves and the pool handle retries.
 - ``register_buffer`` is for device RDMA; host memory is not registered (production never does).
 - Batches are cut at memcache's documented limits (``mmc_def.h``: 16,384 keys, 255 buffers per key, keys of 1..256
   bytes), although pymmc's wrapper passed 200,000 keys and 1,024 buffers on a client without pool memory; a put of a
@@ -32,7 +34,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar
 
@@ -45,7 +47,13 @@ from kvpool_connector.backends.base import (
     RegistrationRefused,
     knock,
 )
-from kvpool_connector.config import MMC_LOCAL_CONFIG_ENV, MemcacheSettings, ResolvedConfig
+from kvpool_connector.backends.memcache_settings import (
+    MMC_LOCAL_CONFIG_ENV,
+    MemcacheKeys,
+    MemcacheSettings,
+    parse_memcache_settings,
+)
+from kvpool_connector.config import ResolvedConfig
 from kvpool_connector.devices import CpuRuntime, DeviceRuntime
 
 # pymmc copy directions (memcache_hybrid.L2G ...).
@@ -171,7 +179,12 @@ class _ProcessClient:
                         "before this worker) and initialises only once per process; this worker cannot move data"
                     )
                 return self.store
-            rc = self.store.init(self.device_id, self.wants_bm)
+            try:
+                rc = self.store.init(self.device_id, self.wants_bm)
+            except ValueError as exc:  # pymmc's answer to a bad local-service file, which can be fixed while we wait
+                raise PoolUnavailable(
+                    f"memcache init(device {self.device_id}) refused its local service config: {exc}"
+                ) from exc
             if rc != 0:
                 hint = " (a client holding pool memory needs the Ascend driver and CANN)" if self.wants_bm else ""
                 raise PoolUnavailable(
@@ -200,13 +213,19 @@ _PROCESS_CLIENT = _ProcessClient()
 class MemcacheBackend(PoolBackend):
     name: ClassVar[str] = "memcache"
     max_buffers_per_object: ClassVar[int | None] = MAX_BUFFERS_PER_KEY
+    config_keys: ClassVar[tuple[str, ...]] = MemcacheKeys.__struct_fields__
+
+    @classmethod
+    def parse_settings(cls, section: dict[str, Any], env: Mapping[str, str]) -> MemcacheSettings:
+        return parse_memcache_settings(section, env)
 
     @classmethod
     def from_config(cls, config: ResolvedConfig, role: ClientRole) -> MemcacheBackend:
-        assert config.memcache is not None
-        configured = config.memcache.device_id  # memcache_device_id overrides the worker's local rank
+        settings = config.backend_settings
+        assert isinstance(settings, MemcacheSettings), "a config of another backend"
+        configured = settings.device_id  # memcache_device_id overrides the worker's local rank
         device = role.device_id if configured is None else configured
-        return cls(config.memcache, holds_data=role.holds_data, device_id=device, runtime=role.runtime)
+        return cls(settings, holds_data=role.holds_data, device_id=device, runtime=role.runtime)
 
     def __init__(
         self,
@@ -300,9 +319,6 @@ class MemcacheBackend(PoolBackend):
                     outcomes[i] = outcome(code)
         return outcomes
 
-    def remove(self, keys: Sequence[str]) -> list[bool]:
-        return [code == 0 for code in _batched(self._store.remove_batch, list(keys), -1)]
-
     def close(self) -> None:
         if self._joined:
             self._joined = False
@@ -317,3 +333,6 @@ def _batched(call: Callable[[list[str]], list[int]], keys: list[str], failed: in
         reply = list(call(chunk))
         codes.extend(reply if len(reply) == len(chunk) else [failed] * len(chunk))
     return codes
+
+
+BACKEND = MemcacheBackend

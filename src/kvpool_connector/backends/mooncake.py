@@ -21,8 +21,8 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from kvpool_connector.backends.base import (
     ANSWER_TIMEOUT_S,
@@ -34,9 +34,11 @@ from kvpool_connector.backends.base import (
     RegistrationRefused,
     knock,
 )
+from kvpool_connector.backends.mooncake_settings import MooncakeKeys, MooncakeSettings, parse_mooncake_settings
 from kvpool_connector.backends.shared_area import SharedArea
-from kvpool_connector.config import ConfigError, MooncakeSettings, ResolvedConfig
+from kvpool_connector.config import ResolvedConfig
 from kvpool_connector.devices import runtime_for
+from kvpool_connector.errors import ConfigError
 from kvpool_connector.logs import init_logger
 
 logger = init_logger(__name__)
@@ -130,8 +132,15 @@ def _import_store():
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _settings(config: ResolvedConfig) -> MooncakeSettings:
+    settings = config.backend_settings
+    assert isinstance(settings, MooncakeSettings), "a config of another backend"
+    return settings
+
+
 class MooncakeBackend(PoolBackend):
     name: ClassVar[str] = "mooncake"
+    config_keys: ClassVar[tuple[str, ...]] = MooncakeKeys.__struct_fields__
 
     def __init__(self, settings: MooncakeSettings, *, holds_data: bool, kv_cache_bytes: int = 0) -> None:
         self._settings = settings
@@ -148,15 +157,17 @@ class MooncakeBackend(PoolBackend):
 
     # -- what the layers above ask of this pool ------------------------------------------------------------------
     @classmethod
+    def parse_settings(cls, section: dict[str, Any], env: Mapping[str, str]) -> MooncakeSettings:
+        return parse_mooncake_settings(section, env)
+
+    @classmethod
     def from_config(cls, config: ResolvedConfig, role: ClientRole) -> MooncakeBackend:
-        assert config.mooncake is not None
-        return cls(config.mooncake, holds_data=role.holds_data, kv_cache_bytes=role.kv_cache_bytes)
+        return cls(_settings(config), holds_data=role.holds_data, kv_cache_bytes=role.kv_cache_bytes)
 
     @classmethod
     def check_worker(cls, config: ResolvedConfig, device_type: str, block_bytes: int, runs_per_block: int) -> None:
         super().check_worker(config, device_type, block_bytes, runs_per_block)
-        s = config.mooncake
-        assert s is not None
+        s = _settings(config)
         if device_type == "npu" and s.protocol != "ascend":
             raise ConfigError(
                 'mooncake `protocol`: KV pages on an Ascend NPU move only over the "ascend" transport, got '
@@ -183,14 +194,14 @@ class MooncakeBackend(PoolBackend):
         """The ``ascend`` transport sets up its memory in the calling thread's ACL context, so even the lookup client,
         which holds no KV, needs a device there: device 0, as vllm-ascend's scheduler client does. Other transports
         need no device in the scheduler (and a CUDA context there would cost device memory)."""
-        if config.mooncake is not None and config.mooncake.protocol == "ascend":
+        if _settings(config).protocol == "ascend":
             return runtime_for("npu", 0).bind_thread
         return None
 
     @classmethod
     def places_kv_cache(cls, config: ResolvedConfig) -> bool:
-        s = config.mooncake
-        return s is not None and bool(s.real_client_address) and s.kv_cache_in_shared_memory
+        s = _settings(config)
+        return bool(s.real_client_address) and s.kv_cache_in_shared_memory
 
     @property
     def kv_cache_memory(self) -> HandedOutMemory | None:
@@ -340,9 +351,6 @@ class MooncakeBackend(PoolBackend):
     def _put_contiguous(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
         return self._store.batch_put_from(keys, ptrs, sizes, self._replicate_config)
 
-    def remove(self, keys: Sequence[str]) -> list[bool]:
-        return [code == 0 for code in self._store.batch_remove(list(keys), True)]
-
     def remove_prefix(self, prefix: str) -> int | None:
         removed = int(self._store.remove_by_regex("^" + re.escape(prefix), True))  # also objects a reader leases
         if removed < 0:
@@ -361,3 +369,6 @@ class MooncakeBackend(PoolBackend):
             logger.debug("leaving the shared-memory client attached: the KV cache lives in its memory")
             return
         self._store.close()
+
+
+BACKEND = MooncakeBackend

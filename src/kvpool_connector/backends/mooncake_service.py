@@ -263,9 +263,6 @@ class MooncakePool:
             "disk_hits": samples.get("file_cache_hit_nums__total", 0.0),
         }
 
-    def stop_master(self, sig: int = signal.SIGTERM) -> None:
-        stop_process(self.master, sig)
-
     def stop(self) -> None:
         """Node first, then master; each gets ``STOP_GRACE_S`` after SIGTERM before SIGKILL: a pool's objects die with
         it either way, and a node busy with transfers may take long to stop by itself."""

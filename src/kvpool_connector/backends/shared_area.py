@@ -7,9 +7,9 @@ per object and a single batched copy scatters the slots into the pages; a put ga
 Slots are packed per chunk, so any mix of object sizes works.
 
 The two copies run one after the other. Overlapping them (the node filling one half of the area while a helper thread
-scatters the other) was measured in the engine and dropped: it saved 2 ms of a 12.5 ms 64 MiB load while the scatter
-used plain stores, and cost 2-4 ms once the native copy streamed its stores (a 4 ms scatter): the two copies share
-one memory bus, and the node's slowed by more than the overlap hid.
+scatters the other) does not pay: measured in the engine, it saves 2 ms of a 12.5 ms 64 MiB load with a scatter of
+plain stores, and costs 2-4 ms with the native copy's streaming stores (a 4 ms scatter): the two copies share one
+memory bus, and the node's slows by more than the overlap hides.
 
 Codes pass through untouched (the backend reads them): for a get, the bytes read or a negative error; an object is
 scattered only when exactly its expected size arrived.
