@@ -141,7 +141,7 @@ def _measure(handle, savers: dict, pages, prompt_blocks: int, repeat: int, where
             t0 = time.perf_counter()
             saver.save([BlockTransfer("bench", block_ids, hashes)])  # what wait_for_save waits for
             waits[mode].append((time.perf_counter() - t0) * 1e3)
-            assert saver.flush(60)
+            assert saver.drain(60)
     for mode, saver in savers.items():
         assert saver.stats.total().get("saved_blocks", 0) == repeat * prompt_blocks, (mode, saver.stats.total())
     sync_ms, staged_ms = waits["sync"], waits["staged"]

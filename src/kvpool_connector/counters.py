@@ -32,7 +32,3 @@ class StatsCounter:
     def total(self) -> dict[str, float]:
         with self._lock:
             return dict(self._total)
-
-    def __getitem__(self, name: str) -> float:
-        with self._lock:
-            return self._total.get(name, 0)

@@ -240,7 +240,7 @@ def _() -> str:
         t[:, blocks] = -1.0
     assert saver.drain(30)
     assert still_running, "save() returned only after the forward pass's kernels finished: it blocked"
-    assert saver.stats["saved_blocks"] == 3, saver.stats.total()
+    assert saver.stats.total()["saved_blocks"] == 3, saver.stats.total()
     for block, stored in zip(blocks, _stored(pool, transfer), strict=True):
         assert bool((stored == np.uint16(0x40E0)).all()), f"block {block}: staged bytes are not the final 7.0s"
     # load them back into other blocks, straight into the device pages

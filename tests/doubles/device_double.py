@@ -6,8 +6,11 @@ for an event sees exactly the writes before that event; a host thread sees them 
 A pool client (memcache's SDMA/RDMA engine) reads device memory on its own, so it may only read pages whose writes a
 host thread has waited for.
 
-Memory the double hands out (``alloc``) is host memory standing in for HBM: copies really move bytes, and
-``is_device_address`` knows exactly these ranges. ``launch_write`` plays the forward pass: a queued kernel that
+Memory the double hands out (``alloc``) is host memory standing in for HBM: copies really move bytes. The double
+keeps its own record of these ranges (``holds``), which it and the pymmc double judge device reads and transfer
+directions by: the runtime's ``is_device_address`` is code under test, so it is never their oracle. ``alloc`` also
+tells the runtime (``add_device_memory``), in place of the worker: torch sees these tensors as CPU tensors, so the
+worker cannot tell they stand for device pages. ``launch_write`` plays the forward pass: a queued kernel that
 writes a range (the bytes are written at once, but the write counts as incomplete until an event after it has been
 waited for). Every read of a range with an incomplete write, by a copy or by the pool, is recorded in ``violations``;
 tests assert it stays empty.
@@ -38,6 +41,7 @@ class RecordingDevice(DeviceRuntime):
         super().__init__()
         self.device_index = device_index
         self._buffers: list[np.ndarray] = []
+        self._allocated: list[tuple[int, int]] = []  # [start, end) of each alloc: the double's own record of HBM
         self._seq = 0
         self._pending: list[tuple[int, int, int]] = []  # (start, end, seq) of queued writes
         self._host_visible = 0  # writes up to this seq are complete for host threads and the pool
@@ -54,8 +58,22 @@ class RecordingDevice(DeviceRuntime):
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         buffer = np.zeros(nbytes, dtype=np.uint8)
         self._buffers.append(buffer)
+        self._allocated.append((buffer.ctypes.data, buffer.ctypes.data + nbytes))
         self.add_device_memory(buffer.ctypes.data, nbytes)
         return torch.from_numpy(buffer).view(dtype).view(*shape)
+
+    def holds(self, ptr: int, size: int = 1) -> bool:
+        """Whether every byte of [ptr, ptr+size) is memory this double allocated (device memory, by its own record;
+        adjacent allocations count as one range)."""
+        covered = ptr
+        for start, end in sorted(self._allocated):
+            if start <= covered < end:
+                covered = end
+        return covered >= ptr + size
+
+    def touches(self, ptr: int, size: int) -> bool:
+        """Whether any byte of [ptr, ptr+size) is device memory, by the double's own record."""
+        return any(start < ptr + size and ptr < end for start, end in self._allocated)
 
     def launch_write(self, tensor: torch.Tensor, value: float) -> None:
         """A kernel on the compute stream fills ``tensor`` (a view of device memory)."""
@@ -97,7 +115,7 @@ class RecordingDevice(DeviceRuntime):
             raise CopyError("fake aclrtMemcpyBatchAsync failed (507011) at copy 0 of 1")
         visible = after.seq if after is not None else 0
         for dst, src, size in zip(dsts.tolist(), srcs.tolist(), sizes.tolist(), strict=True):
-            if self.is_device_address(src):
+            if self.touches(src, size):
                 self._check(src, size, visible, "copy")
             ctypes.memmove(dst, src, size)
         self.copies += 1

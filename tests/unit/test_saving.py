@@ -96,13 +96,13 @@ def test_saved_blocks_land_in_the_pool_once(kv, handle, read_back, staging_block
     saver = saver_for(handle, pages, staging_blocks, shard)
     blocks = transfer([1, 2, 5], tag=1)
     saver.save([blocks])
-    assert saver.flush(10)
+    assert saver.drain(10)
     for key, block in zip(keys_of(shard, blocks), (1, 2, 5), strict=True):
         assert read_back(key) == _block_bytes(caches, block)
     totals = saver.stats.total()
     assert totals["saved_blocks"] == 3 and totals["saved_bytes"] == 3 * pages.block_bytes
     saver.save([transfer([1], tag=1)])  # already in the pool: skipped, not put again
-    assert saver.flush(10)
+    assert saver.drain(10)
     assert saver.stats.total()["save_skipped_present"] == 1 and saver.stats.total()["saved_blocks"] == 3
     saver.close()
 
@@ -127,7 +127,7 @@ def test_block_reused_while_save_in_flight_does_not_corrupt_pool(kv, handle, rea
     for tensor in caches.values():  # a new request gets block 3 and writes its own KV there
         tensor[3].fill_(42.0)
     gate.open()
-    assert saver.flush(10)
+    assert saver.drain(10)
     assert read_back(keys_of("reuse", blocks)[0]) == original
     saver.close()
 
@@ -143,7 +143,7 @@ def test_full_staging_drops_oldest_queued_saves(kv, handle, read_back):
     saver.save([last])  # no free slot: the queued job (2 blocks) is dropped, never the one in flight
     assert saver.stats.total()["save_dropped.staging_full"] == 2
     gate.open()
-    assert saver.flush(10)
+    assert saver.drain(10)
     present = handle.exists(keys_of("full", first) + keys_of("full", queued) + keys_of("full", last))
     assert present == [True, False, False, True]
     assert read_back(keys_of("full", last)[0]) == _block_bytes(caches, 4)
@@ -168,7 +168,7 @@ def test_a_cache_reset_drops_the_queued_saves_and_frees_their_slots(kv, handle):
     assert gate.entered.wait(10)
     saver.save([queued])
     dropped: list[int] = []
-    dropper = threading.Thread(target=lambda: dropped.append(saver.drop_queued(timeout_s=10)))
+    dropper = threading.Thread(target=lambda: dropped.extend(len(job.keys) for job in saver.drop_queued(timeout_s=10)))
     dropper.start()  # forgets the queued save at once, then waits for the one in flight
     time.sleep(0.2)
     gate.open()
@@ -177,7 +177,7 @@ def test_a_cache_reset_drops_the_queued_saves_and_frees_their_slots(kv, handle):
     assert handle.exists(keys_of("reset", in_flight) + keys_of("reset", queued)) == [True, False, False]
     after = transfer([0, 1, 2, 3], tag=7)
     saver.save([after])  # every slot is free again
-    assert saver.flush(10)
+    assert saver.drain(10)
     assert handle.exists(keys_of("reset", after)) == [True] * 4
     assert saver.stats.total().get("save_dropped.staging_full", 0) == 0
     saver.close()
@@ -189,7 +189,7 @@ def test_saves_while_the_pool_is_unreachable_are_counted_not_tried(kv):
     handle = PoolHandle(lambda: MooncakeBackend(settings, holds_data=True), 60.0, "down")
     saver = saver_for(handle, pages, 4, "down")
     saver.save([transfer([1, 2], tag=8)])
-    assert saver.flush(10)
+    assert saver.drain(10)
     totals = saver.stats.total()
     assert totals.get("save_dropped.unavailable", 0) == 2 and totals.get("saved_blocks", 0) == 0
     saver.close()

@@ -151,7 +151,8 @@ def test_a_hung_pool_answers_a_miss_at_the_deadline_and_never_stalls(tiny_model,
         assert max(b - a for a, b in zip([start, *calls], calls, strict=False)) < 0.1  # every call returned at once
         other = requests.make("while-hung", tokens(2 * BLOCK + 5, seed=4))
         assert scheduler.get_num_new_matched_tokens(other, 0) == (0, False)  # the stuck query: a miss at once
-        assert scheduler.stats["lookup_timeouts"] == 2  # both misses are counted (vllm:kvpool_lookup_timeouts_total)
+        # both misses are counted (vllm:kvpool_lookup_timeouts_total)
+        assert scheduler.stats.total()["lookup_timeouts"] == 2
         # Each unanswered lookup's blocks are missed for the pool's sake, not for want of a save, once allocated.
         from vllm.v1.core.kv_cache_manager import KVCacheBlocks
         from vllm.v1.core.kv_cache_utils import KVCacheBlock
@@ -159,7 +160,8 @@ def test_a_hung_pool_answers_a_miss_at_the_deadline_and_never_stalls(tiny_model,
         for i, asked in enumerate((request, other)):
             blocks = KVCacheBlocks(([KVCacheBlock(10 * i + b) for b in range(3)],))
             scheduler.update_state_after_alloc(asked, blocks, 0)
-        assert scheduler.stats["missed_blocks.pool_unavailable"] == 4  # two lookups of two full blocks each
+        # two lookups of two full blocks each
+        assert scheduler.stats.total()["missed_blocks.pool_unavailable"] == 4
     finally:
         pool.master.send_signal(signal.SIGCONT)
         scheduler.shutdown()
@@ -232,7 +234,7 @@ def test_a_consumer_waits_for_the_producers_blocks_until_they_land_or_the_deadli
         start = time.monotonic()
         assert answer_when_ready(scheduler, never) == (0, False)
         assert 0.8 <= time.monotonic() - start < 2.0
-        assert scheduler.stats["producer_wait_expired"] == 1
+        assert scheduler.stats.total()["producer_wait_expired"] == 1
     finally:
         scheduler.shutdown()
 

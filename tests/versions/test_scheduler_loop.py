@@ -98,7 +98,7 @@ def test_a_first_run_saves_every_full_prompt_block_while_prompts_prefill_and_dec
     assert loop.stats.load_errors == set()
     # Saved: the full prompt blocks, each once; the partial tails and the decode blocks not (save_decode_cache off).
     assert sorted(loop.saves) == sorted(first_run.saved_keys)
-    assert loop.worker.stats["saved_blocks"] == len(first_run.saved_keys) == 12
+    assert loop.worker.stats.total().get("saved_blocks", 0) == len(first_run.saved_keys) == 12
     assert mooncake_client.batch_is_exist(first_run.saved_keys) == [1] * 12
     assert loop.check_pool(mooncake_client) == 12
     assert loop.problems == [], "a pool object holds other bytes than its block's"
@@ -119,7 +119,7 @@ def test_a_fresh_scheduler_and_worker_load_every_full_prompt_block(tiny_model, p
             assert sum(planned) == blocks and loop.stats.sync_loads > 0
         else:
             assert planned == ((blocks, 0) if load_async else (0, blocks))
-        assert loop.worker.stats["loaded_blocks"] == blocks
+        assert loop.worker.stats.total().get("loaded_blocks", 0) == blocks
         assert loop.stats.load_errors == set()
         assert loop.saves == {}, "blocks that came from the pool are not saved back"
         assert_outputs_right(loop, PROMPTS)
@@ -142,7 +142,7 @@ def test_a_request_for_prompt_logprobs_is_never_served_from_the_pool(tiny_model,
         hits = {r: 0 if r in ("three-and-5", "four-and-9") else pool_hit(t) for r, t in PROMPTS.items()}
         assert loop.stats.external_cached == hits
         assert loop.stats.first_hit == hits
-        assert loop.worker.stats["loaded_blocks"] == full_prompt_blocks(PROMPTS["two-and-1"]) + 3
+        assert loop.worker.stats.total().get("loaded_blocks", 0) == full_prompt_blocks(PROMPTS["two-and-1"]) + 3
         assert loop.problems == []
         assert_outputs_right(loop, PROMPTS)
         said = [r.getMessage() for r in caplog.records if "prompt logprobs" in r.getMessage()]

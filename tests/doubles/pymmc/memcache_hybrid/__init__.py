@@ -11,8 +11,9 @@ connector's code. It follows the release of the real package installed beside it
   ``batch_is_exist`` / ``remove_batch`` and -3019 to register_buffer.
 - Directions: ``L2G``/``G2L`` name device (HBM) buffers, which must lie in registered device memory; ``H2G``/``G2H``
   name host memory. A buffer of the wrong kind fails its key (-1); a direction the call does not take fails every
-  key (-3000). Which addresses are device memory is known from the device double attached with
-  :func:`attach_device` (without one, no address is).
+  key (-3000). Which addresses are device memory is the device double's own record of what it allocated
+  (``holds``/``touches``, attached with :func:`attach_device`; without one, no address is), never the connector's
+  ``is_device_address``, whose answer these checks judge.
 - Keys of 1..256 bytes: a longer or empty key gets -3000 (that key alone in ``batch_is_exist``, every key of a put
   or get); 1..65,534 buffers per key (else every key: -3000). A put of a key already present returns 0 and keeps the
   first copy. A get whose buffers do not add up to the object's size fails (-1); a missing key answers -3007
@@ -125,8 +126,14 @@ def _count_call() -> None:
         _down_until = time.monotonic() + float(_FAULTS.get("down_for_s", 2.0))
 
 
-def _is_device(ptr: int) -> bool:
-    return _device is not None and _device.is_device_address(ptr)
+def _on_device(ptr: int, size: int) -> bool:
+    """[ptr, ptr+size) lies in device memory (HBM), by the device double's record of what it allocated."""
+    return _device is not None and _device.holds(ptr, size)
+
+
+def _on_host(ptr: int, size: int) -> bool:
+    """No byte of [ptr, ptr+size) is device memory."""
+    return _device is None or not _device.touches(ptr, size)
 
 
 def _in_registered(ptr: int, size: int) -> bool:
@@ -206,9 +213,7 @@ class DistributedObjectStore:
 
     def _buffers_ok(self, ptrs: list[int], sizes: list[int], device: bool) -> bool:
         for ptr, size in zip(ptrs, sizes, strict=True):
-            if _is_device(ptr) != device:
-                return False
-            if device and not _in_registered(ptr, size):
+            if not (_on_device(ptr, size) and _in_registered(ptr, size) if device else _on_host(ptr, size)):
                 return False
         return True
 
