@@ -56,8 +56,7 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """The keys of ``kv_connector_extra_config`` every pool shares; each backend reads its own besides."""
 
     backend: str = backends.DEFAULT_BACKEND
-    """Which pool, one of ``backends.BACKENDS``: ``memcache`` (Huawei memcache, Ascend; the default) or ``mooncake``
-    (Mooncake Store)."""
+    """Which pool: a name in ``backends.BACKENDS`` (``backends.DEFAULT_BACKEND`` when absent)."""
     use_layerwise: bool = False
     """Per-layer load/save overlapping the forward pass; only ``false`` (whole blocks before/after it) so far."""
     memcache_rpc_port: int | str = 0
@@ -87,7 +86,8 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     does to the pool. ``layout``: remove every object stored under this deployment's layout (model, dtypes, KV
     layout, shard): the entries every instance serving the same model this way shares, and the ones a weight update
     makes stale for all of them; other models' entries stay. ``off``: leave the pool and report the reset as failed.
-    memcache cannot select objects by key prefix: there the reset fails with a warning and the pool keeps them."""
+    A pool that cannot select objects by key prefix (``PoolBackend.remove_prefix``) keeps them: the reset fails with a
+    warning."""
     save_decode_cache: bool = False
     """Also save blocks filled by generated tokens (the partial tail never), keyed by the hashes of prompt + output,
     so a chat's next turn, whose prompt repeats this one and its answer, finds them in the pool. Costs pool space and

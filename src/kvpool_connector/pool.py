@@ -4,8 +4,8 @@
 A handle wraps one :class:`PoolBackend` and owns its connection and its outages:
 1. ``start(wait_s)`` connects in a background thread, retrying from ``reconnect_interval_s`` with backoff until it
    succeeds or the handle is closed; start-up waits up to ``wait_s`` for the first attempt, then vLLM serves
-   meanwhile. (A background thread is no shield against a client call that holds the GIL, as Mooncake's setup does
-   while it retries a master: backends must refuse an absent pool before making such a call.) A failed attempt's
+   meanwhile. (A background thread is no shield against a client call that holds the GIL while it retries an absent
+   server: backends must refuse an absent pool before making such a call.) A failed attempt's
    client is closed before the next one. A pool that answers but refuses our memory (``RegistrationRefused``) is not
    retried: ``start`` raises it, naming the region.
 2. ``register_memory()`` / ``unregister_memory()`` keep the KV regions registered whenever a connection is made.
@@ -15,7 +15,8 @@ A handle wraps one :class:`PoolBackend` and owns its connection and its outages:
    ``reconnect_interval_s`` (counted as ``outages``): calls inside it fail fast instead of each waiting out the
    client's RPC retries (~4 s for a dead master, 30 s for a hung one). A probe thread ends the window as soon as the
    pool is back (a connect to its front door every 0.2 s, then one confirming lookup), or the first call after the
-   window finds it back. Mooncake's client reconnects to a restarted master by itself, so hits and saves resume then.
+   window finds it back. The handle keeps the client it has: a pool client reconnects to a restarted server by itself,
+   and hits and saves resume then.
 5. ``close()`` stops the connector thread and closes the client.
 
 Batched lookups off the caller's thread live in ``lookups``; the accounting of loads and saves in ``loading`` and
@@ -123,7 +124,7 @@ class PoolHandle:
                 self._first_attempt.set()
                 return
             except (PoolUnavailable, OSError, RuntimeError) as exc:
-                # The attempt's client goes: memcache's process-wide client keeps a user per open one, and each retry
+                # The attempt's client goes: a client shared by the process keeps a user per open one, and each retry
                 # would register the regions again.
                 _close_quietly(backend)
                 self._first_attempt.set()

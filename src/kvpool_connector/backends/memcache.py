@@ -14,6 +14,8 @@ Facts of pymmc 1.3.0 this module is built on (memcache ``mmcache_store.cpp``, ``
 - The direction of a transfer says where *that call's buffers* live: ``L2G``/``G2L`` for device (HBM) addresses,
   ``H2G``/``G2H`` for host memory. pymmc treats every buffer of an L2G call as HBM, so a host staging buffer sent
   as L2G is read as a device address. We ask the device runtime where the first buffer of each object lives.
+- ``init`` raises ValueError for a bad local-service file: read as PoolUnavailable, since the file can be fixed while
+  the engine serves and the pool handle retries.
 - ``register_buffer`` is for device RDMA; host memory is not registered (production never does).
 - Batches are cut at memcache's documented limits (``mmc_def.h``: 16,384 keys, 255 buffers per key, keys of 1..256
   bytes), although pymmc's wrapper passed 200,000 keys and 1,024 buffers on a client without pool memory; a put of a
