@@ -126,7 +126,8 @@ class TransferQueue(ABC, Generic[Job]):
             return
         if not self.drain(timeout_s):
             with self._cond:
-                logger.warning("shutdown: %s still had %d transfers after %.0f s", self._name, self._running, timeout_s)
+                left = len(self._queue) + self._running
+                logger.warning("shutdown: %s still had %d transfers after %.0f s", self._name, left, timeout_s)
                 self._take_queued("shutdown")
         with self._cond:
             self._stopping = True
