@@ -12,6 +12,9 @@ routed experts and a dense first layer, as DeepSeek-V2-Lite.
 The Gemma 3 preset is the hybrid-attention class: sliding-window layers alternate with full-attention ones, so vLLM's
 hybrid KV cache manager gives it two KV cache groups.
 
+``build_mtp`` writes a DeepSeek-V3 at the same toy width with a multi-token-prediction layer, the drafter of vLLM's MTP
+speculative decoding.
+
 Usage: ``python -m kvpool_testkit.tiny_model DIR [--preset tiny|capacity|bench|tiny-mla|bench-mla|tiny-sliding]``.
 """
 
@@ -197,6 +200,83 @@ def build_eagle(out_dir: str | Path, base: str | Path, seed: int, std: float = 0
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+MTP_PRESETS: dict[str, MLAPreset] = {
+    # DeepSeek-V3 at toy width with its next-token-prediction layer: the tiny-mla attention, 3 dense layers and a
+    # dense MTP layer (``first_k_dense_replace`` past every layer, the MTP layer's index 3 included): vLLM's CPU MoE
+    # kernels take no float32 weights, and float32 keeps greedy answers comparable token for token
+    "tiny-mtp": MLAPreset(256, 3, 4, 32, 32, 512, 128, 4, 1, 2, 4, 2048, 8192, 0.05),
+}
+
+
+def build_mtp(out_dir: str | Path, preset: str = "tiny-mtp", seed: int = 0, num_mtp_layers: int = 1) -> Path:
+    """A DeepSeek-V3 checkpoint with ``num_mtp_layers`` multi-token-prediction layers, in the layout vLLM's
+    ``DeepSeekMTP`` loads (``speculative_config={"method": "mtp"}``; vLLM maps only ``deepseek_v3``/``v32`` configs to
+    it, not V2): config ``num_nextn_predict_layers``, and at ``model.layers.{num_hidden_layers + i}.`` a decoder layer
+    plus ``enorm``, ``hnorm``, ``eh_proj`` (joins the normed token embedding and the target's hidden state) and
+    ``shared_head`` (``norm``; ``head``, a copy of ``lm_head`` as in DeepSeek-V3's checkpoints). The target model
+    ignores those weights. Random weights drawn from ``seed``; byte-identical on every call, built once per folder (a
+    no-op when the same build is there)."""
+    out = Path(out_dir)
+    spec = MTP_PRESETS[preset]
+    stamp = {"preset": preset, "seed": seed, "num_mtp_layers": num_mtp_layers, **asdict(spec)}
+    stamp_file = out / "kvpool_tiny_model.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.parent / f".{out.name}.lock"):
+        if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+            return out
+        _build_mtp(out, spec, seed, num_mtp_layers)
+        stamp_file.write_text(json.dumps(stamp))
+    return out
+
+
+def _build_mtp(out: Path, spec: MLAPreset, seed: int, num_mtp_layers: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out, spec.vocab_size, seed)
+    layers = spec.num_hidden_layers
+
+    def config(num_hidden_layers: int) -> DeepseekV3Config:
+        common = _common(spec) | {"num_hidden_layers": num_hidden_layers}
+        return DeepseekV3Config(
+            num_key_value_heads=spec.num_attention_heads,
+            kv_lora_rank=spec.kv_lora_rank,
+            q_lora_rank=None,
+            qk_nope_head_dim=spec.qk_nope_head_dim,
+            qk_rope_head_dim=spec.qk_rope_head_dim,
+            v_head_dim=spec.v_head_dim,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            n_routed_experts=spec.n_routed_experts,
+            n_shared_experts=spec.n_shared_experts,
+            num_experts_per_tok=spec.num_experts_per_tok,
+            first_k_dense_replace=spec.first_k_dense_replace,
+            n_group=spec.n_group,
+            topk_group=spec.topk_group,
+            num_nextn_predict_layers=num_mtp_layers,
+            **common,
+        )
+
+    torch.manual_seed(seed)
+    # The MTP layers' decoder blocks drawn as further layers of the same model, then given the MTP parts.
+    model = DeepseekV3ForCausalLM(config(layers + num_mtp_layers))
+    tensors = {name: value.detach().clone().contiguous() for name, value in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed + 1)
+    hidden = spec.hidden_size
+    for i in range(layers, layers + num_mtp_layers):
+        prefix = f"model.layers.{i}."
+        tensors[f"{prefix}enorm.weight"] = torch.ones(hidden)
+        tensors[f"{prefix}hnorm.weight"] = torch.ones(hidden)
+        tensors[f"{prefix}eh_proj.weight"] = torch.randn(hidden, 2 * hidden, generator=generator) * spec.init_std
+        tensors[f"{prefix}shared_head.norm.weight"] = torch.ones(hidden)
+        tensors[f"{prefix}shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    target = config(layers)
+    target.architectures = ["DeepseekV3ForCausalLM"]
+    target.save_pretrained(out)
 
 
 def _build(out: Path, spec: ModelPreset | MLAPreset | SlidingPreset, seed: int) -> None:
