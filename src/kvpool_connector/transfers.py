@@ -82,6 +82,8 @@ class TransferQueue(ABC, Generic[Job]):
         finally:
             with self._cond:
                 self._ended(job, background)
+                if background:
+                    self._running -= 1
                 self._cond.notify_all()
 
     def _loop(self) -> None:
@@ -93,20 +95,9 @@ class TransferQueue(ABC, Generic[Job]):
                     return
                 job = self._queue.popleft()
                 self._running += 1
-            try:
-                self._run(job, background=True)
-            finally:
-                with self._cond:
-                    self._running -= 1
-                    self._cond.notify_all()
+            self._run(job, background=True)
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
-    @property
-    def queued(self) -> int:
-        """Jobs waiting for the background thread."""
-        with self._cond:
-            return len(self._queue)
-
     def drain(self, timeout_s: float) -> bool:
         """Wait until no job is queued or running; False if that took longer than ``timeout_s``."""
         with self._cond:
