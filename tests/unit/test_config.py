@@ -158,3 +158,24 @@ def test_peer_key_we_do_not_honour_is_refused_with_a_pointer(extra, pointer):
     with pytest.raises(ConfigError, match=pointer) as err:
         parse_config({"backend": "mooncake", "mooncake": MOONCAKE, **extra}, env={})
     assert next(iter(extra)) in str(err.value)
+
+
+def test_each_backend_names_itself_and_owns_keys_no_other_part_reads():
+    from kvpool_connector.backends import BACKENDS, DEFAULT_BACKEND, backend_type
+
+    assert DEFAULT_BACKEND in BACKENDS and PoolConfig().backend == DEFAULT_BACKEND
+    owned = [key for name in BACKENDS for key in backend_type(name).config_keys]
+    assert len(owned) == len(set(owned)) and not set(owned) & set(PoolConfig.__struct_fields__)
+    assert [backend_type(name).name for name in BACKENDS] == list(BACKENDS)
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "owner"),
+    [
+        ({"backend": "mooncake", "mooncake": MOONCAKE, "memcache_device_id": 1}, "memcache_device_id", "memcache"),
+        ({"mooncake": MOONCAKE}, "mooncake", "mooncake"),  # the default backend is memcache
+    ],
+)
+def test_a_key_of_another_backend_is_refused_naming_its_backend(extra, key, owner):
+    with pytest.raises(ConfigError, match=rf"`{key}` is a key of backend '{owner}'.*\"backend\": \"{owner}\""):
+        parse_config(extra, env={})

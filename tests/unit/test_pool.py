@@ -4,11 +4,14 @@ test_pool_faults.py."""
 
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 
-from kvpool_connector.backends.base import Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
-from kvpool_connector.pool import PoolHandle
+from kvpool_connector import pool as pool_module
+from kvpool_connector.backends.base import ClientRole, Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
+from kvpool_connector.config import PoolConfig, ResolvedConfig
+from kvpool_connector.pool import PoolHandle, open_pool
 from kvpool_testkit.inspection import wait_connected
 
 
@@ -156,3 +159,45 @@ def test_start_does_not_wait_out_a_refusal():
     began = time.monotonic()
     assert not handle.start(wait_s=5) and time.monotonic() - began < 1
     handle.close()
+
+
+class MadeByTheFactory(ScriptedBackend):
+    roles: ClassVar[list[ClientRole]] = []
+
+    @classmethod
+    def from_config(cls, config, role):
+        cls.roles.append(role)
+        return cls()
+
+    @classmethod
+    def lookup_thread_binding(cls, config):
+        return lookup_binding
+
+
+def lookup_binding():
+    """What a lookup client's threads would run first (a device context, for Mooncake's ascend transport)."""
+
+
+class Runtime:
+    def bind_thread(self):
+        """A worker's device binding."""
+
+
+def test_open_pool_connects_the_attached_client_first_then_new_clients_of_the_role(monkeypatch):
+    """A worker's client attached before vLLM allocated the KV cache in its memory makes the first connection; a later
+    attempt gets a new client of the handle's role. Threads bind as the backend class says for the role."""
+    MadeByTheFactory.roles = []
+    monkeypatch.setattr(pool_module, "backend_class", lambda config: MadeByTheFactory)
+    config = ResolvedConfig(pool=PoolConfig(reconnect_interval_s=0.05))
+    runtime = Runtime()
+    role = ClientRole(holds_data=True, device_id=3, runtime=runtime)  # type: ignore[arg-type]
+    attached = ScriptedBackend(refuse=PoolUnavailable("registration: client not ready"))
+    handle = open_pool(config, role, "worker", attached=attached)
+    assert handle.bind_thread == runtime.bind_thread
+    handle.register_memory(0x1000, 4096)
+    handle.start()
+    assert wait_connected(handle, 5)
+    assert attached.closed and MadeByTheFactory.roles == [role]
+    handle.close()
+    lookup = open_pool(config, ClientRole(holds_data=False), "lookup")
+    assert lookup.bind_thread is lookup_binding
