@@ -3,23 +3,89 @@ vLLM-free data plane (``keys``, ``head_shards``, ``kv_pages``, ``loading``, ``sa
 ``KVLayout`` and never import vLLM.
 
 Calls:
-1. ``engine_layout(vllm_config, kv_cache_config, model_version)``: refuses KV specs and parallel layouts the pool's
+1. ``describe_engine(vllm_config, kv_cache_config, model_version, load_from_tp_sizes)``: everything both sides of the
+   connector key, look up and move blocks by (``EngineLayout``), read once per process; the scheduler and every
+   worker call it with the same inputs and so hold the same description.
+2. ``engine_layout(vllm_config, kv_cache_config, model_version)``: refuses KV specs and parallel layouts the pool's
    keys do not describe, then returns the ``KVLayout`` both the scheduler and every worker key their blocks by.
-2. ``group_windows(specs, block_size)``: how far back a lookup needs each KV cache group's blocks.
+3. ``group_windows(specs, block_size)``: how far back a lookup needs each KV cache group's blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from kvpool_connector import compat
+from kvpool_connector import compat, head_shards, keys
 from kvpool_connector.keys import KVLayout
 from kvpool_connector.model_identity import model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """This engine's KV cache as the connector keys, looks up and moves it: the scheduler asks for every shard's keys
+    in each readable layout, each worker keys, places and re-assembles its own shard's blocks."""
+
+    layout: KVLayout  # every input that changes a stored block's bytes: what the keys' fingerprints cover
+    hash_block_size: int  # tokens per entry of a request's block_hashes (the block size is a multiple of it)
+    windows: tuple[int | None, ...]  # per KV cache group, the blocks a lookup needs back from a hit's end; None: all
+    readable: tuple[KVLayout, ...]  # the stored layouts this engine loads from, its own first (GQA: other TP sizes)
+    num_blocks: int  # blocks of this engine's KV cache
+    group_layers: tuple[tuple[str, ...], ...] | None  # each KV cache group's layer names; None: one group of all
+    kv_cache_bytes: int  # the one allocation backing every layer's KV cache; 0: several allocations
+    kv_events: bool  # vLLM publishes KV cache events: saves report what they leave in the pool
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @cached_property
+    def shards(self) -> list[str]:
+        """Every shard's fingerprint (``keys.shard_fingerprints``): a block is in the pool when all of them hold it."""
+        return keys.shard_fingerprints(self.layout)
+
+    @cached_property
+    def group_shards(self) -> list[list[str]]:
+        """Per KV cache group, its shards' fingerprints."""
+        return [keys.shard_fingerprints(self.layout, g) for g in range(self.layout.num_groups)]
+
+    @cached_property
+    def readable_shards(self) -> list[list[str]]:
+        """Per readable layout, its shards' fingerprints: what a lookup asks for (``lookup_math.lookup_keys``)."""
+        return [keys.shard_fingerprints(stored) for stored in self.readable]
+
+    def worker_shards(self, tp_rank: int, pp_rank: int) -> list[str]:
+        """The fingerprints the worker at (``tp_rank``, ``pp_rank``) keys its blocks by, one per KV cache group."""
+        return [keys.fingerprint(self.layout, tp_rank, pp_rank, g) for g in range(self.layout.num_groups)]
+
+
+def describe_engine(
+    vllm_config: VllmConfig,
+    kv_cache_config: KVCacheConfig,
+    model_version: str = "",
+    load_from_tp_sizes: Sequence[int] | None = None,
+) -> EngineLayout:
+    """This engine's ``EngineLayout``. Raises ``ValueError`` for a KV cache the keys cannot describe and
+    ``ConfigError`` for ``load_from_tp_sizes`` that do not split the model's KV heads (``head_shards``)."""
+    layout = engine_layout(vllm_config, kv_cache_config, model_version)
+    groups = kv_cache_config.kv_cache_groups
+    readable = head_shards.readable_tp_sizes(layout, load_from_tp_sizes)
+    return EngineLayout(
+        layout=layout,
+        hash_block_size=compat.hash_block_size(kv_cache_config, layout.block_size),
+        windows=tuple(group_windows([g.kv_cache_spec for g in groups], layout.block_size)),
+        readable=tuple(head_shards.layout_at_tp(layout, tp) for tp in readable),
+        num_blocks=kv_cache_config.num_blocks,
+        group_layers=tuple(tuple(g.layer_names) for g in groups) if len(groups) > 1 else None,
+        kv_cache_bytes=compat.kv_cache_backing_bytes(kv_cache_config),
+        kv_events=compat.kv_events_enabled(vllm_config),
+    )
 
 
 def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, model_version: str = "") -> KVLayout:

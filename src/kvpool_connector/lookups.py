@@ -10,7 +10,8 @@ scheduler's lookup of one request on top of it.
 2. ``exists_within(keys, timeout_s)``: the same, waited for, bounded by ``timeout_s`` (past it: ``None``).
 3. ``close()``.
 
-``PrefixLookup``, for each request vLLM asks about:
+``PrefixLookup``: ``connect(config, ...)`` once, with the scheduler's own pool client; then for each request vLLM asks
+about:
 1. ``found_blocks(state, start, hashes)``: the blocks from ``start`` the pool holds on every shard of some readable
    stored layout, and the layout each loads from (``lookup_math``: the keys' order and what the answers mean), with
    the admission question asked beside them. Asked inline (bounded by the lookup timeout) or asynchronously: then
@@ -28,12 +29,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvpool_connector.backends import ClientRole
 from kvpool_connector.keys import KVLayout, shard_fingerprints, shard_groups
 from kvpool_connector.lookup_math import lookup_keys, present_prefix_by_layout
-from kvpool_connector.pool import PoolHandle
+from kvpool_connector.pool import PoolHandle, open_pool
 
 if TYPE_CHECKING:
     from kvpool_connector.admission import Admission
+    from kvpool_connector.config import ResolvedConfig
     from kvpool_connector.counters import StatsCounter
     from kvpool_connector.request_state import RequestState
 
@@ -145,6 +148,23 @@ class PrefixLookup:
         self.asynchronous = asynchronous
         self.stats = stats
         self.batcher = LookupBatcher(pool)
+
+    @classmethod
+    def connect(
+        cls,
+        config: ResolvedConfig,
+        readable: Sequence[KVLayout],
+        windows: Sequence[int | None],
+        admission: Admission,
+        stats: StatsCounter,
+    ) -> PrefixLookup:
+        """The lookup of a scheduler, with its own pool client (one that holds no data), connecting from now on: a
+        lookup before it connected is a miss."""
+        settings = config.pool
+        pool = open_pool(config, ClientRole(holds_data=False), f"lookup/instance {settings.instance_id}", stats)
+        lookup = cls(pool, readable, windows, admission, settings.lookup_timeout_ms / 1e3, settings.lookup_async, stats)
+        pool.start(wait_s=settings.startup_wait_s)
+        return lookup
 
     def keys(self, hashes: Sequence[bytes]) -> list[str]:
         """Each readable layout's keys of ``hashes``, in the lookup key order (``lookup_math``)."""

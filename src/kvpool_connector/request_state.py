@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvpool_connector import keys
+from kvpool_connector.metadata import BlockTransfer, group_blocks
 from kvpool_connector.model_identity import adapter_digest
 
 if TYPE_CHECKING:
@@ -31,6 +32,15 @@ class LoadAnswer:
     block_hashes: list[bytes]  # theirs
     load_async: bool
     sources: list[list[int]]  # per block and KV cache group: the stored TP size it loads from
+
+    def load(
+        self, req_id: str, block_ids: list[list[int]], num_tokens: int, block_size: int, own_tp: int
+    ) -> tuple[range, BlockTransfer]:
+        """The blocks of this hit vLLM allocated for ``num_tokens`` external tokens (their indices), and their load
+        into ``block_ids`` (per KV cache group, as vLLM allocated them; ``own_tp``: this engine's TP size)."""
+        count = min(-(-num_tokens // block_size), self.num_blocks)
+        indices = range(self.start_block, self.start_block + count)
+        return indices, group_blocks(req_id, block_ids, indices, self.block_hashes, self.sources, own_tp)
 
 
 @dataclass

@@ -28,18 +28,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from kvpool_connector import compat, handoff, head_shards, keys
+from kvpool_connector import compat, handoff, keys
 from kvpool_connector.admission import Admission
-from kvpool_connector.backends import ClientRole, backend_class, create_backend
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
-from kvpool_connector.engine_layout import engine_layout, group_windows
+from kvpool_connector.engine_layout import describe_engine
 from kvpool_connector.kv_events import PoolEvents, StoredInPool
 from kvpool_connector.load_mode import LoadModeChooser
 from kvpool_connector.logs import OncePerReason, init_logger
 from kvpool_connector.lookup_math import lookup_keys, matched_tokens
 from kvpool_connector.lookups import PrefixLookup
-from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata, group_blocks
+from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
 from kvpool_connector.metrics import PoolConnectorStats, pool_counters, take_stats
 from kvpool_connector.model_identity import model_identity
 from kvpool_connector.pool import PoolHandle
@@ -65,57 +64,41 @@ class PoolScheduler:
         if (reason := compat.unstable_block_hash_reason(vllm_config)) is not None:
             raise ConfigError(f"pool keys would differ between processes: {reason}")
         compat.recompute_failed_loads(transfer, logger)
-        self.layout = engine_layout(vllm_config, kv_cache_config, config.pool.model_version)
-        self.block_size = self.layout.block_size
-        self.hash_block_size = compat.hash_block_size(kv_cache_config, self.block_size)
-        self.shards = keys.shard_fingerprints(self.layout)
-        group_shards = [keys.shard_fingerprints(self.layout, g) for g in range(self.layout.num_groups)]
-        windows = group_windows([g.kv_cache_spec for g in kv_cache_config.kv_cache_groups], self.block_size)
+        settings = config.pool
+        self.engine = describe_engine(vllm_config, kv_cache_config, settings.model_version, settings.load_from_tp_sizes)
+        self.layout, self.block_size, self.shards = self.engine.layout, self.engine.block_size, self.engine.shards
         # The stored layouts a lookup asks for, this engine's own first: GQA blocks stored at another TP size load too.
-        self.readable = [
-            head_shards.layout_at_tp(self.layout, tp)
-            for tp in head_shards.readable_tp_sizes(self.layout, config.pool.load_from_tp_sizes)
-        ]
-        self.readable_shards = [keys.shard_fingerprints(stored) for stored in self.readable]
+        self.readable, self.readable_shards = list(self.engine.readable), self.engine.readable_shards
         self.loads_enabled = transfer.is_kv_consumer
         self.saves_enabled = transfer.is_kv_producer
-        self.load_mode = LoadModeChooser(config.pool.load_async)
-        self.producer_wait_s = config.pool.producer_wait_ms / 1e3
+        self.load_mode = LoadModeChooser(settings.load_async)
+        self.producer_wait_s = settings.producer_wait_ms / 1e3
         # Only an engine that looks up learns sightings; one that only saves (a P/D producer) saves everything.
-        admission = Admission(config.pool.save_admission if self.loads_enabled else "all", self.shards[0])
-        self.events = PoolEvents() if compat.kv_events_enabled(vllm_config) else None
-        self.reset_policy = config.pool.reset_cache
+        admission = Admission(settings.save_admission if self.loads_enabled else "all", self.shards[0])
+        self.events = PoolEvents() if self.engine.kv_events else None
+        self.reset_policy = settings.reset_cache
         self._reset_pending = False  # tell the workers at the next step
         self.stats = StatsCounter()
         self.explain_once = OncePerReason(logger)
+        group_shards = self.engine.group_shards
         self.saves = SavePlanner(
-            self.block_size, self._block_hashes, config.pool.save_decode_cache, group_shards, self.events, self.stats
+            self.block_size, self._block_hashes, settings.save_decode_cache, group_shards, self.events, self.stats
         )
         self.pool: PoolHandle | None = None
         self.lookup: PrefixLookup | None = None
         if self.loads_enabled:
-            self.pool = PoolHandle(
-                lambda: create_backend(config, ClientRole(holds_data=False)),
-                config.pool.reconnect_interval_s,
-                label=f"lookup/instance {config.pool.instance_id}",
-                bind_thread=backend_class(config).lookup_thread_binding(config),
-                stats=self.stats,
-            )
-            timeout_s = config.pool.lookup_timeout_ms / 1e3
-            self.lookup = PrefixLookup(
-                self.pool, self.readable, windows, admission, timeout_s, config.pool.lookup_async, self.stats
-            )
-            self.pool.start(wait_s=config.pool.startup_wait_s)
+            self.lookup = PrefixLookup.connect(config, self.readable, self.engine.windows, admission, self.stats)
+            self.pool = self.lookup.pool
         self._requests: dict[str, RequestState] = {}
         self._step_loads: list[BlockTransfer] = []
         self._step_async_loads: list[BlockTransfer] = []
         for note in config.notes:
             logger.info("MemcacheConnectorStoreV1 config: %s", note)
-        identity = model_identity(vllm_config.model_config, config.pool.model_version)
+        identity = model_identity(vllm_config.model_config, settings.model_version)
         logger.info("KV pool model identity %s: %s", identity.digest, identity.description)
         logger.info(
             "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d%s",
-            config.pool.backend,
+            settings.backend,
             self.loads_enabled,
             self.saves_enabled,
             self.block_size,
@@ -127,7 +110,7 @@ class PoolScheduler:
         )
 
     def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
-        return pool_block_hashes(request, num_blocks, self.block_size, self.hash_block_size)
+        return pool_block_hashes(request, num_blocks, self.block_size, self.engine.hash_block_size)
 
     def lookup_keys(self, hashes: list[bytes]) -> list[str]:
         """The keys a lookup of ``hashes`` asks for, in the lookup key order (``lookup_math``)."""
@@ -216,15 +199,8 @@ class PoolScheduler:
         state.block_ids = [list(ids) for ids in blocks.get_block_ids()]
         if num_external_tokens <= 0 or answer is None:
             return
-        count = min(-(-num_external_tokens // self.block_size), answer.num_blocks)
-        first = answer.start_block
-        transfer = group_blocks(
-            request.request_id,
-            state.block_ids,
-            range(first, first + count),
-            answer.block_hashes,
-            answer.sources,
-            self.layout.tp_size,
+        state.loaded, transfer = answer.load(
+            request.request_id, state.block_ids, num_external_tokens, self.block_size, self.layout.tp_size
         )
         self.stats.add("async_loads" if answer.load_async else "sync_loads")
         if answer.load_async:
@@ -232,7 +208,6 @@ class PoolScheduler:
             state.loading = set(transfer.block_ids)
         else:
             self._step_loads.append(transfer)
-        state.loaded = range(first, first + count)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         """Notes asynchronous loads that failed: when a request's first block fails, vLLM frees its blocks and asks

@@ -30,7 +30,7 @@ from kvpool_connector.backends import ClientRole, PoolBackend, PoolUnavailable, 
 from kvpool_connector.config import ConfigError, ResolvedConfig
 from kvpool_connector.counters import StatsCounter
 from kvpool_connector.devices import DeviceRuntime, pin_current_thread, runtime_for
-from kvpool_connector.engine_layout import engine_layout
+from kvpool_connector.engine_layout import describe_engine
 from kvpool_connector.head_shard_reader import HeadShardReader
 from kvpool_connector.kv_allocation import KVCacheAt
 from kvpool_connector.kv_events import StoredInPool, WorkerStoredLog
@@ -100,21 +100,21 @@ class PoolWorker:
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ResolvedConfig) -> PoolWorker:
         """The worker of this process's (tp, pp) shard."""
-        layout = engine_layout(vllm_config, kv_cache_config, config.pool.model_version)
+        settings = config.pool
+        engine = describe_engine(vllm_config, kv_cache_config, settings.model_version, settings.load_from_tp_sizes)
         tp_rank, pp_rank = compat.worker_parallel_ranks()
-        groups = kv_cache_config.kv_cache_groups
         return cls(
-            layout,
-            [keys.fingerprint(layout, tp_rank, pp_rank, g) for g in range(layout.num_groups)],
-            num_blocks=kv_cache_config.num_blocks,
+            engine.layout,
+            engine.worker_shards(tp_rank, pp_rank),
+            num_blocks=engine.num_blocks,
             config=config,
             saves_enabled=vllm_config.kv_transfer_config is None or vllm_config.kv_transfer_config.is_kv_producer,
             device_id=compat.worker_local_rank(),
-            kv_cache_bytes=compat.kv_cache_backing_bytes(kv_cache_config),
+            kv_cache_bytes=engine.kv_cache_bytes,
             # Ranks that hold identical KV (MLA, replicated KV heads) share keys: they split the writes.
-            stripe=layout.stripe(tp_rank),
-            kv_events=compat.kv_events_enabled(vllm_config),
-            group_layers=[g.layer_names for g in groups] if len(groups) > 1 else None,
+            stripe=engine.layout.stripe(tp_rank),
+            kv_events=engine.kv_events,
+            group_layers=engine.group_layers,
             ranks=(tp_rank, pp_rank),
         )
 

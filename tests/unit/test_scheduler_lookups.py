@@ -14,10 +14,12 @@ import pytest
 
 from kvpool_connector import keys
 from kvpool_connector.config import ConfigError
+from kvpool_connector.engine_layout import describe_engine
 from kvpool_connector.handoff import SAVING_PARAM
 from kvpool_connector.lookups import IDLE_STEP_LOOKUP_WAIT_S
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata, group_blocks
 from kvpool_connector.request_state import RequestState
+from kvpool_testkit import scheduler_side
 from kvpool_testkit.inspection import wait_connected
 from kvpool_testkit.scheduler_side import BLOCK, Requests, pool_scheduler
 
@@ -368,3 +370,18 @@ def test_load_from_tp_sizes_names_what_a_lookup_reads(tiny_model, pool, marker):
     assert len(own_only.lookup_keys([b"\x01" * 32])) == 1  # one key a block: this engine's one shard
     with pytest.raises(ConfigError, match="TP 3 does not split this model's 2 KV heads evenly"):
         make_scheduler(tiny_model, pool, marker, load_from_tp_sizes=[3])
+
+
+def test_both_sides_read_one_engine_layout_from_vllms_config(tiny_model):
+    """The scheduler and every worker describe the engine with ``describe_engine`` on the same config: the same
+    description, the worker of the only shard keying its blocks by the scheduler's shard, blocks stored at TP 2
+    readable (the tiny Llama's 2 KV heads)."""
+    config = scheduler_side.vllm_config(tiny_model, {})
+    kv_cache = scheduler_side.kv_cache_config(config, num_blocks=64)
+    engine = describe_engine(config, kv_cache)
+    assert engine == describe_engine(config, kv_cache)
+    assert engine.worker_shards(0, 0) == engine.shards == engine.readable_shards[0] == engine.group_shards[0]
+    assert [stored.tp_size for stored in engine.readable] == [1, 2] and len(engine.readable_shards[1]) == 2
+    assert (engine.block_size, engine.hash_block_size, engine.num_blocks) == (BLOCK, BLOCK, 64)
+    assert engine.windows == (None,) and engine.group_layers is None
+    assert [stored.tp_size for stored in describe_engine(config, kv_cache, load_from_tp_sizes=[]).readable] == [1]
