@@ -3,7 +3,9 @@
 A transfer runs now, on the caller's thread (synchronous loads before the forward pass, synchronous saves at
 ``wait_for_save``), or later, in submission order, on the queue's one background thread (asynchronous loads, which
 vLLM waits for through ``get_finished``; staged saves, which nothing waits for). A job that raises never reaches vLLM:
-its blocks are failed through the subclass's ``_failed`` and the queue goes on.
+its blocks are failed through the subclass's ``_failed`` and the queue goes on. Who picks the mode: the scheduler, per
+load (its plan's ``loads`` or ``async_loads``: ``load_mode``), since vLLM must know before the step whether a request
+waits for its load; the configuration for saves (``async_save``: a staging area), since nothing waits for them.
 
 Calls, in the order they happen:
 1. ``run_now(job)`` or ``submit(job)``: the first submit starts the thread (a worker that never transfers in the
