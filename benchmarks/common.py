@@ -10,7 +10,8 @@ from pathlib import Path
 from kvpool_connector.backends.mooncake_service import MooncakePool
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.pool import PoolHandle
-from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
+from kvpool_connector.processes import spawn, stop_process, wait_port
+from kvpool_testkit.ports import reserve_port
 
 
 def warm_segment(pool: PoolHandle, pages: KVPages, segment_bytes: int, prefix: str) -> None:
@@ -49,7 +50,7 @@ def vllm_store_connector(pool: MooncakePool, workdir: Path) -> tuple[dict, dict[
 
 def start_router(urls: list[str], work: Path, stack: ExitStack) -> str:
     """``kvpool-proxy`` round robin over the servers at ``urls``, stopped with ``stack``; its URL."""
-    port = free_port()
+    port = reserve_port()
     log = work / "router.log"
     args = ["--port", str(port), "--instances", *urls, "--health-interval", "2"]
     proc = spawn([sys.executable, "-m", "kvpool_connector.proxy", *args], log)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
+from kvpool_connector.processes import spawn, stop_process, wait_port
+from kvpool_testkit.ports import reserve_port
 
 
 @dataclass
@@ -52,8 +53,8 @@ def start_meta_service(workdir: str | Path, ports: tuple[int, int] | None = None
     where an earlier one listened. memcache runs one meta service per machine at a time (a process lock)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    meta_port, store_port = ports or (free_port(), free_port())
-    metrics_port = free_port()
+    meta_port, store_port = ports or (reserve_port(), reserve_port())
+    metrics_port = reserve_port()
     meta_conf = workdir / "mmc-meta.conf"
     meta_conf.write_text(
         "\n".join(

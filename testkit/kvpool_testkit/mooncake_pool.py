@@ -15,16 +15,16 @@ from typing import Any
 
 from kvpool_connector.backends import mooncake_service
 from kvpool_connector.backends.mooncake_service import connector_config, mooncake_bin
-from kvpool_connector.processes import free_port
+from kvpool_testkit.ports import reserve_port
 
 __all__ = [
     "PoolOnFreePorts",
     "connector_config",
-    "free_port",
     "mooncake_bin",
     "mooncake_pool",
     "plain_client",
     "pool_handle",
+    "reserve_port",
 ]
 
 
@@ -33,9 +33,9 @@ class PoolOnFreePorts(mooncake_service.MooncakePool):
     """The pool service on free ports (on 127.0.0.1 unless told another host), so any number of tests and benchmarks
     can run side by side."""
 
-    master_port: int = field(default_factory=free_port)
-    metrics_port: int = field(default_factory=free_port)
-    node_port: int = field(default_factory=free_port)
+    master_port: int = field(default_factory=reserve_port)
+    metrics_port: int = field(default_factory=reserve_port)
+    node_port: int = field(default_factory=reserve_port)
 
 
 @contextmanager

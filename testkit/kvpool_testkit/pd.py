@@ -16,9 +16,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
+from kvpool_connector.processes import spawn, stop_process, wait_port
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool
+from kvpool_testkit.ports import reserve_port
 from kvpool_testkit.server import start_vllm_server, stop_server, wait_healthy
 
 
@@ -60,7 +61,7 @@ class PDDeployment:
 
 def start_proxy(workdir: Path, prefill: str, decode: str, *extra_args: str) -> tuple[subprocess.Popen, str]:
     """The P/D proxy on a free loopback port, started and listening; returns its process and URL."""
-    port = free_port()
+    port = reserve_port()
     log = workdir / f"proxy-{port}.log"
     args = ["--port", str(port), "--prefill", prefill, "--decode", decode, *extra_args]
     proc = spawn([sys.executable, "-m", "kvpool_connector.proxy", *args], log)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from kvpool_connector.processes import free_port, spawn, stop_process
+from kvpool_connector.processes import spawn, stop_process
+from kvpool_testkit.ports import reserve_port
 
 
 @dataclass
@@ -39,7 +40,7 @@ def start_vllm_server(
     env: dict[str, str] | None = None,
 ) -> Server:
     """Spawn the server on a free loopback port without waiting for it (several can start at the same moment)."""
-    port = free_port()
+    port = reserve_port()
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--host", "127.0.0.1", "--port", str(port),

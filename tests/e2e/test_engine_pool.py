@@ -13,11 +13,11 @@ import pytest
 
 from kvpool_connector import compat
 from kvpool_connector.kv_events import MEDIUM
-from kvpool_connector.processes import free_port
 from kvpool_testkit.client import KVEventSubscriber, wait_for
 from kvpool_testkit.engine import EngineSpec, run_engine
 from kvpool_testkit.inspection import prompt_block_keys, worker_shard
 from kvpool_testkit.mooncake_pool import connector_config
+from kvpool_testkit.ports import reserve_port
 from kvpool_testkit.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
@@ -137,7 +137,7 @@ def test_shared_memory_client_saves_and_loads(tiny_model, pool, saved, baseline,
 
 def test_unreachable_pool_serves_with_misses(tiny_model, baseline, tmp_path):
     dead = {
-        "master_server_address": f"127.0.0.1:{free_port()}",
+        "master_server_address": f"127.0.0.1:{reserve_port()}",
         "local_hostname": "127.0.0.1",
         "global_segment_size": 0,
         "local_buffer_size": 0,
@@ -173,7 +173,7 @@ def test_multiconnector_load_comes_from_the_child_with_blocks(tiny_model, pool, 
     }
     new_prompt = distinct_prompts(1, 2 * BLOCK + 10, seed=71)[0]  # new to the pool: its 2 full blocks are saved
     prompts = [PROMPTS[0], PROMPTS[3], new_prompt]
-    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{free_port()}")
+    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{reserve_port()}")
     events_config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": subscriber.endpoint}
     try:
         spec = EngineSpec(

@@ -15,11 +15,11 @@ import re
 
 import pytest
 
-from kvpool_connector.processes import free_port
 from kvpool_testkit.client import KVEventSubscriber, wait_for
 from kvpool_testkit.engine import EngineSpec, run_engine
 from kvpool_testkit.inspection import prompt_block_keys
 from kvpool_testkit.mooncake_pool import connector_config
+from kvpool_testkit.ports import reserve_port
 from kvpool_testkit.tiny_model import PRESETS, build_model
 from kvpool_testkit.workloads import distinct_prompts
 
@@ -45,7 +45,7 @@ def runs(hybrid_model, pool, tmp_path_factory):
     spec = dict(model=hybrid_model, max_tokens=MAX_TOKENS, sequential=True, enable_prefix_caching=False)
     baseline = run_engine(EngineSpec(prompts=PROMPTS, **spec), root / "baseline")
     config = connector_config(pool.client_config())
-    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{free_port()}")
+    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{reserve_port()}")
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": subscriber.endpoint}
     try:
         pooled = run_engine(

@@ -17,14 +17,14 @@ import pytest
 
 from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.config import parse_config
-from kvpool_connector.processes import free_port
+from kvpool_testkit.ports import reserve_port
 
 pytestmark = pytest.mark.e2e
 
 
 def test_kvpool_pool_starts_prints_its_config_serves_and_stops(tmp_path):
     assert shutil.which("kvpool-pool", path=str(Path(sys.executable).parent)), "the console script is installed"
-    ports = [free_port() for _ in range(3)]
+    ports = [reserve_port() for _ in range(3)]
     args = [sys.executable, "-m", "kvpool_connector.backends.mooncake_service", "--master-port", str(ports[0])]
     args += ["--node-port", str(ports[1]), "--metrics-port", str(ports[2]), "--segment-size", "64MB"]
     args += ["--workdir", str(tmp_path / "pool"), "--config-out", str(tmp_path / "mooncake.json")]
@@ -89,7 +89,7 @@ def _read_until(proc: subprocess.Popen, prefix: str, seen: list[str]) -> str:
 def test_listen_advertise_ttl_and_a_failing_health_line_keeps_the_pool(tmp_path):
     """``--listen 0.0.0.0 --advertise ADDR``: the master binds every interface, engines are given ADDR. The master
     stopped (SIGSTOP) makes health lines fail: reported, and the pool keeps serving once it answers again."""
-    ports = [free_port() for _ in range(3)]
+    ports = [reserve_port() for _ in range(3)]
     args = [sys.executable, "-m", "kvpool_connector.backends.mooncake_service", "--listen", "0.0.0.0"]
     args += ["--advertise", "127.0.0.1", "--client-ttl", "30", "--master-port", str(ports[0])]
     args += ["--node-port", str(ports[1]), "--metrics-port", str(ports[2]), "--segment-size", "64MB"]

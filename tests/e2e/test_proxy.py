@@ -15,10 +15,11 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from kvpool_connector.processes import free_port, spawn, stop_process, wait_port
+from kvpool_connector.processes import spawn, stop_process, wait_port
 from kvpool_testkit.client import cached_tokens, complete, server_metrics
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.pd import start_proxy
+from kvpool_testkit.ports import reserve_port
 from kvpool_testkit.server import start_vllm_server, stop_server, wait_healthy
 from kvpool_testkit.workloads import SEED_LONG_PROMPT
 
@@ -49,7 +50,7 @@ def server(servers):
 
 
 def _proxy(tmp_path_factory, *args: str):
-    port = free_port()
+    port = reserve_port()
     workdir = tmp_path_factory.mktemp("router")
     log = workdir / "proxy.log"
     proc = spawn([sys.executable, "-m", "kvpool_connector.proxy", "--port", str(port), *args], log)
@@ -75,7 +76,11 @@ def fleet_proxy(servers, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dead_decode_proxy(server, tmp_path_factory):
     proc, url = start_proxy(
-        tmp_path_factory.mktemp("proxy-dead"), server.url, f"http://127.0.0.1:{free_port()}", "--health-interval", "1"
+        tmp_path_factory.mktemp("proxy-dead"),
+        server.url,
+        f"http://127.0.0.1:{reserve_port()}",
+        "--health-interval",
+        "1",
     )
     yield url
     stop_process(proc)

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from kvpool_connector.keys import block_hash_of
-from kvpool_connector.processes import free_port, stop_process
+from kvpool_connector.processes import stop_process
 from kvpool_testkit.client import (
     CheckedClient,
     KVEventSubscriber,
@@ -41,6 +41,7 @@ from kvpool_testkit.client import (
 )
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.inspection import prompt_block_keys, worker_block_bytes, worker_shard
+from kvpool_testkit.ports import reserve_port
 from kvpool_testkit.server import start_vllm_server, stop_server, vllm_server, wait_healthy
 from kvpool_testkit.tiny_model import build_model
 from kvpool_testkit.workloads import distinct_prompts, shared_prefix_prompts
@@ -63,7 +64,7 @@ WARM_UP_STREAMS, CI_SOAK_STREAMS = 1024, 1024
 @pytest.fixture(scope="module")
 def kv_events() -> Iterator[KVEventSubscriber]:
     """Bound before the server starts; the server's publisher connects to it."""
-    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{free_port()}")
+    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{reserve_port()}")
     yield subscriber
     subscriber.close()
 

@@ -42,9 +42,10 @@ import psutil
 import pytest
 
 from kvpool_connector.backends.mooncake_service import parse_samples
-from kvpool_connector.processes import free_port, spawn, stop_process
+from kvpool_connector.processes import spawn, stop_process
 from kvpool_testkit.client import cached_tokens, complete, server_metrics, wait_for
 from kvpool_testkit.engine import engine_env
+from kvpool_testkit.ports import reserve_port
 from kvpool_testkit.server import Server, stop_server, wait_healthy
 from kvpool_testkit.workloads import shared_prefix_prompts
 
@@ -170,7 +171,7 @@ def pool_host(workdir: Path, wheel: Path) -> Iterator[PoolHost]:
     install(venv, "pool host (no vLLM, no GPU needed)", wheel)
     command = readme_pool_command()
     command[command.index("--segment-size") + 1] = "256MB"
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(reserve_port()) for _ in range(3)]
     command += ["--master-port", ports[0], "--node-port", ports[1], "--metrics-port", ports[2]]
     command += ["--workdir", str(workdir / "pool-logs"), "--health-interval", "1"]
     command[0] = venv.bin("kvpool-pool")
@@ -247,7 +248,7 @@ def engine(engine_host: Venv, pool_host: PoolHost, tiny_model: str, workdir: Pat
     mooncake = config["kv_connector_extra_config"]["mooncake"]
     assert mooncake["master_server_address"] == "127.0.0.1:50051", "the README's pool: kvpool-pool's default port"
     mooncake["master_server_address"] = pool_host.extra["mooncake"]["master_server_address"]  # this pool's free port
-    port = free_port()
+    port = reserve_port()
     args = [venv.python, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--port", str(port)]
     args += ["--kv-transfer-config", json.dumps(config)]
     # The test's engine settings (as tests/e2e/test_openai_server.py); vLLM's prefix cache off: hits are the pool's.
@@ -303,7 +304,7 @@ def test_router_host_without_the_extra_names_it(router_host: Venv, wheel: Path) 
 
 def test_router_host_routes_to_the_engine(router_host: Venv, wheel: Path, engine: Server, workdir: Path) -> None:
     install(router_host, "router host", wheel)
-    port = free_port()
+    port = reserve_port()
     args = [router_host.bin("kvpool-proxy"), "--instances", engine.url, "--port", str(port)]
     proxy = spawn(args, workdir / "proxy.log", env=router_host.env())
     try:

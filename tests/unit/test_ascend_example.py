@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvpool_connector.config import parse_config
-from kvpool_connector.processes import free_port
+from kvpool_testkit.ports import reserve_port
 from kvpool_testkit.workloads import SEED_REQUESTS
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "ascend"
@@ -241,7 +241,7 @@ def test_requests_sh_stops_at_a_failed_answer(answering, second, message, tmp_pa
 
 
 def test_requests_sh_stops_when_nothing_answers(tmp_path):
-    env = _requests_env(tmp_path, PROXY_PORT=str(free_port()))
+    env = _requests_env(tmp_path, PROXY_PORT=str(reserve_port()))
     done = subprocess.run(["bash", str(EXAMPLES / "requests.sh")], env=env, capture_output=True, text=True, check=False)
     assert done.returncode != 0
     assert "requests.sh: short request: no answer from http://127.0.0.1:" in done.stderr

@@ -11,8 +11,8 @@ import torch
 from kvpool_connector.config import parse_config
 from kvpool_connector.keys import KVLayout
 from kvpool_connector.metadata import BlockTransfer, PoolConnectorMetadata
-from kvpool_connector.processes import free_port
 from kvpool_connector.worker import PoolWorker
+from kvpool_testkit.ports import reserve_port
 
 pytestmark = pytest.mark.processes
 
@@ -26,7 +26,7 @@ def worker_for(mooncake: dict, **extra: object) -> PoolWorker:
     config = parse_config(
         {"backend": "mooncake", "async_save": False, "mooncake": {**mooncake, **extra}, "startup_wait_s": 5}, env={}
     )
-    return PoolWorker(LAYOUT, f"t{free_port()}", True, BLOCKS, config, kv_cache_bytes=KV_BYTES)
+    return PoolWorker(LAYOUT, f"t{reserve_port()}", True, BLOCKS, config, kv_cache_bytes=KV_BYTES)
 
 
 def allocate_like_vllm(placement) -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ def test_no_placement_when_turned_off_or_the_node_does_not_answer(pool, caplog):
         is None
     )
     assert worker_for(pool.client_config()).kv_cache_allocation() is None  # own transfer engine: nothing to place
-    absent = {**pool.client_config(shared_memory=True), "real_client_address": f"127.0.0.1:{free_port()}"}
+    absent = {**pool.client_config(shared_memory=True), "real_client_address": f"127.0.0.1:{reserve_port()}"}
     worker = worker_for(absent)
     with caplog.at_level(logging.WARNING, logger="vllm.kvpool_connector.worker"):
         assert worker.kv_cache_allocation() is None

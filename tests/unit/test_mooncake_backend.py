@@ -21,8 +21,9 @@ from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.backends.mooncake_settings import MooncakeSettings
 from kvpool_connector.backends.shared_area import ObjectTooLarge, SharedArea
 from kvpool_connector.pool import PoolHandle
-from kvpool_connector.processes import free_port, stop_process
+from kvpool_connector.processes import stop_process
 from kvpool_testkit.mooncake_pool import mooncake_pool
+from kvpool_testkit.ports import reserve_port
 
 pytestmark = pytest.mark.processes
 
@@ -189,7 +190,7 @@ def test_shared_memory_attach_premaps_the_load_area_in_the_node(tmp_path, segmen
 
 
 def test_shared_memory_attach_to_nothing_is_unavailable(pool):
-    settings = MooncakeSettings(**pool.client_config(), real_client_address=f"127.0.0.1:{free_port()}")
+    settings = MooncakeSettings(**pool.client_config(), real_client_address=f"127.0.0.1:{reserve_port()}")
     with pytest.raises(PoolUnavailable, match=r"mooncake_client at .* is not reachable"):
         MooncakeBackend(settings, holds_data=True).connect()
 
@@ -197,7 +198,7 @@ def test_shared_memory_attach_to_nothing_is_unavailable(pool):
 def test_absent_master_is_refused_at_once():
     """Mooncake's setup holds the GIL for ~90 s against an absent master, freezing the whole engine process; the
     backend must not call it then."""
-    settings = MooncakeSettings(master_server_address=f"127.0.0.1:{free_port()}", global_segment_size=0)
+    settings = MooncakeSettings(master_server_address=f"127.0.0.1:{reserve_port()}", global_segment_size=0)
     began = time.monotonic()
     with pytest.raises(PoolUnavailable, match=r"mooncake_master at .* is not reachable"):
         MooncakeBackend(settings, holds_data=True).connect()
@@ -320,7 +321,7 @@ def test_two_replicas_keep_every_object_when_one_pool_node_dies(tmp_path):
     """``replica_num: 2`` with two pool nodes: each object is on both, so killing one node loses nothing; with one
     replica, the objects the dead node held are gone (its segment is dropped once its heartbeat TTL, 2 s, passes)."""
     with mooncake_pool(tmp_path / "pool", segment_size="64 MB", client_ttl_s=2) as pool:
-        second = dataclasses.replace(pool, workdir=tmp_path / "node2", node_port=free_port(), node=None)
+        second = dataclasses.replace(pool, workdir=tmp_path / "node2", node_port=reserve_port(), node=None)
         second.workdir.mkdir()
         second.start_node()
         try:
