@@ -5,6 +5,9 @@ save plan: which blocks a step saves, generated ones included with ``save_decode
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 import signal
 import time
@@ -322,25 +325,63 @@ def test_each_kv_cache_group_moves_only_the_blocks_vllm_gave_it():
     assert group_blocks("r", [full], [2], hashes[2:3], sources=[[2, 2]], own_tp=2).sources is None
 
 
+def shards_written_at_tp(tiny_model: str, own: keys.KVLayout, tp_size: int) -> list[str]:
+    """The shard fingerprints a TP ``tp_size`` engine of the tiny Llama writes its blocks under, built from vLLM's own
+    head assignment and the key format as written here, never from ``keys`` or ``head_shards`` (whose answer the
+    lookup test checks). ``own`` is the TP 1 engine's layout (every field of its description, each rank's shard
+    aside, is the same at any TP size).
+
+    vLLM gives every rank ``ModelConfig.get_num_kv_heads`` heads; with more ranks than heads, ``tp // heads`` ranks
+    hold one head (``QKVParallelLinear``'s ``num_kv_head_replicas``) and rank r holds shard ``r // replicas``. A
+    page holds a rank's heads, so its bytes scale with them. A shard's fingerprint: the first 16 hex digits of the
+    sha256 of the sorted JSON of the layout's fields, the key format, the KV shard and the pipeline rank; with one
+    shard (every rank holds every head) the TP size and replicas are left out, and one KV cache group names none.
+    """
+    from types import SimpleNamespace
+
+    model = scheduler_side.vllm_config(tiny_model, {}).model_config
+    heads = model.get_total_num_kv_heads()
+    per_rank = model.get_num_kv_heads(SimpleNamespace(tensor_parallel_size=tp_size))
+    replicas = max(1, tp_size // heads)
+    assert not own.groups and own.pp_size == 1 and own.tp_size == 1
+    fields = {
+        **dataclasses.asdict(own),
+        "tp_size": tp_size,
+        "num_kv_heads": per_rank,
+        "page_size_bytes": own.page_size_bytes // heads * per_rank,
+        "kv_replicas": replicas,
+    }
+    del fields["groups"]
+    if tp_size // replicas == 1:
+        del fields["tp_size"], fields["kv_replicas"]
+    return [
+        hashlib.sha256(
+            json.dumps({"format": "kvp1", **fields, "kv_shard": shard, "pp_rank": 0}, sort_keys=True).encode()
+        ).hexdigest()[:16]
+        for shard in range(tp_size // replicas)
+    ]
+
+
 def test_a_gqa_prefix_stored_at_another_tp_size_is_a_hit_loaded_from_there(tiny_model, pool, marker, requests):
     """The tiny Llama (2 KV heads) at TP 1 reads blocks a TP 2 engine stored (two head shards a block): a block is
     there when some TP size holds all of its shards, its own layout first; the load names each block's stored TP
-    size; a TP 2 producer's saving notice is waited for."""
+    size; a TP 2 producer's saving notice is waited for. The blocks are written under keys built here from vLLM's
+    head assignment (``shards_written_at_tp``), so a wrong answer of the connector's own shard math is a miss."""
     scheduler = make_scheduler(tiny_model, pool, marker, lookup_async=False, load_async=False)
     try:
         assert [stored.tp_size for stored in scheduler.readable] == [1, 2] and keys_a_block(scheduler) == 3
-        tp2_shards = scheduler.readable_shards[1]
-        assert len(tp2_shards) == 2 and scheduler.shards == scheduler.readable_shards[0]
+        own_shards = shards_written_at_tp(tiny_model, scheduler.layout, 1)
+        tp2_shards = shards_written_at_tp(tiny_model, scheduler.layout, 2)
         request = requests.make("tp2", tokens(4 * BLOCK + 5, seed=81))
-        hashes = keys.block_hashes(request.block_hashes, BLOCK, BLOCK, 4)
+        hashes = [bytes(h) for h in request.block_hashes[:4]]  # one vLLM hash a block: BLOCK is its hash block size
 
         def put(shards, blocks):
-            wanted = [keys.pool_key(s, hashes[b]) for b in blocks for s in shards]
+            wanted = [f"kvp1/{shard}/{hashes[b].hex()}" for b in blocks for shard in shards]
             assert all(
                 o.ok for o in scheduler.pool.put(wanted, [[marker.ctypes.data]] * len(wanted), [[64]] * len(wanted))
             )
 
-        put(scheduler.shards, [0])  # block 0 in this engine's own layout
+        put(own_shards, [0])  # block 0 in this engine's own layout
         put(tp2_shards, [0, 1, 2])  # blocks 0-2 at TP 2 (block 0 in both)
         put(tp2_shards[:1], [3])  # block 3: one TP 2 head shard only, so not a hit
         assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
