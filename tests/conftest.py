@@ -67,8 +67,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def patient_pool(tmp_path_factory: pytest.TempPathFactory):
-    """A module's pool whose master keeps a silent node for 60 s (10 by default): a host stall (up to 22 s seen in CI,
-    see ``kvpool_testkit.pd``), or a test stopping the node for seconds, must not drop it and the objects it holds."""
+    """A module's pool whose master keeps a silent node for 60 s (10 by default): a host stall (a busy 2-core host
+    can stand still for 20 s and more, see ``kvpool_testkit.pd``), or a test stopping the node for seconds, must not
+    drop it and the objects it holds."""
     with mooncake_pool(tmp_path_factory.mktemp("mooncake"), segment_size="512 MB", client_ttl_s=60) as running:
         yield running
 

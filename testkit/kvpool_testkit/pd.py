@@ -89,9 +89,9 @@ def pd_deployment(
     ``producer_config``: more connector keys (``producer_wait_ms``, ``async_save``); ``server_args`` and
     ``env_extra`` go to every server."""
     with ExitStack() as stack:
-        # The master drops a node silent for client_ttl with its objects. On the 2-core CI host every process stood
-        # still for up to 22 s at times (a bash loop sampling each second saw the gap): at the default 10 s the master,
-        # waking first, dropped the live pool node and the producer's puts with it. 60 s outlasts such a stall.
+        # The master drops a node silent for client_ttl with its objects. A busy 2-core host can stop every process
+        # for 20 s and more: at the default 10 s the master, waking first, would drop the live pool node and the
+        # producer's puts with it. 60 s outlasts such a stall.
         pool = stack.enter_context(mooncake_pool(workdir / "mooncake", segment_size="1 GB", client_ttl_s=60))
         servers = [
             start_vllm_server(

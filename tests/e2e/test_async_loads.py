@@ -62,7 +62,7 @@ def server(tiny_model, pool, tmp_path_factory):
     # load_async: true (these phases hold asynchronous loads in flight); lookup_async: the default. Eight requests
     # decoding on a 2-core host can starve the lookup thread past the default 500-ms deadline (a miss: correct, but
     # not the hit these phases need). The phases hold loads by stopping the node for seconds: Mooncake's stall
-    # timeout (5 s by default here) must not end them first, which a loaded CI machine once saw (the loads failed as
+    # timeout (5 s by default here) must not end them first, which it can on a loaded host (the loads would fail as
     # stalls, not as the missing object).
     mooncake = {**pool.client_config(), "transfer_stall_timeout_s": 60}
     config = connector_config(mooncake, reconnect_interval_s=1.0, lookup_timeout_ms=5000, load_async=True)

@@ -51,7 +51,7 @@ except PoolUnavailable as exc:
 @pytest.mark.memcache_package
 def test_data_client_without_ascend_is_a_clear_error(meta):
     """In a process of its own: memcache-hybrid 1.2.x aborts at the exit of a process whose BM init failed (a heap
-    corruption in its teardown, seen without Ascend), which would take the test run down with it."""
+    corruption in its teardown without Ascend), which would take the test run down with it."""
     env = {**os.environ, "MMC_LOCAL_CONFIG_PATH": str(meta.local_config)}
     done = subprocess.run([sys.executable, "-c", DATA_CLIENT], env=env, capture_output=True, text=True, timeout=120)
     assert "refused:" in done.stdout, done.stdout + done.stderr

@@ -51,7 +51,7 @@ def run(model: str, workdir, pool, tp: int, own_hits: bool = False):
         model=model,
         prompts=PROMPTS * (2 if own_hits else 1),
         max_tokens=8,
-        # Patient lookups: on the 2-core CI host a TP 2 bf16 engine starved its lookup thread past the default 500 ms
+        # Patient lookups: on 2 cores a TP 2 bf16 engine can starve its lookup thread past the default 500 ms
         # (a miss, counted and correct, but not the hit these phases check; lookup deadlines are tested elsewhere).
         kv_transfer_config=connector_config(pool.client_config(), reconnect_interval_s=1.0, lookup_timeout_ms=10_000),
         sequential=True,

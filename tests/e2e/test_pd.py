@@ -129,9 +129,9 @@ def test_1p1d_mla_moe_at_tp2_with_decode_at_tp2_and_tp1(mla_model, tmp_path):
     prompt, max_tokens = SEED_REQUESTS[1]  # 608 tokens: 4 full blocks and 96 tokens computed after the hit
     mla = Instance(tp=2, dtype="bfloat16")
     consumers = (mla, Instance(tp=1, dtype="bfloat16"))
-    # Three servers, five ranks busy-polling, on two cores: a consumer's lookup thread waited over 5 s for a core in
-    # CI (a miss after the 500-ms lookup timeout, then the producer wait ran out). This test is about the P/D path,
-    # not that machine's latency.
+    # Three servers, five ranks busy-polling, on two cores: a consumer's lookup thread can wait seconds for a core (a
+    # miss after the 500-ms lookup timeout, then the producer wait runs out). This test is about the P/D path, not
+    # the machine's latency.
     patient = {"lookup_timeout_ms": 10_000, "producer_wait_ms": 20_000}
     with pd_deployment(mla_model, tmp_path, producer=mla, consumers=consumers, consumer_config=patient) as pd:
         to_tp2, to_tp1 = pd.routes

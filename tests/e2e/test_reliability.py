@@ -166,7 +166,7 @@ async def _soak(
             latencies.append(time.monotonic() - start)
 
     # A new connection per stream: reusing a kept-alive one races uvicorn closing it (an empty ReadError on the
-    # client), seen in a 300-s soak with httpx's defaults and, on a loaded 2-core host, with a 2-s client expiry too.
+    # client) under httpx's defaults in a long soak and, on a loaded 2-core host, with a 2-s client expiry too.
     limits = httpx.Limits(max_connections=SOAK_CONCURRENCY, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*(one_client(w, http) for w in range(SOAK_CONCURRENCY)))

@@ -1,7 +1,7 @@
 """The Ascend example's scripts (examples/ascend) as shipped: env.sh's settings, the command line and environment the P
 and D launch scripts hand vLLM (run for real up to their ``exec``, with a stand-in ``python3`` that records both, then
 parsed by vLLM's own server argument parser), a failed step stopping a script with a message, and requests.sh
-building the seed's requests with bash alone and refusing a failed answer."""
+building its requests with bash alone and refusing a failed answer."""
 
 from __future__ import annotations
 
