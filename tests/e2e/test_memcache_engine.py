@@ -156,11 +156,11 @@ def test_meta_service_down_during_serving_opens_the_back_off(tp1, tiny_model, me
 # -- TP 2: one pymmc client per process --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tp2(tiny_model, meta, tmp_path_factory):
-    """The storing engine's outputs are the oracle of the loading engine's: it computed each prompt's blocks itself,
-    one prompt at a time, and took only the second prompt's shared prefix from the pool (a no-connector TP 2 run,
-    dropped to save an engine start, always answered alike; outputs with and without pool hits at TP 2 are checked
-    against vLLM's own prefix hit in test_cross_tp.py)."""
+    """A no-connector TP 2 engine is the oracle: it computes every block itself with the same shapes (each rank's
+    heads, the same all-reduce), so its greedy outputs are what the pool engines must answer. The storing engine
+    cannot be the oracle: it takes the second prompt's shared prefix from the pool itself."""
     root = tmp_path_factory.mktemp("mmc-tp2")
+    baseline = run(tiny_model, root / "baseline", plain_env(tp=2), False, tp=2)
     store = root / "pool"
     env = double_env(meta, store, tp=2)
     saved = run_counted(store, tiny_model, root / "save", env, True, tp=2, sequential=True)
@@ -171,19 +171,20 @@ def tp2(tiny_model, meta, tmp_path_factory):
     for key in prompt_block_keys(shards[1], PROMPTS[1])[2:]:
         (store / hashlib.sha256(key.encode()).hexdigest()).unlink()
     loaded = run_counted(store, tiny_model, root / "load", double_env(meta, store, tp=2), True, tp=2)
-    return saved, loaded, store
+    return baseline, saved, loaded, store
 
 
 @pytest.mark.vllm_engines
 def test_tp2_saves_both_head_shards_and_a_fresh_engine_loads_identical_outputs(tp2):
-    saved, loaded, _ = tp2
-    assert loaded.engine.outputs == saved.engine.outputs
+    baseline, saved, loaded, _ = tp2
+    assert saved.engine.outputs == baseline.outputs and loaded.engine.outputs == baseline.outputs
     assert saved.puts == (10, 0)  # each rank stores its own heads: 5 objects each
+    assert saved.gets == (4, 0)  # the second prompt's 2 shared blocks, each rank its own shard
 
 
 @pytest.mark.vllm_engines
 def test_tp2_a_block_missing_one_head_shard_is_recomputed(tp2):
-    _, loaded, _ = tp2
+    _, _, loaded, _ = tp2
     # a lookup hits only where both shards are there: the second prompt's third block is not (EXPECTED_HITS[1]: 384)
     assert [r.num_cached_tokens for r in loaded.engine.results] == [256, 256, 255, 0]
     assert loaded.gets == (12, 0)  # per rank 2 + 2 + 2: the block one shard lacks is loaded by neither
