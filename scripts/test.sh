@@ -10,11 +10,13 @@
 # A run that selects no test fails the leg (a misspelled or dropped marker would otherwise pass it), unless the extra
 # arguments deselected them all: then the run's selection alone is collected, and must select a test.
 # The 0.32 leg's TP 2, MLA and timing-sensitive engine modules run one at a time: two heavier engines (TP 2, bf16 MLA)
-# sharing the 2 cores starved each other past lookup deadlines in a clean-clone run under two workers. Everything else
-# runs on two pytest-xdist workers (a module stays on one; tiny-model builds and memcache's meta service take file
-# locks): the 0.32 leg's unit tests and its light engine modules (marker light_engines: TP 1, no timing bounds), and
-# the other legs, whose only engines (0.23's) are light ones (TP 1 Llama, the memcache double at TP 2, P/D without MLA).
+# sharing 2 cores starve each other past lookup deadlines. Everything else runs on two pytest-xdist workers (a module
+# stays on one; tiny-model builds and memcache's meta service take file locks): the 0.32 leg's unit tests and its
+# light engine modules (marker light_engines: TP 1, no timing bounds), and the other legs, whose only engines (0.23's)
+# are light ones (TP 1 Llama, the memcache double at TP 2, P/D without MLA).
 # KVPOOL_TEST_WORKERS=0 runs every part in one process (N: on N workers).
+# The 0.32 leg then runs scripts/check_guards.py: each guard test must fail with its fix reverted (skipped when extra
+# arguments narrow the run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/vllm_legs.sh
@@ -59,6 +61,10 @@ for release in ${KVPOOL_LEGS:-${VLLM_LEGS[*]}}; do
     fi
     [ "$rc" = 0 ] || ok=0
   done
+  if [ "$release" = 0.32.0 ] && [ $# -eq 0 ]; then
+    echo "=== vLLM $release: guard tests fail with their fixes reverted (scripts/check_guards.py)"
+    "$(vllm_venv "$release")/bin/python" scripts/check_guards.py || ok=0
+  fi
   if [ "$ok" = 1 ]; then
     echo "=== vLLM $release: passed in $((SECONDS - start)) s"
   else
