@@ -27,7 +27,7 @@ pytestmark = pytest.mark.e2e
 DOUBLE_DIR = Path(__file__).parents[1] / "doubles" / "pymmc"
 PROMPTS = standard_prompts()
 EXPECTED_HITS = expected_pool_hits(PROMPTS)  # [256, 384, 255, 0]
-SEED = {
+GUIDE_CONFIG = {  # the deployment guide's kv_transfer_config, as written there: it must keep working
     "kv_connector": "MemcacheConnectorStoreV1",
     "kv_role": "kv_both",
     "kv_connector_extra_config": {"use_layerwise": False, "memcache_rpc_port": "0"},
@@ -60,7 +60,7 @@ def run(model: str, workdir: Path, env: dict[str, str], connector: bool, tp: int
     spec = EngineSpec(
         model=model,
         prompts=PROMPTS,
-        kv_transfer_config=SEED if connector else None,
+        kv_transfer_config=GUIDE_CONFIG if connector else None,
         enable_prefix_caching=False,  # every cached token is then the pool's
         sequential=sequential,
         extra_llm_args=LAYOUTS[tp],
