@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import plots
 import psutil
-from common import start_router, vllm_store_connector
+from common import start_router
 from rich.console import Console
 from rich.table import Table
 
@@ -52,7 +52,7 @@ from kvpool_connector.backends.mooncake_service import DiskTier
 from kvpool_testkit.client import server_metrics, wait_for
 from kvpool_testkit.engine import engine_env
 from kvpool_testkit.inspection import prompt_block_keys, worker_shard
-from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool, plain_client
+from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool, plain_client, vllm_store_connector
 from kvpool_testkit.server import Server, start_vllm_server, stop_server, wait_healthy
 from kvpool_testkit.tiny_model import PRESETS, build_model
 

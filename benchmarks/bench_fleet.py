@@ -41,13 +41,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import plots
-from common import start_router, vllm_store_connector
+from common import start_router
 from rich.console import Console
 from rich.table import Table
 
 from kvpool_testkit.client import server_metrics
 from kvpool_testkit.engine import engine_env
-from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool
+from kvpool_testkit.mooncake_pool import PoolOnFreePorts, mooncake_pool, vllm_store_connector
 from kvpool_testkit.server import Server, start_vllm_server, stop_server, wait_healthy
 from kvpool_testkit.tiny_model import build_model
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from kvpool_connector.backends.mooncake_service import MooncakePool
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.pool import PoolHandle
 from kvpool_connector.processes import spawn, stop_process, wait_port
@@ -27,25 +25,6 @@ def warm_segment(pool: PoolHandle, pages: KVPages, segment_bytes: int, prefix: s
         addrs, sizes = pages.addresses(list(range(len(chunk))))
         pool.put(chunk, addrs, sizes)
     assert pool.remove_shards([f"{prefix}/warm/"]) == count, "the warm-up objects stayed in the pool"
-
-
-def vllm_store_connector(pool: MooncakePool, workdir: Path) -> tuple[dict, dict[str, str]]:
-    """vLLM's own MooncakeStoreConnector on ``pool``, objects on the pool node as ours over TCP: its
-    ``--kv-transfer-config`` and the environment naming its settings file. Its client keeps a local buffer, which a
-    TCP client needs to read objects from the node's disk tier."""
-    settings = {
-        "metadata_server": "P2PHANDSHAKE",
-        "master_server_address": pool.master_address,
-        "protocol": "tcp",
-        "device_name": "",
-        "mode": "standalone-store",
-        "global_segment_size": 0,
-        "local_buffer_size": "256MB",
-    }
-    path = workdir / "mooncake-store.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings))
-    return {"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both"}, {"MOONCAKE_CONFIG_PATH": str(path)}
 
 
 def start_router(urls: list[str], work: Path, stack: ExitStack) -> str:

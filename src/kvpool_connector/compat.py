@@ -295,6 +295,18 @@ def prompt_length(request: Request) -> int:
     return int(request.num_prompt_tokens)
 
 
+def drops_last_hit_block(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM recomputes the last block of every prefix hit: speculative decoding whose drafter reads the
+    target's hidden states (EAGLE, MTP), because the drafter's KV at a block's last position was computed with the
+    next block's first token, which a later request may not share. ``disable_eagle_block_drop`` (0.32+) turns it
+    off; 0.23 always drops."""
+    speculative = getattr(vllm_config, "speculative_config", None)
+    if speculative is None:
+        return False
+    drop = getattr(speculative, "use_eagle_block_drop", None)
+    return bool(drop() if drop is not None else speculative.use_eagle())
+
+
 def skips_external_kv(request: Request) -> bool:
     """Whether the request must compute its prompt rather than load it: prompt logprobs (or an explicit
     ``skip_reading_prefix_cache``). ``skip_reading_external_kv`` on 0.34+, ``skip_reading_prefix_cache`` before;

@@ -60,6 +60,16 @@ class EngineLayout:
         """Per readable layout, its shards' fingerprints: what a lookup asks for (``lookup_math.lookup_keys``)."""
         return [keys.shard_fingerprints(stored) for stored in self.readable]
 
+    def summary(self) -> str:
+        """What this engine's keys name, for the start-up log: an engine that differs in any of it shares no block."""
+        layout = self.layout
+        other_tp = [stored.tp_size for stored in self.readable[1:]]
+        return (
+            f"block_size={layout.block_size} shards={len(self.shards)}; keys name model {layout.model}, "
+            f"{layout.attention} KV in {layout.kv_dtype}, {layout.num_layers} layers, TP {layout.tp_size} "
+            f"PP {layout.pp_size}" + (f"; loads blocks stored at TP sizes {other_tp} too" if other_tp else "")
+        )
+
     def worker_shards(self, tp_rank: int, pp_rank: int) -> list[str]:
         """The fingerprints the worker at (``tp_rank``, ``pp_rank``) keys its blocks by, one per KV cache group."""
         return [keys.fingerprint(self.layout, tp_rank, pp_rank, g) for g in range(self.layout.num_groups)]
@@ -124,12 +134,14 @@ def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, model
 
 
 def _model_digest(vllm_config: VllmConfig, model_version: str) -> str:
-    """The target model's identity, and a draft model's when speculative decoding runs one: its layers' KV is stored
-    beside the target's in the same blocks."""
+    """The target model's identity, and, when speculative decoding runs a drafter with layers of its own (a draft
+    model, an EAGLE head, MTP layers of the same checkpoint), its method and identity: the drafter's layers' KV is
+    stored beside the target's in the same blocks, so such blocks never serve an engine without that drafter."""
     digest = model_identity(vllm_config.model_config, model_version).digest
-    draft = getattr(getattr(vllm_config, "speculative_config", None), "draft_model_config", None)
-    if draft is not None and (draft_digest := model_identity(draft, model_version).digest) != digest:
-        digest = f"{digest}+draft:{draft_digest}"
+    speculative = getattr(vllm_config, "speculative_config", None)
+    if speculative is not None and (speculative.use_eagle() or speculative.uses_draft_model()):
+        draft = model_identity(speculative.draft_model_config, model_version).digest
+        digest = f"{digest}+{speculative.method}:{draft}"
     return digest
 
 

@@ -72,6 +72,7 @@ class PoolScheduler:
         self.loads_enabled = transfer.is_kv_consumer
         self.saves_enabled = transfer.is_kv_producer
         self.load_mode = LoadModeChooser(settings.load_async)
+        self.drop_last_hit_block = compat.drops_last_hit_block(vllm_config)
         self.producer_wait_s = settings.producer_wait_ms / 1e3
         # Only an engine that looks up learns sightings; one that only saves (a P/D producer) saves everything.
         admission = Admission(settings.save_admission if self.loads_enabled else "all", self.shards[0])
@@ -97,17 +98,18 @@ class PoolScheduler:
         identity = model_identity(vllm_config.model_config, settings.model_version)
         logger.info("KV pool model identity %s: %s", identity.digest, identity.description)
         logger.info(
-            "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s block_size=%d shards=%d%s",
+            "MemcacheConnectorStoreV1 scheduler: backend=%s loads=%s saves=%s %s",
             settings.backend,
             self.loads_enabled,
             self.saves_enabled,
-            self.block_size,
-            len(self.shards),
-            f"; loads blocks stored at TP sizes {[s.tp_size for s in self.readable]} ({len(self.lookup_keys([b'']))} "
-            "keys a block)"
-            if len(self.readable) > 1 and self.loads_enabled
-            else "",
+            self.engine.summary(),
         )
+        if self.drop_last_hit_block and self.loads_enabled:
+            logger.info(
+                "speculative decoding with a drafter reading the target's hidden states (%s): the last block of each "
+                "pool hit is recomputed, as vLLM's own prefix cache does",
+                vllm_config.speculative_config.method,
+            )
 
     def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
         return pool_block_hashes(request, num_blocks, self.block_size, self.engine.hash_block_size)
@@ -168,6 +170,8 @@ class PoolScheduler:
                 request.request_id,
                 self.producer_wait_s * 1e3,
             )
+        if self.drop_last_hit_block and found:
+            found -= 1  # as vLLM's own prefix cache does, so a pool hit computes what a local hit would
         state.forget_lookup()
         state.asked_tokens = (len(hashes) - start) * self.block_size
         extra = matched_tokens(start, found, self.block_size, request.num_tokens, num_computed_tokens)

@@ -7,6 +7,7 @@ an engine can save, exit, and a fresh engine can load.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ __all__ = [
     "plain_client",
     "pool_handle",
     "reserve_port",
+    "vllm_store_connector",
 ]
 
 
@@ -81,3 +83,22 @@ def pool_handle(pool: mooncake_service.MooncakePool, reconnect_interval_s: float
         yield handle
     finally:
         handle.close()
+
+
+def vllm_store_connector(pool: mooncake_service.MooncakePool, workdir: Path) -> tuple[dict, dict[str, str]]:
+    """vLLM's own MooncakeStoreConnector on ``pool``, objects on the pool node as ours over TCP: its
+    ``--kv-transfer-config`` and the environment naming its settings file. Its client keeps a local buffer, which a
+    TCP client needs to read objects from the node's disk tier."""
+    settings = {
+        "metadata_server": "P2PHANDSHAKE",
+        "master_server_address": pool.master_address,
+        "protocol": "tcp",
+        "device_name": "",
+        "mode": "standalone-store",
+        "global_segment_size": 0,
+        "local_buffer_size": "256MB",
+    }
+    path = workdir / "mooncake-store.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings))
+    return {"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both"}, {"MOONCAKE_CONFIG_PATH": str(path)}

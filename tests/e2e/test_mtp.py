@@ -13,15 +13,18 @@ every hit below is the connector's). Seen here, and asserted:
 - an MTP engine and an engine without speculation on the same checkpoint are keyed apart (other shard fingerprint:
   the drafter's model config, the checkpoint with vLLM's MTP override, is part of the key): neither loads the other's
   blocks (they also differ in size, 4 layers against 3);
-- an MTP engine takes every full block back from the pool, its own and in a fresh engine, before and after vLLM's
-  prefix cache is reset.
+- an MTP engine takes every full block but the last back from the pool, its own and in a fresh engine, before and
+  after vLLM's prefix cache is reset: with a drafter that reads the target's hidden states vLLM recomputes the last
+  block of every hit (the drafter's KV at a block's last position came from the next block's first token), and so
+  does the connector.
 
-The oracle is vLLM's reference connector in an MTP engine, not an engine without speculation: on vLLM CPU 0.32 the
-MTP engine's greedy answers for this random model differ from the same model's without speculation (with no
-connector at all; ngram speculation on the same model keeps them), and differ between a computed prompt and one whose
-blocks were loaded (the reference connector's hit gives the same answers as the pool's). So: the computed pass must
-answer like the reference engine's computed pass, every pool hit like its hit of the same 96 tokens, and the pool
-must hold what it holds.
+The oracle of the computed answers is vLLM's reference connector in an MTP engine; of the hits, vLLM's own
+MooncakeStoreConnector in an MTP engine on the same pool, whose hits are as long (its last block dropped too). Not an
+engine without speculation: on vLLM CPU 0.32 the MTP engine's greedy answers for this random model differ from the
+same model's without speculation (with no connector at all; ngram speculation on the same model keeps them), and
+differ between a computed prompt and one whose blocks were loaded, by hit length. So: computed passes answer like the
+reference's, every pool hit like vLLM's connector's hit of the same 80 tokens, and the pool holds what the reference
+stores.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvpool_testkit.engine import EngineRun, EngineSpec, passes, run_engine, run_twice
+from kvpool_testkit.engine import EngineRun, EngineSpec, engine_env, passes, run_engine, run_twice
 from kvpool_testkit.inspection import prompt_block_keys, worker_block_bytes, worker_shard
+from kvpool_testkit.mooncake_pool import vllm_store_connector
 from kvpool_testkit.tiny_model import build_mtp
 from kvpool_testkit.workloads import distinct_prompts
 
@@ -40,6 +44,7 @@ BLOCK = 16  # CPU_MLA's block size
 PROMPTS = distinct_prompts(2, 6 * BLOCK + 5, seed=35)  # six full blocks each
 MAX_TOKENS = 12
 FULL_HIT = 6 * BLOCK
+HIT = 5 * BLOCK  # vLLM recomputes the last block of a hit when a drafter reads hidden states; so does the pool
 LAYERS, LATENT = 4, 576  # 3 target layers + the MTP layer; MLA's latent (512) + rope (64)
 CPU_MLA = {"attention_config": {"backend": "CPU_MLA"}}
 MTP = CPU_MLA | {"speculative_config": {"method": "mtp", "num_speculative_tokens": 1, "attention_backend": "CPU_MLA"}}
@@ -67,36 +72,50 @@ def engines(mtp_model, pool, tmp_path_factory) -> dict[str, EngineRun]:
     return {"plain": plain, "saved": saved, "fresh": fresh}
 
 
-@pytest.fixture(scope="module")
-def reference(mtp_model, tmp_path_factory) -> tuple[EngineRun, object]:
-    """An MTP engine with vLLM's reference connector (files, no pool): the prompts computed, then its hits."""
-    root = tmp_path_factory.mktemp("mtp-reference")
+def reference_run(model: str, workdir, kv_transfer_config: dict, prompts: list, env: dict | None = None) -> EngineRun:
     spec = EngineSpec(
-        mtp_model,
-        PROMPTS * 2,
+        model,
+        prompts,
         MAX_TOKENS,
-        kv_transfer_config={
-            "kv_connector": "ExampleConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": str(root / "kv")},
-        },
+        kv_transfer_config=kv_transfer_config,
         sequential=True,
         enable_prefix_caching=False,
         extra_llm_args=MTP,
     )
-    return run_engine(spec, root), root / "kv"
+    return run_engine(spec, workdir, env=env)
 
 
-def test_mtp_saves_its_layer_with_the_targets_and_hits_every_full_block(engines, reference):
+@pytest.fixture(scope="module")
+def reference(mtp_model, tmp_path_factory) -> tuple[EngineRun, object]:
+    """An MTP engine with vLLM's reference connector (files, no pool): the prompts computed and stored."""
+    root = tmp_path_factory.mktemp("mtp-reference")
+    files = {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}
+    files["kv_connector_extra_config"] = {"shared_storage_path": str(root / "kv")}
+    return reference_run(mtp_model, root, files, PROMPTS), root / "kv"
+
+
+@pytest.fixture(scope="module")
+def vllm_pool_hits(mtp_model, pool, tmp_path_factory) -> EngineRun:
+    """An MTP engine with vLLM's own MooncakeStoreConnector on the same pool: the prompts computed, then its hits,
+    which drop the last block as vLLM's prefix cache does (the oracle of the pool's hits: the same hit length)."""
+    root = tmp_path_factory.mktemp("mtp-vllm-store")
+    config, env = vllm_store_connector(pool, root)
+    return reference_run(mtp_model, root, config, PROMPTS * 2, env=engine_env(env))
+
+
+def test_mtp_saves_its_layer_with_the_targets_and_hits_every_full_block_but_the_last(
+    engines, reference, vllm_pool_hits
+):
     saved, fresh = engines["saved"], engines["fresh"]
-    ref, _ = reference
-    assert [r.num_cached_tokens for r in ref.results] == [0, 0, FULL_HIT, FULL_HIT]  # the same hits as the pool's
-    computed, hit = ref.outputs[:2], ref.outputs[2:]
-    assert passes(saved) == ([0, 0], [FULL_HIT, FULL_HIT])
-    assert (saved.loaded_before_reset, saved.loaded_blocks) == (0, 12)
+    computed = reference[0].outputs
+    assert [r.num_cached_tokens for r in vllm_pool_hits.results] == [0, 0, HIT, HIT]  # the same hits as the pool's
+    assert vllm_pool_hits.outputs[:2] == computed
+    hit = vllm_pool_hits.outputs[2:]
+    assert passes(saved) == ([0, 0], [HIT, HIT])
+    assert (saved.loaded_before_reset, saved.loaded_blocks) == (0, 10)
     assert saved.outputs == computed + hit
-    assert passes(fresh) == ([FULL_HIT, FULL_HIT], [FULL_HIT, FULL_HIT])
-    assert (fresh.loaded_before_reset, fresh.loaded_blocks) == (12, 24)
+    assert passes(fresh) == ([HIT, HIT], [HIT, HIT])
+    assert (fresh.loaded_before_reset, fresh.loaded_blocks) == (10, 20)
     assert fresh.outputs == hit * 2
     for run in (saved, fresh):
         assert "MemcacheConnectorStoreV1 worker: 4 layers" in run.log
@@ -106,7 +125,7 @@ def test_mtp_saves_its_layer_with_the_targets_and_hits_every_full_block(engines,
 
 def test_an_engine_without_mtp_is_keyed_apart(engines):
     plain, saved = engines["plain"], engines["saved"]
-    assert passes(plain) == ([0, 0], [FULL_HIT, FULL_HIT])
+    assert passes(plain) == ([0, 0], [FULL_HIT, FULL_HIT])  # no drafter: whole hits
     assert (plain.loaded_before_reset, plain.loaded_blocks) == (0, 12)
     assert plain.outputs[:2] == plain.outputs[2:]
     assert "MemcacheConnectorStoreV1 worker: 3 layers" in plain.log

@@ -16,7 +16,8 @@ pool, so each first pass also says whether the feature's blocks are shared with 
    its own (vLLM's block hash names the adapter); then one adapter's weights rewritten under the same name and path,
    in a fresh engine: a miss (the connector keys LoRA requests by the adapter's weights too), new answers;
 6. EAGLE speculative decoding (a tiny EAGLE head): the head's attention layer is saved with the target's (5 layers
-   a block object instead of 4), keyed apart (the head's weights are part of the key), full hits, identical answers;
+   a block object instead of 4), keyed apart (the head's weights are part of the key), hits of every full block but
+   the last (recomputed, as vLLM's own prefix cache does with such a drafter), identical answers;
 7. prompt embeddings and structured outputs: a prompt sent as its input embeddings is keyed by them (vLLM hashes
    the embeddings), apart from the same tokens; a constrained answer is the same from a hit as from the computed
    prompt (constraints act on sampling, not on the prompt's KV).
@@ -146,8 +147,9 @@ def bytes_per_block(run: EngineRun) -> float:
 
 
 def test_eagle_saves_its_head_layer_with_the_target_keyed_apart_and_hits_its_own(eagle, plain, baseline_outputs):
-    assert passes(eagle) == ([0, 0], [FULL_HIT, FULL_HIT])
-    assert (eagle.loaded_before_reset, eagle.loaded_blocks) == (0, 6)
+    # vLLM recomputes the last block of a hit when a drafter reads hidden states, and so does the pool
+    assert passes(eagle) == ([0, 0], [FULL_HIT - BLOCK, FULL_HIT - BLOCK])
+    assert (eagle.loaded_before_reset, eagle.loaded_blocks) == (0, 4)
     assert bytes_per_block(eagle) * 4 == bytes_per_block(plain) * 5  # the head's layer beside the target's four
     assert eagle.outputs == baseline_outputs * 2
     assert "EAGLE drafter KV cache initialized" in eagle.log

@@ -156,21 +156,31 @@ def test_vllms_model_config_gives_the_same_identity_at_two_paths_and_another_for
     assert identity(copy) != original
 
 
-def test_a_draft_model_is_part_of_the_identity(tmp_path):
-    """Speculative decoding with a draft model stores the draft's layers in the same blocks: another draft, another
-    key; a drafter reading the target's own checkpoint (MTP, ngram) adds nothing."""
+def test_a_drafter_with_layers_is_part_of_the_identity(tmp_path):
+    """Speculative decoding with a drafter of its own layers (a draft model, an EAGLE head, MTP layers) stores their
+    KV in the same blocks: another drafter, another key, even MTP layers of the target's own checkpoint; a drafter
+    without layers (ngram) adds nothing and shares the plain blocks."""
     from kvpool_connector.engine_layout import _model_digest
 
     target = SimpleNamespace(model=str(write_checkpoint(tmp_path / "target", seed=0)))
     drafts = [SimpleNamespace(model=str(write_checkpoint(tmp_path / f"draft{i}", seed=i + 1))) for i in range(2)]
     mi._identity.cache_clear()
 
-    def digest(draft=None) -> str:
-        spec = None if draft is None else SimpleNamespace(draft_model_config=draft)
+    def digest(method: str | None = None, draft=None) -> str:
+        # vLLM's SpeculativeConfig as far as the digest reads it (method, draft_model_config and its two predicates)
+        spec = None
+        if method is not None:
+            spec = SimpleNamespace(
+                method=method,
+                draft_model_config=draft,
+                use_eagle=lambda: method in ("eagle", "eagle3", "mtp"),
+                uses_draft_model=lambda: method == "draft_model",
+            )
         return _model_digest(SimpleNamespace(model_config=target, speculative_config=spec), "")
 
-    assert digest() == digest(target)
-    assert len({digest(), digest(drafts[0]), digest(drafts[1])}) == 3
+    assert digest() == digest("ngram", target)
+    assert len({digest(), digest("draft_model", drafts[0]), digest("draft_model", drafts[1])}) == 3
+    assert digest("mtp", target) not in (digest(), digest("draft_model", target))
 
 
 def _adapter(folder: Path, seed: int) -> Path:
