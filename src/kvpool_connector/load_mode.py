@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+from kvpool_connector.counters import Count
+
 LoadMode = Literal["auto"] | bool
 
 SYNC_SHARE = 0.25  # a synchronous load may make one step this much longer
@@ -67,7 +69,7 @@ class LoadModeChooser:
 
     def loads_measured(self, stats: Mapping[str, Any]) -> None:
         """The workers' counters of one step (``loaded_blocks``, ``load_seconds``), summed over ranks."""
-        blocks, seconds = stats.get("loaded_blocks", 0), stats.get("load_seconds", 0.0)
+        blocks, seconds = stats.get(Count.LOADED_BLOCKS, 0), stats.get(Count.LOAD_SECONDS, 0.0)
         if blocks > 0 and seconds > 0:
             self.seconds_per_block = _average(self.seconds_per_block, seconds / blocks)
 

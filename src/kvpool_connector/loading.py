@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from kvpool_connector import keys
 from kvpool_connector.backends.base import Outcome
-from kvpool_connector.counters import StatsCounter
+from kvpool_connector.counters import Count, StatsCounter
 from kvpool_connector.head_shard_reader import HeadShardReader
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.pool import PoolHandle
@@ -97,7 +97,7 @@ class BlockLoader(TransferQueue["BlockTransfer"]):
                 read = self._read_own(ids, hashes, part_groups)
             elif self.other_tp is not None:
                 read = self.other_tp.read(tp, ids, hashes, part_groups)
-                self.stats.add("loaded_other_tp_blocks", read.count(Outcome.OK))
+                self.stats.add(Count.LOADED_OTHER_TP_BLOCKS, read.count(Outcome.OK))
             else:
                 read = [Outcome.FAILED] * len(at)
                 self.pool.warn("other-tp", "KV pool: this worker cannot place blocks stored at TP %d; recomputing", tp)

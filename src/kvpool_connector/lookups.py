@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvpool_connector.backends import ClientRole
+from kvpool_connector.counters import Count
 from kvpool_connector.keys import KVLayout, shard_fingerprints, shard_groups
 from kvpool_connector.lookup_math import lookup_keys, present_prefix_by_layout
 from kvpool_connector.pool import PoolHandle, open_pool
@@ -62,7 +63,7 @@ class LookupBatcher:
         try:
             return self.exists_async(keys).result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            self._pool.stats.add("lookup_timeouts")
+            self._pool.stats.add(Count.LOOKUP_TIMEOUTS)
             self._pool.warn(
                 "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", timeout_s * 1e3
             )
@@ -92,7 +93,7 @@ class LookupBatcher:
             return True
         inflight = self._inflight
         if inflight is not None and not inflight.done() and time.monotonic() - self._started >= stuck_after_s:
-            pool.stats.add("lookup_timeouts")
+            pool.stats.add(Count.LOOKUP_TIMEOUTS)
             pool.warn("lookup-stuck", "an earlier KV pool lookup has not returned; counting lookups as misses")
             return True
         return False
@@ -185,7 +186,7 @@ class PrefixLookup:
             return self._answer(state, start, len(hashes) - start, lookup.future.result())
         if time.monotonic() < lookup.deadline:
             return None
-        self.stats.add("lookup_timeouts")
+        self.stats.add(Count.LOOKUP_TIMEOUTS)
         self.pool.warn(
             "lookup-timeout", "KV pool lookup took over %.0f ms; counting it as a miss", self.timeout_s * 1e3
         )
@@ -219,14 +220,14 @@ class PrefixLookup:
         offered), counted once however often vLLM asked."""
         if state.asked_tokens is None:
             return
-        self.stats.add("lookups")
-        self.stats.add("lookup_tokens", state.asked_tokens)
+        self.stats.add(Count.LOOKUPS)
+        self.stats.add(Count.LOOKUP_TOKENS, state.asked_tokens)
         if hit_tokens is not None:
-            self.stats.add("hit_tokens", max(hit_tokens, 0))
+            self.stats.add(Count.HIT_TOKENS, max(hit_tokens, 0))
         if (sighting := state.sighting) is not None:
-            self.stats.add("missed_blocks.first_sight", sighting.first_sight)
-            self.stats.add("missed_blocks.seen_before", sighting.seen_before)
-        self.stats.add("missed_blocks.pool_unavailable", state.unanswered_blocks)
+            self.stats.add(Count.MISSED_BLOCKS.by("first_sight"), sighting.first_sight)
+            self.stats.add(Count.MISSED_BLOCKS.by("seen_before"), sighting.seen_before)
+        self.stats.add(Count.MISSED_BLOCKS.by("pool_unavailable"), state.unanswered_blocks)
         state.asked_tokens = None
 
     def wait_while_idle(self, states: Iterable[RequestState]) -> None:

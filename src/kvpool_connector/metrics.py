@@ -5,14 +5,8 @@ since the last call as a :class:`PoolConnectorStats`; vLLM aggregates them, logs
 ("KV Transfer metrics: ...") and feeds the same data to :class:`PoolPromMetrics`, which exports counters named
 ``vllm:kvpool_*``.
 
-Counter names (``data`` keys): ``lookups``, ``lookup_tokens`` (prompt tokens looked up past the local hit),
-``hit_tokens``, ``sync_loads``/``async_loads`` (hits by load mode), ``loaded_blocks`` (``loaded_other_tp_blocks``
-of them from another TP size's objects), ``loaded_bytes``,
-``load_seconds``, ``saved_blocks``, ``saved_bytes``, ``save_seconds``, ``save_skipped_present``,
-``producer_wait_expired``, ``outages``, ``sightings_recorded``, and per reason ``load_failed.<reason>``,
-``save_failed.<reason>``, ``save_dropped.<reason>`` (``staging_full``, ``unavailable``, ``shutdown``),
-``save_not_admitted.<reason>`` and ``missed_blocks.<reason>`` (``pool_unavailable``: the pool gave no answer; with
-``second_sight`` admission also ``first_sight``, ``seen_before``).
+Counter names (``data`` keys) and what each counts: ``counters.Count``; a reasoned counter's keys are
+``<name>.<reason>`` and its metric has a ``reason`` label.
 """
 
 from __future__ import annotations
@@ -20,37 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from kvpool_connector.compat import ConnectorStatsBase, KVConnectorPromMetrics, KVConnectorStats
-from kvpool_connector.counters import StatsCounter
+from kvpool_connector.counters import Count, StatsCounter
 
-PLAIN_COUNTERS = (
-    ("lookups", "Prompts looked up in the KV pool."),
-    ("lookup_tokens", "Prompt tokens looked up in the KV pool beyond vLLM's local prefix hit."),
-    ("hit_tokens", "Prompt tokens the KV pool supplied."),
-    ("sync_loads", "Pool hits loaded before the forward pass (load_async false, or auto's choice)."),
-    ("async_loads", "Pool hits loaded on the loader thread while the batch ran (load_async true, or auto's choice)."),
-    ("loaded_blocks", "KV blocks loaded from the pool."),
-    ("loaded_other_tp_blocks", "KV blocks loaded from objects stored at another TP size (GQA head shards)."),
-    ("loaded_bytes", "Bytes loaded from the pool."),
-    ("load_seconds", "Seconds spent loading from the pool."),
-    ("saved_blocks", "KV blocks stored in the pool."),
-    ("saved_bytes", "Bytes stored in the pool."),
-    ("save_seconds", "Seconds spent storing to the pool."),
-    ("save_skipped_present", "KV blocks not stored because the pool already held them."),
-    ("lookup_timeouts", "Lookups counted as misses: the pool did not answer within lookup_timeout_ms."),
-    ("producer_wait_expired", "Decode requests whose prefill instance's blocks did not reach the pool in time."),
-    ("outages", "Times the KV pool became unreachable; each opens a back-off window of reconnect_interval_s."),
-    ("sightings_recorded", "Blocks computed for the first time in the fleet, recorded in the pool (save_admission)."),
-)
-REASON_COUNTERS = (
-    ("load_failed", "KV blocks whose load failed (recomputed), by reason."),
-    ("save_failed", "KV blocks the pool refused to store, by reason."),
-    ("save_dropped", "KV blocks not saved (staging full, pool unavailable, shutdown), by reason."),
-    ("save_not_admitted", "KV blocks not saved by save_admission (first_sight: never computed before), by reason."),
-    (
-        "missed_blocks",
-        "Looked-up blocks not served, by why (pool_unavailable; with second_sight: first_sight, seen_before).",
-    ),
-)
+PLAIN_COUNTERS = tuple(c for c in Count if not c.reasoned)
+REASON_COUNTERS = tuple(c for c in Count if c.reasoned)  # exported with a ``reason`` label
 
 
 class PoolConnectorStats(ConnectorStatsBase):
@@ -70,21 +37,24 @@ class PoolConnectorStats(ConnectorStatsBase):
     def reduce(self) -> dict[str, int | float]:
         d = self.data
         out: dict[str, int | float] = {
-            "pool_lookups": int(d.get("lookups", 0)),
-            "pool_hit_tokens": int(d.get("hit_tokens", 0)),
-            "pool_hit_rate_pct": round(100 * d.get("hit_tokens", 0) / d["lookup_tokens"], 1)
-            if d.get("lookup_tokens")
+            "pool_lookups": int(d.get(Count.LOOKUPS, 0)),
+            "pool_hit_tokens": int(d.get(Count.HIT_TOKENS, 0)),
+            "pool_hit_rate_pct": round(100 * d.get(Count.HIT_TOKENS, 0) / d[Count.LOOKUP_TOKENS], 1)
+            if d.get(Count.LOOKUP_TOKENS)
             else 0.0,
-            "pool_loaded_MiB": round(d.get("loaded_bytes", 0) / 2**20, 1),
-            "pool_saved_MiB": round(d.get("saved_bytes", 0) / 2**20, 1),
+            "pool_loaded_MiB": round(d.get(Count.LOADED_BYTES, 0) / 2**20, 1),
+            "pool_saved_MiB": round(d.get(Count.SAVED_BYTES, 0) / 2**20, 1),
         }
-        for op, seconds in (("loaded", "load_seconds"), ("saved", "save_seconds")):
+        for op, moved, seconds in (
+            ("loaded", Count.LOADED_BYTES, Count.LOAD_SECONDS),
+            ("saved", Count.SAVED_BYTES, Count.SAVE_SECONDS),
+        ):
             if d.get(seconds):
-                out[f"pool_{op}_GBps"] = round(d.get(f"{op}_bytes", 0) / d[seconds] / 1e9, 2)
-        for prefix, _ in REASON_COUNTERS:
-            failed = sum(v for k, v in d.items() if k.startswith(prefix + "."))
+                out[f"pool_{op}_GBps"] = round(d.get(moved, 0) / d[seconds] / 1e9, 2)
+        for counter in REASON_COUNTERS:
+            failed = sum(v for k, v in d.items() if k.startswith(f"{counter}."))
             if failed:
-                out[f"pool_{prefix}_blocks"] = int(failed)
+                out[f"pool_{counter}_blocks"] = int(failed)
         return out
 
 
@@ -120,12 +90,12 @@ class PoolPromMetrics(KVConnectorPromMetrics):
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._plain = {
-            name: self._counter_cls(name=f"vllm:kvpool_{name}", documentation=doc, labelnames=labelnames)
-            for name, doc in PLAIN_COUNTERS
+            c.value: self._counter_cls(name=f"vllm:kvpool_{c}", documentation=c.doc, labelnames=labelnames)
+            for c in PLAIN_COUNTERS
         }
         self._by_reason = {
-            name: self._counter_cls(name=f"vllm:kvpool_{name}", documentation=doc, labelnames=[*labelnames, "reason"])
-            for name, doc in REASON_COUNTERS
+            c.value: self._counter_cls(name=f"vllm:kvpool_{c}", documentation=c.doc, labelnames=[*labelnames, "reason"])
+            for c in REASON_COUNTERS
         }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:

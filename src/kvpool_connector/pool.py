@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from kvpool_connector.backends import backend_class
 from kvpool_connector.backends.base import ClientRole, Outcome, PoolBackend, PoolUnavailable, RegistrationRefused
-from kvpool_connector.counters import StatsCounter
+from kvpool_connector.counters import Count, StatsCounter
 from kvpool_connector.logs import RateLimitedWarning, init_logger
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class PoolHandle:
         with self._outage_lock:
             if self._down_since is None:
                 self._down_since = now
-                self.stats.add("outages")
+                self.stats.add(Count.OUTAGES)
             self._down_until = now + self._interval
             if self._probe is None or not self._probe.is_alive():
                 self._probe = threading.Thread(target=self._probe_until_back, name=f"kvpool-probe-{self.label}")

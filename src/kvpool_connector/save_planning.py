@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from kvpool_connector import compat, keys
 from kvpool_connector.admission import Admission
+from kvpool_connector.counters import Count
 from kvpool_connector.kv_events import PoolEvents, pool_block_stored
 from kvpool_connector.metadata import PoolConnectorMetadata, group_blocks
 
@@ -91,7 +92,7 @@ class SavePlanner:
         todo, first_sight = Admission.split(todo, admit_until, compat.prompt_length(request) // self.block_size)
         if first_sight:
             meta.sightings.extend(hashes[i] for i in first_sight)
-            self.stats.add("save_not_admitted.first_sight", len(first_sight))
+            self.stats.add(Count.SAVE_NOT_ADMITTED.by("first_sight"), len(first_sight))
         if not todo:
             return
         save = group_blocks(request.request_id, state.block_ids, todo, [hashes[i] for i in todo])

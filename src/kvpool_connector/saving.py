@@ -38,7 +38,7 @@ import numpy as np
 
 from kvpool_connector import keys
 from kvpool_connector.admission import SIGHTING_BYTES
-from kvpool_connector.counters import StatsCounter
+from kvpool_connector.counters import Count, StatsCounter
 from kvpool_connector.devices import DeviceRuntime
 from kvpool_connector.kv_pages import KVPages
 from kvpool_connector.ops import CopyError
@@ -132,7 +132,7 @@ class BlockSaver(TransferQueue[SaveJob]):
         with self._cond:
             slots = self._take_slots(staging, len(pool_keys))
         if len(slots) < len(pool_keys):
-            self.stats.add("save_dropped.staging_full", len(pool_keys) - len(slots))
+            self.stats.add(Count.SAVE_DROPPED.by("staging_full"), len(pool_keys) - len(slots))
             pool_keys, block_ids, groups = pool_keys[: len(slots)], block_ids[: len(slots)], groups[: len(slots)]
         if not len(slots):
             if sightings:
@@ -147,7 +147,7 @@ class BlockSaver(TransferQueue[SaveJob]):
         except CopyError as exc:
             with self._cond:
                 staging.release(slots)
-            self.stats.add("save_failed.copy", len(pool_keys))
+            self.stats.add(Count.SAVE_FAILED.by("copy"), len(pool_keys))
             self._pool.warn(
                 "copy", "KV pool save: copying %d blocks out of the KV cache failed: %s", len(pool_keys), exc
             )
@@ -160,7 +160,7 @@ class BlockSaver(TransferQueue[SaveJob]):
         while int(staging.free.sum()) < n and self._queue:
             dropped = self._queue.popleft()
             staging.release(dropped.slots)
-            self.stats.add("save_dropped.staging_full", len(dropped.keys))
+            self.stats.add(Count.SAVE_DROPPED.by("staging_full"), len(dropped.keys))
         return staging.take(n)
 
     # -- the queue's side ---------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class BlockSaver(TransferQueue[SaveJob]):
         self._put_sightings(job.sightings)
 
     def _failed(self, job: SaveJob) -> None:
-        self.stats.add("save_failed.error", len(job.keys))
+        self.stats.add(Count.SAVE_FAILED.by("error"), len(job.keys))
 
     def _ended(self, job: SaveJob, background: bool) -> None:
         if self._staging is not None:
@@ -181,7 +181,7 @@ class BlockSaver(TransferQueue[SaveJob]):
         for job in jobs:
             self._ended(job, background=True)
         if reason == "shutdown":  # a reset's drop is the reset's job: the worker logs it
-            self.stats.add("save_dropped.shutdown", sum(len(job.keys) for job in jobs))
+            self.stats.add(Count.SAVE_DROPPED.by("shutdown"), sum(len(job.keys) for job in jobs))
 
     def _put_sightings(self, sighting_keys: list[str]) -> None:
         """Record blocks computed for the first time: their bytes are never read, only their existence."""
@@ -192,7 +192,7 @@ class BlockSaver(TransferQueue[SaveJob]):
             self._pool.register_memory(self._sighting_source.ctypes.data, SIGHTING_BYTES)
         source = [[self._sighting_source.ctypes.data]] * len(sighting_keys)
         outcomes = self._pool.put(sighting_keys, source, [[SIGHTING_BYTES]] * len(sighting_keys))
-        self.stats.add("sightings_recorded", sum(o.ok for o in outcomes))
+        self.stats.add(Count.SIGHTINGS_RECORDED, sum(o.ok for o in outcomes))
 
     # -- the put and its accounting ------------------------------------------------------------------------
     def _put_missing(self, pool_keys: list[str], addrs: list[list[int]], sizes: list[list[int]]) -> list[str]:
@@ -207,7 +207,7 @@ class BlockSaver(TransferQueue[SaveJob]):
             self._skip(len(pool_keys))
             return []
         todo = [i for i, p in enumerate(present) if not p]
-        self.stats.add("save_skipped_present", len(pool_keys) - len(todo))
+        self.stats.add(Count.SAVE_SKIPPED_PRESENT, len(pool_keys) - len(todo))
         held = [key for key, p in zip(pool_keys, present, strict=True) if p]
         if not todo:
             return held
@@ -218,7 +218,7 @@ class BlockSaver(TransferQueue[SaveJob]):
 
     def _skip(self, count: int) -> None:
         """Saves that cannot happen now (not connected yet, or inside an outage's back-off): counted, not tried."""
-        self.stats.add("save_dropped.unavailable", count)
+        self.stats.add(Count.SAVE_DROPPED.by("unavailable"), count)
         self._pool.skipped("put", count)
 
     def _stored(self, held: list[str]) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from kvpool_connector import compat, handoff, keys
 from kvpool_connector.admission import Admission
 from kvpool_connector.config import ConfigError, ResolvedConfig
-from kvpool_connector.counters import StatsCounter
+from kvpool_connector.counters import Count, StatsCounter
 from kvpool_connector.engine_layout import describe_engine
 from kvpool_connector.kv_events import PoolEvents, StoredInPool
 from kvpool_connector.load_mode import LoadModeChooser
@@ -163,7 +163,7 @@ class PoolScheduler:
                 wait.pause(now)
                 return None, False
             wait.blocks = 0  # waited once: a later ask (say, after a failed allocation) takes what is there
-            self.stats.add("producer_wait_expired")
+            self.stats.add(Count.PRODUCER_WAIT_EXPIRED)
             self.pool.warn(
                 "producer-wait",
                 "request %s: its prefill instance's blocks did not reach the pool within %.0f ms; computing them",
@@ -206,7 +206,7 @@ class PoolScheduler:
         state.loaded, transfer = answer.load(
             request.request_id, state.block_ids, num_external_tokens, self.block_size, self.layout.tp_size
         )
-        self.stats.add("async_loads" if answer.load_async else "sync_loads")
+        self.stats.add(Count.ASYNC_LOADS if answer.load_async else "sync_loads")
         if answer.load_async:
             self._step_async_loads.append(transfer)
             state.loading = set(transfer.block_ids)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from kvpool_connector.backends.base import Outcome
-from kvpool_connector.counters import StatsCounter
+from kvpool_connector.counters import Count, StatsCounter
 from kvpool_connector.logs import init_logger
 from kvpool_connector.pool import PoolHandle
 
@@ -137,26 +137,28 @@ class TransferQueue(ABC, Generic[Job]):
 
 @dataclass(frozen=True)
 class CounterNames:
-    """The counters one direction's outcomes go to (``metrics`` names them for vLLM's stats)."""
+    """The counters one direction's outcomes go to."""
 
     verb: str  # "load", "save": what the warnings say
-    blocks: str  # blocks moved
-    bytes: str  # their bytes
-    seconds: str  # time inside the pool's calls
-    failed: str  # prefix of the per-outcome failure counters: "<failed>.<outcome>"
+    blocks: Count  # blocks moved
+    bytes: Count  # their bytes
+    seconds: Count  # time inside the pool's calls
+    failed: Count  # the failure counter, kept by outcome
     lost: str  # what a failed block costs, for the warning
-    present: str | None = None  # a put of a key already there (EXISTS): not a failure where a name is given
+    present: Count | None = None  # a put of a key already there (EXISTS): not a failure where a name is given
 
 
-LOADS = CounterNames("load", "loaded_blocks", "loaded_bytes", "load_seconds", "load_failed", "vLLM recomputes them")
+LOADS = CounterNames(
+    "load", Count.LOADED_BLOCKS, Count.LOADED_BYTES, Count.LOAD_SECONDS, Count.LOAD_FAILED, "vLLM recomputes them"
+)
 SAVES = CounterNames(
     "save",
-    "saved_blocks",
-    "saved_bytes",
-    "save_seconds",
-    "save_failed",
+    Count.SAVED_BLOCKS,
+    Count.SAVED_BYTES,
+    Count.SAVE_SECONDS,
+    Count.SAVE_FAILED,
     "later lookups miss them",
-    "save_skipped_present",
+    Count.SAVE_SKIPPED_PRESENT,
 )
 
 
@@ -182,7 +184,7 @@ class OutcomeCount:
             else:
                 failed[outcome.value] = failed.get(outcome.value, 0) + 1
         for reason, count in failed.items():
-            add(f"{names.failed}.{reason}", count)
+            add(names.failed.by(reason), count)
         if failed:
             self._pool.warn(
                 names.verb,

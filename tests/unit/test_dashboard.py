@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import vllm
 
-from kvpool_connector.metrics import PLAIN_COUNTERS, REASON_COUNTERS
+from kvpool_connector.counters import Count
+from kvpool_connector.metrics import REASON_COUNTERS
 
 pytestmark = pytest.mark.vllm_api
 
@@ -32,10 +33,10 @@ def base_name(series: str) -> str:
 
 
 def test_every_pool_series_of_the_dashboard_is_one_the_connector_exports():
-    exported = {f"vllm:kvpool_{name}_total" for name, _ in (*PLAIN_COUNTERS, *REASON_COUNTERS)}
+    exported = {f"vllm:kvpool_{counter}_total" for counter in Count}
     used = {s for e in expressions() for s in SERIES.findall(e) if s.startswith("vllm:kvpool_")}
     assert used and used <= exported, used - exported
-    reasons = {f"vllm:kvpool_{name}_total" for name, _ in REASON_COUNTERS}
+    reasons = {f"vllm:kvpool_{counter}_total" for counter in REASON_COUNTERS}
     for expr in expressions():  # a reason counter is summed or shown by its reason, never added across reasons blind
         if any(name in expr for name in reasons):
             assert "reason" in expr, expr
