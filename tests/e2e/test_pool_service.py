@@ -19,7 +19,7 @@ from kvpool_connector.backends.mooncake import MooncakeBackend
 from kvpool_connector.config import parse_config
 from kvpool_testkit.ports import reserve_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
 
 
 def test_kvpool_pool_starts_prints_its_config_serves_and_stops(tmp_path):

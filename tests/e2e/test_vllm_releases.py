@@ -21,7 +21,7 @@ from kvpool_testkit.inspection import worker_shard
 from kvpool_testkit.mooncake_pool import connector_config
 from kvpool_testkit.workloads import distinct_prompts, expected_pool_hits, standard_prompts
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.light_engines]
 
 PROMPTS = standard_prompts()
 UPGRADED = distinct_prompts(2, 2 * 128 + 9, seed=31)  # stored by the newer release, loaded by the older one
