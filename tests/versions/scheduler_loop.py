@@ -74,6 +74,7 @@ class PageWriter:
         pattern = (np.arange(heads * width, dtype=np.uint64) * 0x9E3779B1) & _MASK32
         self._pattern = pattern.astype(np.uint32).reshape(heads, width)
         self._layer_salt = [(_mix64(layer + 1) & _MASK32) for layer in range(len(self.layer_names))]
+        self.weights = 0  # which weights the "model" runs with: other weights write other KV for the same tokens
 
     @staticmethod
     def prefix_hashes(tokens: Sequence[int], known: list[int]) -> list[int]:
@@ -84,9 +85,8 @@ class PageWriter:
 
     def values(self, hashes: Sequence[int], layer: int) -> np.ndarray:
         """(positions, heads, 2*head_size) int32: the slots of ``hashes``' positions in ``layer``."""
-        seeds = np.array([(h ^ (h >> 32)) & _MASK32 for h in hashes], dtype=np.uint32) ^ np.uint32(
-            self._layer_salt[layer]
-        )
+        salt = self._layer_salt[layer] ^ (_mix64(self.weights) & _MASK32 if self.weights else 0)
+        seeds = np.array([(h ^ (h >> 32)) & _MASK32 for h in hashes], dtype=np.uint32) ^ np.uint32(salt)
         return (seeds[:, None, None] ^ self._pattern[None]).view(np.int32)
 
     def write(self, block_ids: Sequence[int], hashes: Sequence[int], start: int, end: int) -> None:

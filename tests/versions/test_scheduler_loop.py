@@ -214,3 +214,32 @@ def test_the_oracle_sees_a_load_that_went_wrong(tiny_model, pool, first_run, fau
         assert any("holds wrong KV" in problem for problem in loop.problems), loop.problems
     finally:
         loop.close()
+
+
+def test_sleep_with_new_weights_hits_only_what_the_new_weights_saved(tiny_model, pool, first_run):
+    """Sleep mode as vLLM 0.34's engine core runs it around a weight update: the scheduler's prefix cache reset with
+    the connector's (``reset_connector``; ``reset_cache: layout`` removes this layout's objects), the KV memory
+    released and registered again, and the model now writing other KV for the same tokens. The prompts after wake-up
+    must compute (the old weights' blocks are gone from the pool) and the ones after that hit what they saved: the
+    oracle, which knows the new weights, reads every loaded byte. Last in the module: it empties the pool."""
+    loop = SchedulerLoop(tiny_model, connector_config(pool))
+    rounds = {}
+    try:
+        for name in ("before", "after-wake-up", "again"):
+            prompts = {f"{name}/{r}": tokens for r, tokens in PROMPTS.items()}
+            run_loop(loop, prompts)
+            loop.settle()
+            rounds[name] = {r: loop.stats.first_hit[r] for r in prompts}
+            assert all(loop.stats.outputs[r] == loop.expected_tokens(r) for r in prompts), f"{name}: wrong KV"
+            if name == "before":
+                assert loop.scheduler.reset_prefix_cache(reset_running_requests=True, reset_connector=True)
+                loop.worker.release_kv_memory()
+                loop.writer.weights = 1
+                loop.worker.restore_kv_memory()
+        hits = [pool_hit(tokens) for tokens in PROMPTS.values()]
+        assert list(rounds["before"].values()) == hits  # first_run's blocks
+        assert list(rounds["after-wake-up"].values()) == [0] * len(PROMPTS)
+        assert list(rounds["again"].values()) == hits
+        assert loop.problems == []
+    finally:
+        loop.close()
