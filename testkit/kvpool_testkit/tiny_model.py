@@ -243,19 +243,7 @@ def _build_mtp(out: Path, spec: MLAPreset, seed: int, num_mtp_layers: int) -> No
     def config(num_hidden_layers: int) -> DeepseekV3Config:
         common = _common(spec) | {"num_hidden_layers": num_hidden_layers}
         return DeepseekV3Config(
-            num_key_value_heads=spec.num_attention_heads,
-            kv_lora_rank=spec.kv_lora_rank,
-            q_lora_rank=None,
-            qk_nope_head_dim=spec.qk_nope_head_dim,
-            qk_rope_head_dim=spec.qk_rope_head_dim,
-            v_head_dim=spec.v_head_dim,
-            moe_intermediate_size=spec.moe_intermediate_size,
-            n_routed_experts=spec.n_routed_experts,
-            n_shared_experts=spec.n_shared_experts,
-            num_experts_per_tok=spec.num_experts_per_tok,
-            first_k_dense_replace=spec.first_k_dense_replace,
-            n_group=spec.n_group,
-            topk_group=spec.topk_group,
+            **_mla_args(spec),
             num_nextn_predict_layers=num_mtp_layers,
             **common,
         )
@@ -338,24 +326,27 @@ def _gemma3(spec: SlidingPreset):
 def _deepseek_v2(spec: MLAPreset):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-    config = DeepseekV2Config(
-        num_key_value_heads=spec.num_attention_heads,
-        kv_lora_rank=spec.kv_lora_rank,
-        q_lora_rank=None,  # as V2-Lite: queries are not compressed
-        qk_nope_head_dim=spec.qk_nope_head_dim,
-        qk_rope_head_dim=spec.qk_rope_head_dim,
-        v_head_dim=spec.v_head_dim,
-        moe_intermediate_size=spec.moe_intermediate_size,
-        n_routed_experts=spec.n_routed_experts,
-        n_shared_experts=spec.n_shared_experts,
-        num_experts_per_tok=spec.num_experts_per_tok,
-        first_k_dense_replace=spec.first_k_dense_replace,
-        topk_method="greedy",
-        n_group=spec.n_group,
-        topk_group=spec.topk_group,
-        **_common(spec),
-    )
+    config = DeepseekV2Config(**_mla_args(spec), topk_method="greedy", **_common(spec))
     return DeepseekV2ForCausalLM(config)
+
+
+def _mla_args(spec: MLAPreset) -> dict:
+    """The DeepSeek attention (MLA) and MoE settings V2 and V3 configs share."""
+    return {
+        "num_key_value_heads": spec.num_attention_heads,
+        "kv_lora_rank": spec.kv_lora_rank,
+        "q_lora_rank": None,  # as V2-Lite: queries are not compressed
+        "qk_nope_head_dim": spec.qk_nope_head_dim,
+        "qk_rope_head_dim": spec.qk_rope_head_dim,
+        "v_head_dim": spec.v_head_dim,
+        "moe_intermediate_size": spec.moe_intermediate_size,
+        "n_routed_experts": spec.n_routed_experts,
+        "n_shared_experts": spec.n_shared_experts,
+        "num_experts_per_tok": spec.num_experts_per_tok,
+        "first_k_dense_replace": spec.first_k_dense_replace,
+        "n_group": spec.n_group,
+        "topk_group": spec.topk_group,
+    }
 
 
 def main() -> None:
