@@ -102,6 +102,20 @@ MUTATIONS = [
         '            raise PoolUnavailable(\n                f"Mooncake refused',
         "tests/unit/test_mooncake_backend.py::test_memory_mooncake_refuses_is_a_start_up_error_not_an_endless_retry",
     ),
+    Mutation(  # the device doubles judge transfer directions by their own record of device memory, not by this
+        "is_device_address answers no",
+        "src/kvpool_connector/devices.py",
+        "            return i >= 0 and ptr < self._ends[i]",
+        "            return False",
+        "tests/unit/test_worker.py::test_staged_saves_put_host_memory_as_h2g_and_load_into_device_pages",
+    ),
+    Mutation(  # the cross-TP lookup test builds the stored shards' keys from vLLM's head assignment, not from this
+        "a TP 2 page sized for every head",
+        "src/kvpool_connector/head_shards.py",
+        "        page_size_bytes=layout.page_size_bytes // layout.num_kv_heads * per_rank,",
+        "        page_size_bytes=layout.page_size_bytes // layout.num_kv_heads * heads,",
+        "tests/unit/test_scheduler.py::test_a_gqa_prefix_stored_at_another_tp_size_is_a_hit_loaded_from_there",
+    ),
 ]
 
 
