@@ -185,8 +185,9 @@ def bench_cross_tp(mooncake: dict, page_kib: list[int], blocks: list[int], repea
                     hashes = [f"x{kib}-{n}-{r}-{mode}-{i}".encode() for i in range(n)]
                     for saver in savers:
                         saver.save(PoolConnectorMetadata(saves=[BlockTransfer("s", list(range(n)), hashes)]))
-                    sources = [stored_tp] * n if stored_tp != loader.layout.tp_size else []
-                    plan = PoolConnectorMetadata(loads=[BlockTransfer("l", list(range(n, 2 * n)), hashes, [], sources)])
+                    sources = [stored_tp] * n if stored_tp != loader.layout.tp_size else None
+                    load = BlockTransfer("l", list(range(n, 2 * n)), hashes, sources=sources)
+                    plan = PoolConnectorMetadata(loads=[load])
                     elapsed = _timed(lambda w=loader, plan=plan: w.load(plan))
                     times += [elapsed] if r else []
                     assert not loader.take_load_errors(), "a load failed: the numbers would be fake"
